@@ -1,0 +1,242 @@
+"""The saved reward-model folder and the one scoring path every consumer uses.
+
+A KARMA reward-model folder is a standard Hugging Face folder (`save_pretrained` of an
+`AutoModelForSequenceClassification` with `num_labels=1`, plus its tokenizer) and a `karma_rm.json`
+(`KarmaRMConfig`). Training (`karma rm train`), the reward service, the trainer's in-process reward and
+the evaluation all score through `RewardModel`, so a text gets the same score everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from karma.rm.template import TEMPLATE_DOC, TEMPLATE_VERSION, VARIANTS, render
+
+CONFIG_NAME = "karma_rm.json"
+
+
+class MissingRMConfigError(FileNotFoundError):
+    """A model folder without karma_rm.json."""
+
+
+class ScoreNormalization(BaseModel):
+    mean: float = 0.0
+    std: float = 1.0
+
+
+class KarmaRMConfig(BaseModel):
+    """Everything needed to score exactly as in training; saved as karma_rm.json."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = 1
+    variant: Literal["full", "context", "response"]
+    objective: Literal["regression", "pairwise", "both"] = "pairwise"
+    backbone: str = ""
+    template_version: int = TEMPLATE_VERSION
+    template: str = ""
+    max_length: int = Field(256, ge=8)
+    truncation_side: Literal["left", "right"] = "left"
+    karma_normalization: str = "log1p"
+    score_normalization: ScoreNormalization = ScoreNormalization()
+    data_card_sha256: str | None = None
+    metrics: dict[str, Any] = {}
+    version: str = ""  # content hash of the weights + config; set by RewardModel.save
+
+    def model_post_init(self, _: Any) -> None:
+        if not self.template:
+            self.template = TEMPLATE_DOC[self.variant]
+
+
+@dataclass
+class RMInput:
+    """One item to score. `context` may be a str or a list of turns (str or {role, content})."""
+
+    context: Any
+    response: str
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Encoded:
+    """One tokenised item: the model's input ids (and token type ids where the backbone has them)."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+    truncated: bool = False
+    fields: dict[str, list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class InputTooLongError(ValueError):
+    """Raised by encode(truncate=False) when an item exceeds max_length."""
+
+
+class RewardModel:
+    """A loaded KARMA reward model: tokenise with its template, forward in batches, return float scores."""
+
+    def __init__(self, model, tokenizer, config: KarmaRMConfig, device: str = "cpu"):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    # ----------------------------------------------------------------------------------- loading / saving
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardModel:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"reward model folder does not exist: {path}")
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.exists():
+            raise MissingRMConfigError(
+                f"{path} is not a KARMA reward model: {CONFIG_NAME} is missing (train one with `karma rm train`)"
+            )
+        config = KarmaRMConfig.model_validate_json(cfg_file.read_text())
+        torch_dtype = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "float16": torch.float16}[dtype]
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model.to(device), tokenizer, config, device=device)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f.read_bytes())
+        h.update(self.config.model_dump_json(exclude={"version", "metrics"}).encode())
+        self.config.version = h.hexdigest()[:12]
+        (path / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
+        return path
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    @property
+    def max_length(self) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None) or self.config.max_length
+        return min(self.config.max_length, int(limit))
+
+    # ----------------------------------------------------------------------------------- tokenising
+    def encode(self, item: RMInput, truncate: bool = True) -> Encoded:
+        """Render with the variant's template and tokenise; truncate the context from the left only."""
+        seg_a, seg_b = render(self.config.variant, item.context, item.response, item.metadata)
+        tok = self.tokenizer
+        ids_b = tok(seg_b, add_special_tokens=False)["input_ids"]
+        ids_a = tok(seg_a, add_special_tokens=False)["input_ids"] if seg_a else []
+        n_special = tok.num_special_tokens_to_add(pair=bool(ids_a))
+        budget = self.max_length - n_special
+        truncated = False
+        if len(ids_a) + len(ids_b) > budget:
+            if not truncate:
+                raise InputTooLongError(
+                    f"input is {len(ids_a) + len(ids_b) + n_special} tokens, longer than max_length "
+                    f"{self.max_length}"
+                )
+            truncated = True
+            keep_a = max(budget - len(ids_b), 0)
+            ids_a = ids_a[len(ids_a) - keep_a:] if keep_a else []
+            if len(ids_b) > budget:  # response alone too long: the only case the response is cut (from the right)
+                ids_b = ids_b[:budget - tok.num_special_tokens_to_add(pair=False)]
+                ids_a = []
+        if ids_a:
+            built = tok.build_inputs_with_special_tokens(ids_a, ids_b)
+            types = tok.create_token_type_ids_from_sequences(ids_a, ids_b)
+        else:
+            built = tok.build_inputs_with_special_tokens(ids_b)
+            types = tok.create_token_type_ids_from_sequences(ids_b)
+        uses_types = "token_type_ids" in tok.model_input_names
+        return Encoded(input_ids=built, token_type_ids=types if uses_types else None, truncated=truncated)
+
+    # ----------------------------------------------------------------------------------- forward
+    def collate(self, batch: Sequence[Encoded]) -> dict[str, Any]:
+        """Right-pad a batch into tensors (the model reads the last non-pad token / CLS as appropriate)."""
+        import torch
+
+        n = max(len(e) for e in batch)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        types = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e)] = torch.tensor(e.input_ids)
+            mask[i, : len(e)] = 1
+            if e.token_type_ids is not None:
+                types[i, : len(e)] = torch.tensor(e.token_type_ids)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if batch[0].token_type_ids is not None:
+            out["token_type_ids"] = types
+        return out
+
+    def forward(self, batch: Sequence[Encoded]) -> list[float]:
+        """Scores for already-encoded items, in order. Safe to call from a worker thread."""
+        import torch
+
+        if not batch:
+            return []
+        inputs = {k: v.to(self.device) for k, v in self.collate(batch).items()}
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+        return logits[:, 0].float().cpu().tolist()
+
+    def score(
+        self, items: Sequence[RMInput], *, normalize: bool = False, batch_size: int = 32, truncate: bool = True
+    ) -> list[float]:
+        """Score items offline: length-sorted batches, results returned in input order."""
+        enc = [self.encode(it, truncate=truncate) for it in items]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+        scores = [0.0] * len(enc)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, s in zip(idx, self.forward([enc[i] for i in idx])):
+                scores[i] = s
+        return self.normalize(scores) if normalize else scores
+
+    def normalize(self, scores: Sequence[float]) -> list[float]:
+        n = self.config.score_normalization
+        std = n.std if n.std > 1e-8 else 1.0
+        return [(s - n.mean) / std for s in scores]
+
+
+def new_reward_model(
+    backbone: str, variant: str, *, max_length: int = 256, device: str = "cpu", **config: Any
+) -> RewardModel:
+    """A fresh RM (random 1-unit head) on a backbone path / hub id, ready for training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    cfg = KarmaRMConfig(variant=variant, backbone=str(backbone), max_length=max_length, **config)
+    return RewardModel(model.to(device), tokenizer, cfg, device=device)
+
+
+def load_config(path: str | Path) -> KarmaRMConfig:
+    p = Path(path) / CONFIG_NAME
+    if not p.exists():
+        raise MissingRMConfigError(f"{path} is not a KARMA reward model: {CONFIG_NAME} is missing")
+    return KarmaRMConfig.model_validate(json.loads(p.read_text()))

@@ -1,0 +1,6 @@
+import typer
+
+
+def serve() -> None:
+    """Not built yet."""
+    raise typer.Exit("not built yet")
