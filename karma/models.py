@@ -76,7 +76,15 @@ def smollm2_path() -> Path:
     log.info("materialising %s -> %s (once)", gguf, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # The GGUF loader dequantises to fp32 but marks the model as quantized (not serialisable): rebuild a
+    # plain model from the same config and copy the dequantised weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / ".complete").write_text(str(gguf))
