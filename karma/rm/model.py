@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +72,6 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int] | None = None
     truncated: bool = False
-    fields: dict[str, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -92,6 +92,7 @@ class RewardModel:
         self.config = config
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
+        self._tok_lock = threading.Lock()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if getattr(model.config, "pad_token_id", None) is None:
@@ -142,34 +143,32 @@ class RewardModel:
 
     # ----------------------------------------------------------------------------------- tokenising
     def encode(self, item: RMInput, truncate: bool = True) -> Encoded:
-        """Render with the variant's template and tokenise; truncate the context from the left only."""
+        """Render with the variant's template and tokenise; truncate the context from the left only.
+
+        Only when the response alone exceeds max_length is the response cut (from the right, context
+        dropped). Thread-safe: the fast tokenizer's truncation state is shared, so calls are serialised.
+        """
         seg_a, seg_b = render(self.config.variant, item.context, item.response, item.metadata)
-        tok = self.tokenizer
-        ids_b = tok(seg_b, add_special_tokens=False)["input_ids"]
-        ids_a = tok(seg_a, add_special_tokens=False)["input_ids"] if seg_a else []
-        n_special = tok.num_special_tokens_to_add(pair=bool(ids_a))
-        budget = self.max_length - n_special
-        truncated = False
-        if len(ids_a) + len(ids_b) > budget:
-            if not truncate:
+        tok, limit = self.tokenizer, self.max_length
+        with self._tok_lock:
+            n_a = len(tok(seg_a, add_special_tokens=False)["input_ids"]) if seg_a else 0
+            n_b = len(tok(seg_b, add_special_tokens=False)["input_ids"])
+            n_special = tok.num_special_tokens_to_add(pair=bool(seg_a))
+            truncated = n_a + n_b + n_special > limit
+            if truncated and not truncate:
                 raise InputTooLongError(
-                    f"input is {len(ids_a) + len(ids_b) + n_special} tokens, longer than max_length "
-                    f"{self.max_length}"
+                    f"input is {n_a + n_b + n_special} tokens, longer than the model's max_length {limit}"
                 )
-            truncated = True
-            keep_a = max(budget - len(ids_b), 0)
-            ids_a = ids_a[len(ids_a) - keep_a:] if keep_a else []
-            if len(ids_b) > budget:  # response alone too long: the only case the response is cut (from the right)
-                ids_b = ids_b[:budget - tok.num_special_tokens_to_add(pair=False)]
-                ids_a = []
-        if ids_a:
-            built = tok.build_inputs_with_special_tokens(ids_a, ids_b)
-            types = tok.create_token_type_ids_from_sequences(ids_a, ids_b)
-        else:
-            built = tok.build_inputs_with_special_tokens(ids_b)
-            types = tok.create_token_type_ids_from_sequences(ids_b)
-        uses_types = "token_type_ids" in tok.model_input_names
-        return Encoded(input_ids=built, token_type_ids=types if uses_types else None, truncated=truncated)
+            if not truncated:
+                enc = tok(seg_a, seg_b) if seg_a else tok(seg_b)
+            elif n_b + tok.num_special_tokens_to_add(pair=False) >= limit or not seg_a:
+                tok.truncation_side = "right"
+                enc = tok(seg_b, truncation=True, max_length=limit)
+            else:
+                tok.truncation_side = self.config.truncation_side
+                enc = tok(seg_a, seg_b, truncation="only_first", max_length=limit)
+        types = enc.get("token_type_ids") if "token_type_ids" in tok.model_input_names else None
+        return Encoded(input_ids=list(enc["input_ids"]), token_type_ids=types, truncated=truncated)
 
     # ----------------------------------------------------------------------------------- forward
     def collate(self, batch: Sequence[Encoded]) -> dict[str, Any]:
