@@ -1,0 +1,221 @@
+"""Wire schemas of the reward service, shared by the server (`services/reward_api`) and the client
+(`karma.client`). Pydantic only: importing this module pulls in neither torch nor FastAPI.
+
+Three request dialects score the same model:
+
+* `/v1/score` — ours: (context, response, metadata) items, raw or normalised scores, a `truncated` flag.
+* `/get_reward` — OpenRLHF's remote reward model (`query`, `prompts`, `labels` → `rewards`, `scores`).
+* `/classify` — vLLM's pooling API as verl's reward loop calls it (`input` / `messages` → `data[].probs`).
+
+Our own requests refuse unknown fields (a typo must not silently change a score); the two compatibility
+dialects ignore fields they do not use, as the servers they imitate do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: model names as they appear in URLs (`/models/{name}/v1/score`)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ModelName = Annotated[
+    str, Field(pattern=MODEL_NAME_PATTERN, description="model name, as used in /models/{name}/")
+]
+
+ErrorType = Literal[
+    "validation",  # 422
+    "payload_too_large",  # 413
+    "overloaded",  # 429
+    "unauthorized",  # 401
+    "forbidden",  # 403
+    "not_found",  # 404
+    "method_not_allowed",  # 405
+    "conflict",  # 409
+    "unsupported_media_type",  # 415
+    "not_ready",  # 503
+    "model_load",  # 422: a folder that is not a loadable reward model
+    "internal",  # 500
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorBody(BaseModel):
+    """The one error body every route returns."""
+
+    error: str
+    error_type: ErrorType
+
+
+# --------------------------------------------------------------------------------------------- /v1/score
+MetadataValue = str | int | float | bool | None
+
+
+class Turn(_Strict):
+    role: str = Field("user", max_length=64)
+    content: str
+
+
+class ScoreItem(_Strict):
+    """One (context, response) pair. `context` is a string or a list of turns, root first."""
+
+    context: str | list[Turn] = Field("", description="thread context: post, then ancestor comments")
+    response: str = Field(description="the text being scored (never truncated unless it alone is too long)")
+    metadata: dict[str, MetadataValue] | None = Field(
+        None, description="read by the `full` variant: subreddit, depth, seconds_since_post, ..."
+    )
+
+
+class ScoreRequest(_Strict):
+    items: list[ScoreItem] = Field(
+        min_length=1, description="at most max_client_batch_size items (see /info)"
+    )
+    normalize: bool = Field(False, description="standardise with the model's saved validation mean/std")
+    truncate: bool = Field(
+        True, description="cut over-long context from the left (true) or reject the request with 422 (false)"
+    )
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    version: str = Field(description="content hash of the model that produced every score in this response")
+    scores: list[float]
+    truncated: list[bool]
+
+
+# --------------------------------------------------------------------------------------------- OpenRLHF
+class GetRewardRequest(_Lenient):
+    """OpenRLHF `--reward.remote_url`: each query is prompt + response as decoded text."""
+
+    query: list[str] = Field(min_length=1)
+    prompts: list[str] | None = None
+    labels: list[str | None] | None = None
+    normalize: bool = False  # our extension; OpenRLHF never sends it
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float] = Field(description="sigmoid(rewards), in [0, 1]")
+    extra_logs: dict[str, list[float]]
+
+
+# --------------------------------------------------------------------------------------------- vLLM
+class ClassifyRequest(_Lenient):
+    """vLLM `/classify`: `input` texts are scored as responses without context; with `messages`, the last
+    message is the response and the earlier ones its context."""
+
+    model: str | None = None
+    input: str | list[str] | None = None
+    messages: list[Turn] | None = Field(None, min_length=1)
+    use_activation: bool | None = Field(None, description="sigmoid on the score (default true, as vLLM)")
+    activation: bool | None = Field(None, description="older name of use_activation")
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ClassifyResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"classify-{uuid.uuid4().hex}")
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassifyData]
+    usage: ClassifyUsage
+
+
+# --------------------------------------------------------------------------------------------- operations
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, Literal["loading", "ready", "failed"]]
+    errors: dict[str, str] = {}
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    variant: str
+    objective: str
+    backbone: str
+    template_version: int
+    max_length: int
+    dtype: str
+    device: str
+    default: bool
+    loaded_at: float
+    path: str | None = Field(None, description="folder; shown on admin routes only")
+
+
+class Limits(BaseModel):
+    max_client_batch_size: int
+    max_body_bytes: int
+    max_queue_items: int
+    max_batch_tokens: int
+    max_wait_ms: float
+
+
+class InfoResponse(BaseModel):
+    service: Literal["karma-reward"] = "karma-reward"
+    default_model: str | None
+    models: list[ModelInfo]
+    limits: Limits
+    auth: dict[str, bool] = Field(description="which credentials are configured: api_key, admin")
+
+
+class ModelList(BaseModel):
+    default_model: str | None
+    models: list[ModelInfo]
+
+
+class LoadModelRequest(_Strict):
+    name: ModelName
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class SwapModelRequest(_Strict):
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class SwapResponse(BaseModel):
+    model: ModelInfo
+    previous_version: str
+
+
+def as_score_item(item: Any) -> ScoreItem:
+    """A ScoreItem from a ScoreItem, a dict, or anything with context/response/metadata attributes."""
+    if isinstance(item, ScoreItem):
+        return item
+    if isinstance(item, dict):
+        return ScoreItem.model_validate(item)
+    if hasattr(item, "response"):
+        ctx = getattr(item, "context", "") or ""
+        if not isinstance(ctx, str):
+            ctx = [t if isinstance(t, dict) else {"role": "user", "content": str(t)} for t in ctx]
+        return ScoreItem.model_validate(
+            {"context": ctx, "response": item.response, "metadata": getattr(item, "metadata", None)}
+        )
+    raise TypeError(
+        f"cannot score a {type(item).__name__}: expected ScoreItem, dict or an object with .response"
+    )

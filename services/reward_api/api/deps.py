@@ -1,0 +1,90 @@
+"""Dependencies: the app's state (settings, registry, metrics), credentials, and the model a request scores with.
+
+Models are reached only through these (never a module-level model), so a test can swap the registry or a
+model lease with `app.dependency_overrides`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from karma.protocol import MODEL_NAME_PATTERN
+from services.reward_api.api.errors import ServiceError
+from services.reward_api.core.config import Settings
+from services.reward_api.core.metrics import Metrics
+from services.reward_api.engine import ModelHandle, ModelRegistry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+_bearer = HTTPBearer(auto_error=False, description="API key or admin token")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _matches(given: str, secret) -> bool:
+    return secret is not None and secrets.compare_digest(given.encode(), secret.get_secret_value().encode())
+
+
+def _missing() -> ServiceError:
+    return ServiceError(
+        401,
+        "missing credentials: send `Authorization: Bearer <token>`",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def require_api_key(settings: SettingsDep, creds: Credentials) -> None:
+    """Scoring routes and /info: open unless KARMA_API_KEY is set (the admin token is accepted too)."""
+    if settings.api_key is None:
+        return
+    if creds is None:
+        raise _missing()
+    if not (
+        _matches(creds.credentials, settings.api_key) or _matches(creds.credentials, settings.admin_token)
+    ):
+        raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(settings: SettingsDep, creds: Credentials) -> None:
+    """Model management: the admin token only (these routes are not mounted without one)."""
+    if creds is None:
+        raise _missing()
+    if _matches(creds.credentials, settings.admin_token):
+        return
+    if _matches(creds.credentials, settings.api_key):
+        raise ServiceError(403, "the API key may score but not manage models; use the admin token")
+    raise ServiceError(401, "invalid admin token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def default_model(registry: RegistryDep) -> AsyncIterator[ModelHandle]:
+    """The default model, leased for the whole request (a hot swap waits for it)."""
+    with registry.lease(None) as handle:
+        yield handle
+
+
+async def named_model(
+    registry: RegistryDep,
+    name: Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="model name (see GET /info)")],
+) -> AsyncIterator[ModelHandle]:
+    """The model named in `/models/{name}/...`; 404 listing the known names."""
+    with registry.lease(name) as handle:
+        yield handle

@@ -1,0 +1,121 @@
+"""One error body everywhere: `{"error": str, "error_type": str}` (TEI's shape), and the status of each error."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from karma.protocol import ErrorBody, ErrorType
+from services.reward_api.engine import (
+    ModelExistsError,
+    ModelNotReadyError,
+    QueueFullError,
+    UnknownModelError,
+    WorkerClosedError,
+)
+
+log = logging.getLogger(__name__)
+
+_BY_STATUS: dict[int, ErrorType] = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation",
+    429: "overloaded",
+    503: "not_ready",
+}
+
+_DESCRIPTIONS = {
+    401: "missing or wrong credentials (`Authorization: Bearer ...`)",
+    403: "credentials valid but not allowed here",
+    404: "unknown model or route",
+    409: "conflict with the current models",
+    413: "too many items or body too large",
+    422: "malformed request, empty items, unknown fields, or input too long with truncate=false",
+    429: "queue full; retry after the Retry-After header",
+    503: "model not loaded yet",
+}
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status; rendered as ErrorBody."""
+
+    def __init__(
+        self, status: int, message: str, error_type: ErrorType | None = None, headers: dict | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type: ErrorType = error_type or _BY_STATUS.get(status, "internal")
+        self.headers = headers
+
+
+def error_response(
+    status: int, message: str, error_type: ErrorType | None = None, headers=None
+) -> JSONResponse:
+    body = ErrorBody(error=message, error_type=error_type or _BY_STATUS.get(status, "internal"))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the error codes a route can return."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS.get(code, "error")} for code in codes}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def install(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError):
+        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return error_response(422, _validation_message(exc), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.exception_handler(UnknownModelError)
+    async def _unknown(_: Request, exc: UnknownModelError):
+        return error_response(404, str(exc), "not_found")
+
+    @app.exception_handler(ModelNotReadyError)
+    async def _not_ready(_: Request, exc: ModelNotReadyError):
+        return error_response(503, str(exc), "not_ready", {"Retry-After": str(retry_after_s)})
+
+    @app.exception_handler(WorkerClosedError)
+    async def _closed(_: Request, exc: WorkerClosedError):
+        return error_response(503, str(exc), "not_ready", {"Retry-After": str(retry_after_s)})
+
+    @app.exception_handler(QueueFullError)
+    async def _full(_: Request, exc: QueueFullError):
+        return error_response(429, str(exc), "overloaded", {"Retry-After": str(retry_after_s)})
+
+    @app.exception_handler(ModelExistsError)
+    async def _exists(_: Request, exc: ModelExistsError):
+        return error_response(409, str(exc), "conflict")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.error(
+            "unhandled error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc
+        )
+        return error_response(500, f"internal error ({type(exc).__name__})", "internal")

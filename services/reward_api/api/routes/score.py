@@ -1,0 +1,58 @@
+"""`POST /v1/score`: our scoring route (context, response, metadata → raw or normalised scores)."""
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from karma.protocol import ScoreRequest, ScoreResponse
+from karma.rm.model import RMInput
+from services.reward_api.api import scoring
+from services.reward_api.api.deps import MetricsDep, SettingsDep, require_api_key
+from services.reward_api.api.errors import responses
+from services.reward_api.engine import ModelHandle
+
+
+def make_router(model_dep: Callable) -> APIRouter:
+    # No `from __future__ import annotations` here: the handler's annotations name the closure variable
+    # `model_dep`, which FastAPI could not resolve from a string.
+    """The route bound to one way of choosing the model (default, or `/models/{name}`)."""
+    router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)])
+
+    @router.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=responses(401, 404, 413, 422, 429, 503),
+        summary="Score (context, response) items",
+    )
+    async def score(
+        body: ScoreRequest,
+        handle: Annotated[ModelHandle, Depends(model_dep)],
+        settings: SettingsDep,
+        metrics: MetricsDep,
+    ) -> ScoreResponse:
+        """Renders every item with the model's own template (`karma_rm.json`), scores it in a shared batch, and
+        returns raw scores (or standardised with the saved validation mean/std when `normalize` is true).
+        Over-long context is cut from the left and flagged in `truncated`, or rejected with 422 when
+        `truncate` is false."""
+        items = [
+            RMInput(
+                context=it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
+                response=it.response,
+                metadata=it.metadata,
+            )
+            for it in body.items
+        ]
+        out = await scoring.score(
+            handle,
+            items,
+            settings=settings,
+            metrics=metrics,
+            truncate=body.truncate,
+            normalize=body.normalize,
+        )
+        return ScoreResponse(
+            model=handle.name, version=handle.version, scores=out.scores, truncated=out.truncated
+        )
+
+    return router

@@ -1,0 +1,62 @@
+"""`POST /classify`: vLLM's pooling classification API, as verl's reward loop calls a discriminative RM."""
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage
+from karma.rm.model import RMInput
+from services.reward_api.api import scoring
+from services.reward_api.api.deps import MetricsDep, SettingsDep, require_api_key
+from services.reward_api.api.errors import ServiceError, responses
+from services.reward_api.engine import ModelHandle
+
+
+def classify_items(body: ClassifyRequest) -> list[RMInput]:
+    """`input` texts → responses without context; `messages` → the last message is the response."""
+    if (body.input is None) == (body.messages is None):
+        raise ServiceError(422, "send exactly one of `input` (text or list of texts) and `messages`")
+    if body.messages is not None:
+        *context, last = body.messages
+        turns = [{"role": t.role, "content": t.content} for t in context if t.role != "system"]
+        return [RMInput(context=turns, response=last.content)]
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise ServiceError(422, "`input` is an empty list")
+    return [RMInput(context="", response=t) for t in texts]
+
+
+def make_router(model_dep: Callable) -> APIRouter:
+    # No `from __future__ import annotations` here: the handler's annotations name the closure variable
+    # `model_dep`, which FastAPI could not resolve from a string.
+    router = APIRouter(tags=["compatibility"], dependencies=[Depends(require_api_key)])
+
+    @router.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=responses(401, 404, 413, 422, 429, 503),
+        summary="vLLM-compatible classification (verl reward loop)",
+    )
+    async def classify(
+        body: ClassifyRequest,
+        handle: Annotated[ModelHandle, Depends(model_dep)],
+        settings: SettingsDep,
+        metrics: MetricsDep,
+    ) -> ClassifyResponse:
+        """One `data[i].probs = [p]` per input: `p = sigmoid(score)` unless `use_activation` is false, then the
+        raw score (verl reads `data[-1].probs[-1]`). `model` in the body is ignored: choose the model by URL."""
+        items = classify_items(body)
+        out = await scoring.score(handle, items, settings=settings, metrics=metrics)
+        activate = body.use_activation if body.use_activation is not None else body.activation
+        activate = True if activate is None else activate
+        data = [
+            ClassifyData(
+                index=i, label="LABEL_0", probs=[scoring.sigmoid(s) if activate else s], num_classes=1
+            )
+            for i, s in enumerate(out.scores)
+        ]
+        usage = ClassifyUsage(prompt_tokens=out.tokens, total_tokens=out.tokens)
+        return ClassifyResponse(model=handle.name, data=data, usage=usage)
+
+    return router

@@ -1,0 +1,133 @@
+"""The reward service's settings: one pydantic-settings class, every field also an env var `KARMA_<FIELD>`.
+
+`karma serve` passes only the flags the user gave, so a flag overrides its environment variable, which
+overrides the default. A bad value refuses to start (pydantic `ValidationError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from karma.protocol import MODEL_NAME_PATTERN, Limits
+from karma.rm.model import CONFIG_NAME
+
+_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+def parse_model_specs(value: Any) -> dict[str, str]:
+    """`NAME=PATH` specs (a list, or one string separated by commas), a JSON object, or a dict → {name: path}."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return parse_model_specs(json.loads(text))
+        value = [part for part in text.split(",") if part.strip()]
+    out: dict[str, str] = {}
+    for spec in value:
+        name, sep, path = str(spec).partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"model spec {spec!r} is not NAME=PATH")
+        if name in out:
+            raise ValueError(f"model name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+class Settings(BaseSettings):
+    """Everything `karma serve` can be told; env prefix KARMA_ (e.g. KARMA_API_KEY, KARMA_MAX_WAIT_MS)."""
+
+    model_config = SettingsConfigDict(env_prefix="KARMA_", extra="forbid", validate_default=True)
+
+    models: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="reward-model folders to serve: NAME=PATH[,NAME=PATH] or a JSON object",
+    )
+    default_model: str | None = Field(
+        None, description="model behind the un-prefixed routes (default: the first)"
+    )
+    host: str = Field("127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(
+        None, description="if set, scoring and /info need `Authorization: Bearer KEY`"
+    )
+    admin_token: SecretStr | None = Field(None, description="enables the model-management routes")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description=f"folders admin routes may load models from ({os.pathsep}-separated)",
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    max_client_batch_size: int = Field(256, ge=1, le=65536, description="items per request (413 above)")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="request body size (413 above)")
+    max_queue_items: int = Field(4096, ge=1, description="items waiting per model (429 above)")
+    max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward batch")
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 429")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads (default: torch's)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        return parse_model_specs(value) if value is not None else {}
+
+    @field_validator("models")
+    @classmethod
+    def _model_folders(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name, path in value.items():
+            if not _NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {MODEL_NAME_PATTERN}")
+            if not (path / CONFIG_NAME).is_file():
+                raise ValueError(
+                    f"model {name!r}: {path} is not a KARMA reward-model folder (no {CONFIG_NAME})"
+                )
+        return {name: path.expanduser().resolve() for name, path in value.items()}
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [p for p in text.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("model_roots")
+    @classmethod
+    def _roots_exist(cls, value: list[Path]) -> list[Path]:
+        for root in value:
+            if not root.expanduser().is_dir():
+                raise ValueError(f"model root {root} is not a directory")
+        return [root.expanduser().resolve() for root in value]
+
+    @model_validator(mode="after")
+    def _default(self) -> Settings:
+        if self.default_model is None and self.models:
+            self.default_model = next(iter(self.models))
+        if self.default_model is not None and self.default_model not in self.models:
+            known = ", ".join(self.models) or "none"
+            raise ValueError(f"default model {self.default_model!r} is not among the served models ({known})")
+        return self
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_client_batch_size=self.max_client_batch_size,
+            max_body_bytes=self.max_body_bytes,
+            max_queue_items=self.max_queue_items,
+            max_batch_tokens=self.max_batch_tokens,
+            max_wait_ms=self.max_wait_ms,
+        )

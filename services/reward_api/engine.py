@@ -1,0 +1,491 @@
+"""The scoring engine: cross-request dynamic batching over `karma.rm.model.RewardModel`, and the model registry
+(load, hot swap, unload). Imports nothing from FastAPI; the HTTP layer only encodes, submits and awaits.
+
+* `BatchingWorker` — one thread per loaded model. Requests submit already-encoded items; the worker takes
+  queued items in arrival order up to a token budget (`max_batch_tokens`), waiting at most `max_wait_ms` for
+  a batch to fill, sorts them by length to cut padding, splits them into batches whose *padded* size stays
+  within the budget, runs `RewardModel.forward` (`torch.inference_mode`) and resolves each request's future.
+  A request's items may land in different batches; a score does not depend on its batch (right padding +
+  attention mask), within float tolerance.
+* `ModelHandle` — a loaded model + its worker + a lease count. A request holds a lease from lookup to reply.
+* `ModelRegistry` — name → handle. `swap` loads the new folder beside the old one, switches atomically under
+  the registry lock, then (in the background) waits for the old handle's leases to end, drains its worker and
+  frees it: no request fails and every reply names the version that produced it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from karma.rm.model import Encoded, RewardModel
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """Base of the engine's errors (the HTTP layer maps each to a status)."""
+
+
+class QueueFullError(EngineError):
+    def __init__(self, model: str, depth: int, limit: int, wanted: int):
+        super().__init__(
+            f"model {model!r} is overloaded: {depth} items queued, {wanted} more would exceed max_queue_items={limit}"
+        )
+
+
+class WorkerClosedError(EngineError):
+    pass
+
+
+class UnknownModelError(EngineError):
+    def __init__(self, name: str, known: Sequence[str]):
+        self.name, self.known = name, list(known)
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(self.known) or 'none'}")
+
+
+class ModelNotReadyError(EngineError):
+    pass
+
+
+class ModelExistsError(EngineError):
+    pass
+
+
+class Observer(Protocol):
+    """What the engine reports (`core.metrics.Metrics` implements it)."""
+
+    def observe_batch(
+        self, model: str, n_items: int, n_tokens: int, padded_tokens: int, seconds: float
+    ) -> None: ...
+    def observe_queue_wait(self, model: str, seconds: float) -> None: ...
+    def set_queue_depth(self, model: str, depth: int) -> None: ...
+    def model_loaded(self, model: str, version: str, loaded: bool) -> None: ...
+
+
+class _NullObserver:
+    def observe_batch(self, *a, **k) -> None: ...
+    def observe_queue_wait(self, *a, **k) -> None: ...
+    def set_queue_depth(self, *a, **k) -> None: ...
+    def model_loaded(self, *a, **k) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------- batching
+@dataclass(eq=False)
+class _Job:
+    n: int
+    future: Future
+    scores: list[float] = field(default_factory=list)
+    remaining: int = 0
+
+    def __post_init__(self) -> None:
+        self.scores = [0.0] * self.n
+        self.remaining = self.n
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    job: _Job
+    index: int
+    item: Encoded
+    enqueued: float
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Split items (by index) into length-sorted batches whose padded size (n × longest) fits the budget.
+
+    An item longer than the budget on its own still gets a batch of one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the newest item is the longest of its batch
+        if current and (len(current) + 1) * lengths[i] > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class BatchingWorker:
+    """One thread that forwards queued items of one model in dynamic batches."""
+
+    def __init__(
+        self,
+        model: RewardModel,
+        *,
+        name: str = "model",
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 2.0,
+        max_queue_items: int = 4096,
+        observer: Observer | None = None,
+    ):
+        self.model = model
+        self.name = name
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_items = max_queue_items
+        self.observer = observer or _NullObserver()
+        self._queue: deque[_Slot] = deque()
+        self._queued_tokens = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches_run = 0
+        self._thread = threading.Thread(target=self._run, name=f"karma-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, items: Sequence[Encoded]) -> Future:
+        """Queue items; the future resolves to their scores in order. Raises QueueFullError / WorkerClosedError."""
+        fut: Future = Future()
+        if not items:
+            fut.set_result([])
+            return fut
+        job = _Job(len(items), fut)
+        now = time.perf_counter()
+        with self._cond:
+            if self._closed:
+                raise WorkerClosedError(f"model {self.name!r} is shutting down")
+            if len(self._queue) + len(items) > self.max_queue_items:
+                raise QueueFullError(self.name, len(self._queue), self.max_queue_items, len(items))
+            for i, item in enumerate(items):
+                self._queue.append(_Slot(job, i, item, now))
+                self._queued_tokens += len(item)
+            self.observer.set_queue_depth(self.name, len(self._queue))
+            self._cond.notify()
+        return fut
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new items, finish the queued ones, stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -------------------------------------------------------------------------------- worker thread
+    def _take(self) -> list[_Slot] | None:
+        """Block until a batch window is ready; pop it (FIFO, up to the token budget). None = stop."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while self._queued_tokens < self.max_batch_tokens and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            taken: list[_Slot] = []
+            tokens = 0
+            while self._queue:
+                slot = self._queue[0]
+                if taken and tokens + len(slot.item) > self.max_batch_tokens:
+                    break
+                self._queue.popleft()
+                self._queued_tokens -= len(slot.item)
+                if slot.job.future.done():  # cancelled (client went away) or already failed
+                    continue
+                taken.append(slot)
+                tokens += len(slot.item)
+            self.observer.set_queue_depth(self.name, len(self._queue))
+            return taken
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            if not taken:
+                continue
+            now = time.perf_counter()
+            for slot in taken:
+                self.observer.observe_queue_wait(self.name, now - slot.enqueued)
+            for idx in plan_batches([len(s.item) for s in taken], self.max_batch_tokens):
+                self._forward([taken[i] for i in idx])
+
+    def _forward(self, batch: list[_Slot]) -> None:
+        t0 = time.perf_counter()
+        try:
+            scores = self.model.forward([s.item for s in batch])
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request, which answers 500
+            log.exception("forward failed on model %s (batch of %d)", self.name, len(batch))
+            for slot in batch:
+                _settle(slot.job.future, exc=exc)
+            return
+        seconds = time.perf_counter() - t0
+        lengths = [len(s.item) for s in batch]
+        self.batches_run += 1
+        self.observer.observe_batch(self.name, len(batch), sum(lengths), len(batch) * max(lengths), seconds)
+        for slot, score in zip(batch, scores, strict=True):
+            job = slot.job
+            job.scores[slot.index] = score
+            job.remaining -= 1
+            if job.remaining == 0:
+                _settle(job.future, result=job.scores)
+
+
+def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    try:
+        fut.set_exception(exc) if exc is not None else fut.set_result(result)
+    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled between the check and the set
+        pass
+
+
+# --------------------------------------------------------------------------------------------- models
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto: float32 on CPU (bf16 matmuls are slow there and change scores), bfloat16 on CUDA."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+class ModelHandle:
+    """A loaded reward model, its batching worker, and the leases of the requests using it."""
+
+    def __init__(self, name: str, path: Path, model: RewardModel, worker: BatchingWorker):
+        self.name = name
+        self.path = path
+        self.model = model
+        self.worker = worker
+        self.version = model.version
+        self.loaded_at = time.time()
+        self._leases = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        self._drained = threading.Event()
+        self.closed = threading.Event()
+
+    @property
+    def leases(self) -> int:
+        return self._leases
+
+    def _acquire(self) -> None:  # under the registry lock
+        with self._lock:
+            if self._retired:
+                raise WorkerClosedError(f"model {self.name!r} version {self.version} is retired")
+            self._leases += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            if self._retired and self._leases == 0:
+                self._drained.set()
+
+    def retire(self) -> None:
+        """No new leases; `close()` then waits for the current ones."""
+        with self._lock:
+            self._retired = True
+            if self._leases == 0:
+                self._drained.set()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for in-flight requests, drain the worker, free the weights."""
+        self.retire()
+        self._drained.wait(timeout)
+        self.worker.close()
+        device = str(self.model.device)
+        self.worker.model = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.closed.set()
+        log.info("model %s version %s unloaded", self.name, self.version)
+
+
+Status = Literal["loading", "ready", "failed"]
+
+
+class ModelRegistry:
+    """name → ModelHandle, with atomic hot swap. Blocking methods (load/add/swap/remove) belong in a thread."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 2.0,
+        max_queue_items: int = 4096,
+        observer: Observer | None = None,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.worker_args = dict(
+            max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue_items=max_queue_items
+        )
+        self.observer = observer or _NullObserver()
+        self.default: str | None = None
+        self._handles: dict[str, ModelHandle] = {}
+        self.status: dict[str, Status] = {}
+        self.errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._admin_lock = threading.Lock()  # one load / swap / remove at a time
+        self._retiring: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------------------ lookup
+    def names(self) -> list[str]:
+        return list(self.status)
+
+    def handles(self) -> list[ModelHandle]:
+        with self._lock:
+            return list(self._handles.values())
+
+    def get(self, name: str | None = None) -> ModelHandle:
+        name = self.default if name is None else name
+        with self._lock:
+            return self._lookup(name)
+
+    def _lookup(self, name: str | None) -> ModelHandle:
+        if name is None:
+            raise ModelNotReadyError("no model is configured")
+        handle = self._handles.get(name)
+        if handle is None:
+            state = self.status.get(name)
+            if state == "loading":
+                raise ModelNotReadyError(f"model {name!r} is still loading")
+            if state == "failed":
+                raise ModelNotReadyError(f"model {name!r} failed to load: {self.errors.get(name, '')}")
+            raise UnknownModelError(name, self.names())
+        return handle
+
+    @contextmanager
+    def lease(self, name: str | None = None) -> Iterator[ModelHandle]:
+        """The current handle of `name` (default model if None), kept alive until the block ends."""
+        with self._lock:
+            handle = self._lookup(self.default if name is None else name)
+            handle._acquire()
+        try:
+            yield handle
+        finally:
+            handle._release()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.status) and all(s == "ready" for s in self.status.values())
+
+    # ------------------------------------------------------------------------------------ loading
+    def _build(self, name: str, path: Path) -> ModelHandle:
+        from karma.rm.model import RewardModel
+
+        t0 = time.perf_counter()
+        model = RewardModel.load(
+            path, device=self.device, dtype=None if self.dtype == "float32" else self.dtype
+        )
+        worker = BatchingWorker(model, name=name, observer=self.observer, **self.worker_args)
+        log.info(
+            "loaded model %s (version %s) from %s in %.1fs",
+            name,
+            model.version,
+            path,
+            time.perf_counter() - t0,
+        )
+        self.observer.model_loaded(name, model.version, True)
+        return ModelHandle(name, Path(path), model, worker)
+
+    def declare(self, name: str) -> None:
+        """Mark a configured model as loading (so /ready reports it before load() runs)."""
+        with self._lock:
+            self.status.setdefault(name, "loading")
+
+    def load(self, name: str, path: Path) -> ModelHandle:
+        """Load a configured model at startup (status loading → ready | failed)."""
+        self.declare(name)
+        try:
+            handle = self._build(name, path)
+        except Exception as exc:
+            with self._lock:
+                self.status[name] = "failed"
+                self.errors[name] = f"{type(exc).__name__}: {exc}"
+            raise
+        with self._lock:
+            self._handles[name] = handle
+            self.status[name] = "ready"
+            self.errors.pop(name, None)
+        return handle
+
+    def add(self, name: str, path: Path) -> ModelHandle:
+        """Admin load of a new name; ModelExistsError if the name is taken."""
+        with self._admin_lock:
+            with self._lock:
+                if name in self.status:
+                    raise ModelExistsError(
+                        f"model {name!r} already exists; use PUT /v1/models/{name} to swap it"
+                    )
+            handle = self._build(name, path)
+            with self._lock:
+                self._handles[name] = handle
+                self.status[name] = "ready"
+                if self.default is None:
+                    self.default = name
+            return handle
+
+    def swap(self, name: str, path: Path) -> tuple[ModelHandle, ModelHandle]:
+        """Hot swap: load beside the old, switch atomically, retire the old in the background."""
+        with self._admin_lock:
+            with self._lock:
+                old = self._lookup(name)
+            new = self._build(name, path)
+            with self._lock:
+                self._handles[name] = new
+                self.status[name] = "ready"
+                old.retire()
+            self._close_later(old)
+            return new, old
+
+    def remove(self, name: str) -> ModelHandle:
+        with self._admin_lock:
+            with self._lock:
+                handle = self._lookup(name)
+                if name == self.default:
+                    raise ModelExistsError(f"model {name!r} is the default model and cannot be removed")
+                del self._handles[name]
+                self.status.pop(name, None)
+                handle.retire()
+            self._close_later(handle)
+            return handle
+
+    def _close_later(self, handle: ModelHandle) -> None:
+        self.observer.model_loaded(handle.name, handle.version, False)
+        t = threading.Thread(target=handle.close, name=f"karma-retire-{handle.name}", daemon=True)
+        t.start()
+        self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop every worker (lifespan shutdown)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for h in handles:
+            h.close(timeout)
+        for t in self._retiring:
+            t.join(timeout)

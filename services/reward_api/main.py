@@ -1,0 +1,91 @@
+"""Builds the reward service: `create_app(settings)`.
+
+Models load in the lifespan, in a background thread: `/health` answers at once, `/ready` and the scoring
+routes answer 503 until every configured model is loaded. Pass `registry=` to serve an already-built
+`ModelRegistry` instead (tests, embedding the service in another process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.reward_api.api import deps, errors
+from services.reward_api.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from services.reward_api.api.routes import health, models, openrlhf, score, vllm
+from services.reward_api.core.config import Settings
+from services.reward_api.core.metrics import Metrics
+from services.reward_api.engine import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def build_registry(settings: Settings, metrics: Metrics | None = None) -> ModelRegistry:
+    registry = ModelRegistry(
+        device=settings.device,
+        dtype=settings.dtype,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_items=settings.max_queue_items,
+        observer=metrics,
+    )
+    registry.default = settings.default_model
+    for name in settings.models:
+        registry.declare(name)
+    return registry
+
+
+def _load_all(registry: ModelRegistry, settings: Settings) -> None:
+    for name, path in settings.models.items():
+        try:
+            registry.load(name, path)
+        except Exception as exc:  # noqa: BLE001 - reported by /ready (status "failed" + the error)
+            log.error("model %s failed to load from %s: %s: %s", name, path, type(exc).__name__, exc)
+
+
+def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own = registry is None
+        reg = app.state.registry = registry or build_registry(settings, metrics)
+        loader = asyncio.create_task(asyncio.to_thread(_load_all, reg, settings)) if own else None
+        try:
+            yield
+        finally:
+            if loader is not None:
+                await loader
+            if own:
+                await asyncio.to_thread(reg.close)
+
+    app = FastAPI(
+        title="KARMA reward service",
+        version="1",
+        summary="Scores (context, response) pairs with KARMA reward models; OpenRLHF and vLLM compatible.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    if registry is not None:
+        app.state.registry = registry
+    errors.install(app, settings.retry_after_s)
+
+    app.include_router(health.router)
+    for module in (score, openrlhf, vllm):
+        app.include_router(module.make_router(deps.default_model))
+        app.include_router(module.make_router(deps.named_model), prefix="/models/{name}")
+    if settings.admin_token is not None:
+        app.include_router(models.router)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s from the body limit too
+    return app
