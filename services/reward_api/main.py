@@ -46,6 +46,26 @@ def _load_all(registry: ModelRegistry, settings: Settings) -> None:
             log.error("model %s failed to load from %s: %s: %s", name, path, type(exc).__name__, exc)
 
 
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Put the configured item limit into the OpenAPI document (`maxItems`), so the contract states it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = doc.get("components", {}).get("schemas", {})
+            for model, prop in (("ScoreRequest", "items"), ("GetRewardRequest", "query")):
+                if model in schemas:
+                    schemas[model]["properties"][prop]["maxItems"] = settings.max_client_batch_size
+            for variant in schemas.get("ClassifyRequest", {}).get("properties", {}).get("input", {}).get("anyOf", []):
+                if variant.get("type") == "array":
+                    variant["maxItems"] = settings.max_client_batch_size
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -86,6 +106,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     if settings.admin_token is not None:
         app.include_router(models.router)
 
+    _document_limits(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s from the body limit too
     return app

@@ -35,6 +35,7 @@ def make_tiny_rm(
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
+        initializer_range=0.5,  # large random weights: scores that differ visibly between inputs
     )
     BertModel(cfg).save_pretrained(backbone)
     tok.save_pretrained(backbone)

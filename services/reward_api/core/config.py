@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         if self.default_model is not None and self.default_model not in self.models:
             known = ", ".join(self.models) or "none"
             raise ValueError(f"default model {self.default_model!r} is not among the served models ({known})")
+        if self.max_queue_items < self.max_client_batch_size:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) must be at least max_client_batch_size "
+                f"({self.max_client_batch_size}), or a full-size request could never be queued"
+            )
         return self
 
     def limits(self) -> Limits:

@@ -13,17 +13,20 @@ from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.engine import ModelHandle
 
 
-def split_query(query: str, prompt: str | None) -> tuple[str, str]:
-    """(context, response) of an OpenRLHF query: the response is the query minus its prompt prefix."""
+def split_query(query: str, prompt: str | None) -> tuple[str, str, bool]:
+    """(context, response, matched) of an OpenRLHF query: the response is the query minus its prompt prefix.
+
+    A query that does not start with its prompt (decoding differences) is scored whole as the response, with
+    the prompt as context, and reported as `matched=False` (extra_logs `karma_prompt_mismatch`).
+    """
     if not prompt:
-        return "", query
+        return "", query, True
     if query.startswith(prompt):
-        return prompt, query[len(prompt) :]
-    # Decoding can differ in whitespace at the seam; compare without leading/trailing space.
-    stripped = prompt.rstrip()
+        return prompt, query[len(prompt) :], True
+    stripped = prompt.rstrip()  # decoding can differ in whitespace at the seam
     if stripped and query.startswith(stripped):
-        return prompt, query[len(stripped) :]
-    raise ValueError("query does not start with its prompt")
+        return prompt, query[len(stripped) :], True
+    return prompt, query, False
 
 
 def make_router(model_dep: Callable) -> APIRouter:
@@ -52,18 +55,16 @@ def make_router(model_dep: Callable) -> APIRouter:
             raise ServiceError(
                 422, f"{len(prompts)} prompts for {len(body.query)} queries; they must pair up"
             )
-        items = []
+        items, mismatched = [], []
         for i, query in enumerate(body.query):
-            try:
-                context, response = split_query(query, prompts[i] if prompts else None)
-            except ValueError as exc:
-                raise ServiceError(422, f"query {i}: {exc}") from None
+            context, response, matched = split_query(query, prompts[i] if prompts else None)
             items.append(RMInput(context=context, response=response))
+            mismatched.append(0.0 if matched else 1.0)
         out = await scoring.score(handle, items, settings=settings, metrics=metrics, normalize=body.normalize)
         return GetRewardResponse(
             rewards=out.scores,
             scores=[scoring.sigmoid(s) for s in out.scores],
-            extra_logs={"karma_truncated": [float(t) for t in out.truncated]},
+            extra_logs={"karma_truncated": [float(t) for t in out.truncated], "karma_prompt_mismatch": mismatched},
         )
 
     return router
