@@ -1,0 +1,311 @@
+"""`run_eval`: parse the tasks, check and load the model, score every option in batches, generate replies,
+score them with the reward service, and write results.json, report.md and the plots.
+
+results.json keeps every item's scores (keyed by item id, with a hash of what the model was shown) so
+`compare` can pair a trained policy's items with the base model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from karma.eval import metrics as M
+from karma.eval.tasks import PROMPT_FORMAT_VERSION, Task, item_key, join, load_tasks, requests
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT_VERSION = 1
+GENERATION_MEAN_METRICS = ("length_words", "length_tokens", "rep_4", "reward")
+
+
+def run_eval(
+    model: str = "smollm2",
+    suites: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    out: str | Path = "eval_out",
+    reward_url: str | None = None,
+    prompts: Sequence[str] | str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    n_prompts: int = 32,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    gen_batch_size: int = 16,
+    chat_template: bool | None = None,
+    reward_api_key: str | None = None,
+    reward_model: str | None = None,
+    reward_normalize: bool = False,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: bool = True,
+    plots: bool = True,
+    lm=None,
+) -> dict[str, Any]:
+    """Evaluate one causal LM; returns the results dict also written to `out/results.json`.
+
+    `suites`: "pragmatics,side_effects,factuality" (the default), "all", or task names. `limit`: the first N
+    items of each task (subtask). `prompts`: held-out prompts for the generation metrics (list or file;
+    default: the politeness hold-out). `reward_url`: a reward service to score the replies with.
+    `lm`: an already loaded `CausalLM` (skips loading `model`).
+    """
+    from karma.eval.scoring import CausalLM, inspect_model
+
+    t0 = time.perf_counter()
+    tasks = load_tasks(suites, limit=limit, data_dir=data_dir, prompts=prompts, n_prompts=n_prompts)
+    spec = inspect_model(model) if lm is None else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if lm is None:
+        lm = CausalLM.load(spec, device=device, dtype=dtype)
+    timing["load_s"] = time.perf_counter() - t
+
+    reqs = requests(tasks)
+    t = time.perf_counter()
+    scored = dict(zip(reqs, lm.loglikelihood(reqs, batch_size=batch_size, progress=progress)))
+    timing["score_s"] = time.perf_counter() - t
+    timing["options_scored"] = len(reqs)
+    timing["options_per_s"] = len(reqs) / timing["score_s"] if reqs and timing["score_s"] > 0 else math.nan
+
+    gen_settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "batch_size": gen_batch_size,
+        "chat_template": bool(lm.tokenizer.chat_template) if chat_template is None else chat_template,
+    }
+    entries: dict[str, dict] = {}
+    for task in tasks:
+        if task.kind == "generation":
+            t = time.perf_counter()
+            entries[task.name] = _generation_entry(
+                task, lm, gen_settings, progress, reward_url, reward_api_key, reward_model, reward_normalize,
+                timing, n_boot, seed,
+            )
+            timing["generate_s"] = time.perf_counter() - t - timing.get("reward_s", 0.0)
+        else:
+            entries[task.name] = _mc_entry(task, scored, n_boot, seed)
+    timing["total_s"] = time.perf_counter() - t0
+
+    results = {
+        "format_version": RESULTS_FORMAT_VERSION,
+        "prompt_format_version": PROMPT_FORMAT_VERSION,
+        "model": {
+            "name": model if spec is not None else lm.name,
+            "path": spec.path if spec is not None else lm.name,
+            "base": spec.base if spec is not None else None,
+            "architectures": list(spec.architectures) if spec is not None else [],
+        },
+        "settings": {
+            "suites": suites if isinstance(suites, str) or suites is None else list(suites),
+            "limit": limit,
+            "batch_size": batch_size,
+            "device": str(lm.device),
+            "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+            "mc_chat_template": False,
+            "mc_bos": False,
+            "generation": gen_settings,
+            "reward_url": reward_url,
+            "reward_normalize": reward_normalize,
+            "n_boot": n_boot,
+            "seed": seed,
+        },
+        "timing": timing,
+        "tasks": entries,
+    }
+    results["summary"] = summarise(results, n_boot=n_boot, seed=seed)
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
+    from karma.eval.report import write_report
+
+    write_report(results, out, plots=plots)
+    log.info("wrote %s (%.0f s, %d options scored)", out / "results.json", timing["total_s"], len(reqs))
+    return results
+
+
+# --------------------------------------------------------------------------------------------- per task
+def _mc_entry(task: Task, scored: dict, n_boot: int, seed: int) -> dict:
+    items, chance = [], []
+    for item in task.items:
+        ll = {o: scored[join(item.prompt, o)] for o in item.continuations()}
+        opt_ll = [ll[o][0] for o in item.options]
+        row: dict[str, Any] = {
+            "id": item.id,
+            "key": item_key(item),
+            "ll": [round(x, 5) for x in opt_ll],
+            "n_tokens": [ll[o][1] for o in item.options],
+            "correct": sorted(item.correct),
+        }
+        if task.kind == "truthfulqa":
+            (correct,) = item.correct
+            mc2_ll = [ll[o][0] for o in item.mc2_options]
+            row["mc2_ll"] = [round(x, 5) for x in mc2_ll]
+            row["mc2_true"] = list(item.mc2_true)
+            row["scores"] = {"mc1": M.mc1(opt_ll, correct), "mc2": M.mc2(mc2_ll, item.mc2_true)}
+            chance.append({"mc1": 1 / len(item.options), "mc2": sum(item.mc2_true) / len(item.mc2_true)})
+        else:
+            row["scores"] = M.mc_scores(opt_ll, [len(o) for o in item.options], item.correct)
+            c = len(item.correct) / len(item.options)
+            chance.append({"acc": c, "acc_norm": c})
+        items.append(row)
+    metrics = {
+        m: M.mean_ci([it["scores"][m] for it in items], n_boot=n_boot, seed=seed) for m in task.metric_names
+    }
+    return {
+        "suite": task.suite,
+        "kind": task.kind,
+        "source": task.source,
+        "n": len(items),
+        "n_total": task.n_total,
+        "chance": {m: float(np.mean([c[m] for c in chance])) for m in task.metric_names},
+        "metrics": metrics,
+        "items": items,
+    }
+
+
+def _generation_entry(
+    task, lm, settings, progress, reward_url, api_key, reward_model, normalize, timing, n_boot, seed
+) -> dict:
+    prompts = [it.prompt for it in task.items]
+    gens = lm.generate(
+        prompts,
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        seed=settings["seed"],
+        batch_size=settings["batch_size"],
+        chat_template=settings["chat_template"],
+        progress=progress,
+    )
+    items = []
+    for item, g in zip(task.items, gens):
+        items.append({
+            "id": item.id,
+            "key": item_key(item),
+            "prompt": item.prompt,
+            "reply": g.text,
+            "hit_max": g.hit_max,
+            "scores": {"length_words": float(len(M.words(g.text))), "length_tokens": float(g.n_tokens),
+                       "rep_4": M.rep_n(g.text, 4)},
+        })
+    reward_info = None
+    if reward_url:
+        t = time.perf_counter()
+        rewards, reward_info = asyncio.run(
+            score_replies(reward_url, prompts, [it["reply"] for it in items], api_key, reward_model, normalize)
+        )
+        timing["reward_s"] = time.perf_counter() - t
+        for it, r in zip(items, rewards):
+            it["scores"]["reward"] = r
+    entry = {
+        "suite": task.suite,
+        "kind": "generation",
+        "source": task.source,
+        "n": len(items),
+        "n_total": task.n_total,
+        "chance": {},
+        "reward_model": reward_info,
+        "items": items,
+    }
+    entry["metrics"] = generation_metrics(items, n_boot=n_boot, seed=seed)
+    return entry
+
+
+def generation_metrics(items: list[dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    replies = [it["reply"] for it in items]
+    out = {}
+    for m in GENERATION_MEAN_METRICS:
+        if items and all(m in it["scores"] for it in items):
+            out[m] = M.mean_ci([it["scores"][m] for it in items], n_boot=n_boot, seed=seed)
+    for m in M.CORPUS_METRICS:
+        fn = M.corpus_metric(m)
+        out[m] = M.statistic_ci(lambda idx: fn([replies[i] for i in idx]), len(replies), n_boot=n_boot, seed=seed)
+    return out
+
+
+async def score_replies(
+    url: str, prompts: Sequence[str], replies: Sequence[str], api_key: str | None, model: str | None, normalize: bool
+) -> tuple[list[float], dict]:
+    """The reward service's scores of (prompt, reply), through `karma.client.RewardClient`."""
+    from karma.client import RewardClient
+
+    async with RewardClient(url, api_key=api_key, model=model) as client:
+        await client.wait_ready(60)
+        result = await client.score(
+            [{"context": p, "response": r} for p, r in zip(prompts, replies)], normalize=normalize
+        )
+    return [float(s) for s in result.scores], {"url": url, "model": result.model, "version": result.version}
+
+
+# --------------------------------------------------------------------------------------------- summary rows
+def row_groups(tasks: dict[str, dict]) -> list[dict]:
+    """The rows of the results table: every task, a pooled row per family with several subtasks, and per
+    suite the unweighted mean over its tasks (families counted once) of each metric they all report."""
+    families: dict[str, list[str]] = {}
+    for name in tasks:
+        families.setdefault(name.split("/")[0], []).append(name)
+    by_suite: dict[str, list[dict]] = {}
+    for family, members in families.items():
+        by_suite.setdefault(tasks[members[0]]["suite"], []).append(
+            {"row": family, "suite": tasks[members[0]]["suite"], "kind": "family", "tasks": members}
+        )
+    rows: list[dict] = []
+    for suite, units in by_suite.items():
+        for unit in units:
+            rows += [{"row": name, "suite": suite, "kind": "task", "tasks": [name]} for name in unit["tasks"]]
+            if len(unit["tasks"]) > 1:
+                rows.append(unit)
+        mc_units = [u for u in units if tasks[u["tasks"][0]]["kind"] != "generation"]
+        if len(mc_units) < 2:
+            continue
+        common = set.intersection(*(set(tasks[u["tasks"][0]]["metrics"]) for u in mc_units))
+        if common:
+            rows.append({"row": f"{suite} (mean of {len(mc_units)} tasks)", "suite": suite, "kind": "suite",
+                         "tasks": [t for u in mc_units for t in u["tasks"]], "units": [u["tasks"] for u in mc_units],
+                         "metrics": sorted(common, key=["acc", "acc_norm", "mc1", "mc2"].index)})
+    return rows
+
+
+def item_values(tasks: dict[str, dict], names: Sequence[str], metric: str) -> list:
+    """Per-item values of a metric pooled over tasks (replies for corpus-level metrics)."""
+    if metric in M.CORPUS_METRICS:
+        return [it["reply"] for n in names for it in tasks[n]["items"]]
+    return [it["scores"][metric] for n in names for it in tasks[n]["items"]]
+
+
+def summarise(results: dict, *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    tasks = results["tasks"]
+    out = []
+    for row in row_groups(tasks):
+        first = tasks[row["tasks"][0]]
+        if row["kind"] == "task":
+            metrics = first["metrics"]
+            chance = first["chance"]
+        elif row["kind"] == "family":
+            metrics = {m: M.mean_ci(item_values(tasks, row["tasks"], m), n_boot=n_boot, seed=seed)
+                       for m in first["metrics"]}
+            n = sum(tasks[t]["n"] for t in row["tasks"])
+            chance = {m: sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in row["tasks"]) / n for m in first["chance"]}
+        else:
+            metrics = {m: M.mean_of_means_ci([item_values(tasks, u, m) for u in row["units"]], n_boot=n_boot,
+                                             seed=seed) for m in row["metrics"]}
+            chance = {m: float(np.mean([
+                sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in u) / sum(tasks[t]["n"] for t in u)
+                for u in row["units"]])) for m in row["metrics"]}
+        out.append({**{k: v for k, v in row.items() if k != "units"}, "metrics": metrics, "chance": chance})
+    return out
