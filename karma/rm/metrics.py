@@ -1,0 +1,110 @@
+"""Karma-prediction metrics as pure functions on arrays (numpy / scipy / scikit-learn, imported lazily).
+
+A metric that cannot be computed (fewer than two items, a constant input) is None, never NaN, so the JSON
+written from it is valid and a reader cannot mistake "undefined" for a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+#: score-ratio bucket edges for the SHP-style accuracy curve ([lo, hi) per bucket; the last is open)
+RATIO_EDGES: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def correlations(pred: Sequence[float], target: Sequence[float]) -> dict[str, float | None]:
+    """Spearman and Pearson correlation of predictions with (normalised) karma."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    p, t = np.asarray(pred, dtype=float), np.asarray(target, dtype=float)
+    if len(p) < 3 or np.ptp(p) == 0 or np.ptp(t) == 0:
+        return {"spearman": None, "pearson": None, "n": int(len(p))}
+    return {
+        "spearman": _finite(spearmanr(p, t).statistic),
+        "pearson": _finite(pearsonr(p, t).statistic),
+        "n": int(len(p)),
+    }
+
+
+def pairwise_wins(chosen: Sequence[float], rejected: Sequence[float]):
+    """Per pair: 1 when the chosen reply scores higher, 0.5 on a tie, 0 otherwise."""
+    import numpy as np
+
+    c, r = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
+    return (c > r).astype(float) + 0.5 * (c == r)
+
+
+def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float | None:
+    wins = pairwise_wins(chosen, rejected)
+    return float(wins.mean()) if len(wins) else None
+
+
+def bucket_label(lo: float, hi: float) -> str:
+    return f"[{lo:g},{hi:g})" if math.isfinite(hi) else f">={lo:g}"
+
+
+def accuracy_by_ratio(
+    chosen: Sequence[float], rejected: Sequence[float], ratios: Sequence[float], edges: Sequence[float] = RATIO_EDGES
+) -> list[dict]:
+    """Pairwise accuracy per score-ratio bucket (SHP reports accuracy as a curve over score ratio)."""
+    import numpy as np
+
+    wins, r = pairwise_wins(chosen, rejected), np.asarray(ratios, dtype=float)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (r >= lo) & (r < hi)
+        n = int(m.sum())
+        out.append({"bucket": bucket_label(lo, hi), "lo": lo, "hi": None if math.isinf(hi) else hi, "n": n,
+                    "accuracy": float(wins[m].mean()) if n else None})
+    return out
+
+
+def ndcg_within_groups(pred: Sequence[float], target: Sequence[float], groups: Sequence, k: int) -> dict:
+    """Mean NDCG@k over groups (threads) with at least two items and non-constant karma.
+
+    Gains are karma shifted so the lowest item in each group has gain 0 (NDCG needs non-negative gains).
+    """
+    import numpy as np
+    from sklearn.metrics import ndcg_score
+
+    p, t, g = np.asarray(pred, dtype=float), np.asarray(target, dtype=float), np.asarray(groups)
+    order = np.argsort(g, kind="stable")
+    p, t, g = p[order], t[order], g[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], len(g)]
+    values = []
+    for s, e in zip(starts, ends):
+        if e - s < 2 or np.ptp(t[s:e]) == 0:
+            continue
+        gains = t[s:e] - t[s:e].min()
+        values.append(ndcg_score(gains[None, :], p[s:e][None, :], k=k))
+    return {"value": float(np.mean(values)) if values else None, "groups": len(values)}
+
+
+def bootstrap_diff(a, b, stat, n_boot: int = 500, seed: int = 0) -> dict:
+    """Paired bootstrap of stat(a) - stat(b) over the same resampled indices: point value and 95% interval.
+
+    `a` and `b` are tuples of aligned arrays that `stat(*arrays)` reduces to a number.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(a[0])
+    pa, pb = stat(*a), stat(*b)
+    point = pa - pb if pa is not None and pb is not None else None
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        da, db = stat(*(x[idx] for x in a)), stat(*(x[idx] for x in b))
+        if da is not None and db is not None and math.isfinite(da - db):
+            diffs.append(da - db)
+    if not diffs:
+        return {"diff": _finite(point) if point is not None else None, "lo": None, "hi": None}
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": _finite(point) if point is not None else None, "lo": float(lo), "hi": float(hi)}
