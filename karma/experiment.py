@@ -1,6 +1,547 @@
+"""`karma experiment`: the paper's design at the scale this machine allows, from one YAML config.
+
+    prepare data ─▶ train RM variants (full, context) ─▶ evaluate karma prediction
+                 ─▶ one reward service on loopback serving every variant (/models/{variant}/…)
+                 ─▶ PPO a policy against each variant × exposure condition (Reddit vs non-Reddit prompts)
+                 ─▶ evaluate base and every policy ─▶ paired comparison ─▶ experiment.md, claim by claim
+
+Every stage writes into its own folder under `out` and is skipped when that folder is complete, so an
+interrupted experiment resumes where it stopped (`--force` redoes everything). `karma demo` is this
+pipeline with the `demo` preset (one variant, one condition).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
+log = logging.getLogger(__name__)
 
-def experiment() -> None:
-    """Not built yet."""
-    raise typer.Exit("not built yet")
+PRESETS = ("quick", "default", "demo")
+DATA_SUFFIXES = (".zst", ".jsonl", ".json", ".ndjson", ".parquet")
+
+
+class ExperimentError(RuntimeError):
+    """A stage of the experiment failed; the message names the stage."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class ExperimentConfig:
+    """One experiment: every size, seed and path. Sections map onto each stage's own config."""
+
+    name: str = field(default="karma", metadata={"help": "label used in reports"})
+    out: str = field(default="runs/experiment", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    data: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "karma.data.PrepareConfig fields (comments, submissions, shp, limit, ...) or {prepared: DIR}"})
+    rm: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "variants: [full, context] plus karma.rm.train.RMTrainConfig fields"})
+    rm_eval: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "karma.rm.evaluate.evaluate_rm options (split, max_examples, max_pairs)"})
+    serve: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra `karma serve` options"})
+    conditions: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "exposure condition -> prompt source: 'reddit' (the prepared data), 'politeness' (Stanford "
+                "politeness requests minus the evaluation hold-out) or 'file:PATH'"})
+    train: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "trainer config sections (model, rollout, ppo, run, ...) shared by every PPO run"})
+    eval: dict[str, Any] = field(default_factory=dict, metadata={"help": "karma.eval.run_eval options"})
+
+    def __post_init__(self) -> None:
+        variants = self.rm.get("variants", ["full", "context"])
+        from karma.rm.template import VARIANTS
+
+        bad = [v for v in variants if v not in VARIANTS]
+        if not variants or bad:
+            raise ValueError(f"rm.variants must be a non-empty list of {', '.join(VARIANTS)}; got {variants}")
+        if not self.conditions:
+            raise ValueError("conditions is empty: give at least one exposure condition (e.g. reddit: reddit)")
+        for cond, spec in self.conditions.items():
+            if spec not in ("reddit", "politeness") and not spec.startswith("file:"):
+                raise ValueError(
+                    f"condition {cond!r}: prompt source must be 'reddit', 'politeness' or 'file:PATH', got {spec!r}")
+        if not self.data:
+            raise ValueError("data is empty: give dump paths (comments/submissions/shp) or prepared: DIR")
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.rm.get("variants", ["full", "context"]))
+
+    @property
+    def judge(self) -> str:
+        """The RM whose score is reported for every policy's generated replies (side effects)."""
+        return "context" if "context" in self.variants else self.variants[0]
+
+    @classmethod
+    def load(cls, preset_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+        import yaml
+
+        if preset_or_path in PRESETS:
+            text = resources.files("karma").joinpath(f"configs/experiment_{preset_or_path}.yaml").read_text()
+            source = f"preset {preset_or_path}"
+        else:
+            path = Path(preset_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"experiment config not found: {path} (or use a preset: {', '.join(PRESETS)})")
+            text, source = path.read_text(), str(path)
+        raw = yaml.safe_load(text) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}")
+        for key, value in (overrides or {}).items():
+            _set_dotted(raw, key, value)
+        return cls(**raw)
+
+    def to_yaml(self) -> str:
+        import dataclasses
+
+        import yaml
+
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ data
+def data_spec_from_path(path: str | Path) -> dict[str, Any]:
+    """`--data PATH` → the experiment's `data` section.
+
+    PATH may be a prepared folder (has card.json), a folder of dumps (RC_* = comments, RS_* / *submissions* =
+    submissions, other .jsonl/.parquet = SHP rows), or one such file.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"--data path does not exist: {p}")
+    if p.is_dir() and (p / "card.json").exists() and (p / "examples.parquet").exists():
+        return {"prepared": str(p)}
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    spec: dict[str, list[str]] = {"comments": [], "submissions": [], "shp": []}
+    for f in files:
+        name = f.name.lower()
+        if not name.endswith(DATA_SUFFIXES):
+            continue
+        if name.startswith("rs_") or "submission" in name:
+            spec["submissions"].append(str(f))
+        elif name.startswith("rc_") or "comment" in name or name.endswith(".zst"):
+            spec["comments"].append(str(f))
+        else:
+            spec["shp"].append(str(f))
+    spec = {k: v for k, v in spec.items() if v}
+    if not spec:
+        raise FileNotFoundError(
+            f"no Pushshift dumps (RC_*/RS_* .zst/.jsonl) or SHP rows (.jsonl/.parquet) found in {p}")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ service
+@contextmanager
+def reward_service(models: dict[str, Path], *, default: str, log_file: Path, options: dict[str, Any] | None = None,
+                   ready_timeout_s: float = 300.0) -> Iterator[str]:
+    """Start `karma serve` as its own process on a free loopback port; yield its base URL; stop it."""
+    import httpx
+
+    from services.reward_api.testing import free_port
+
+    port = int((options or {}).get("port") or free_port())
+    cmd = [sys.executable, "-m", "karma.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--default", default]
+    for name, path in models.items():
+        cmd += ["--model", f"{name}={path}"]
+    for key, value in (options or {}).items():
+        if key != "port":
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    url = f"http://127.0.0.1:{port}"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise ExperimentError(f"reward service exited with code {proc.returncode} during start-up; see {log_file}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ExperimentError(f"reward service at {url} not ready after {ready_timeout_s:.0f}s; see {log_file}")
+            time.sleep(0.5)
+        log.info("reward service ready at %s (models: %s)", url, ", ".join(models))
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ stages
+@dataclass
+class Stage:
+    """A named, timed step; `done` makes re-runs skip it."""
+
+    name: str
+    timings: dict[str, float]
+
+    def __enter__(self) -> Stage:
+        log.info("── %s", self.name)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.name] = round(time.perf_counter() - self._t0, 1)
+
+
+def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """Run every stage; return the path of experiment.md."""
+    out = Path(cfg.out)
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.yaml").write_text(cfg.to_yaml())
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    with Stage("prepare data", timings):
+        data_dir = _prepare(cfg, out)
+    rm_dirs, rm_metrics = {}, {}
+    for variant in cfg.variants:
+        with Stage(f"train RM ({variant})", timings):
+            rm_dirs[variant] = _train_rm(cfg, data_dir, out / "rm" / variant, variant)
+        with Stage(f"evaluate RM ({variant})", timings):
+            rm_metrics[variant] = _eval_rm(cfg, data_dir, rm_dirs[variant], out / "rm" / variant / "eval")
+
+    policies: dict[str, Path] = {}
+    with reward_service(rm_dirs, default=cfg.judge, log_file=out / "logs" / "reward_service.log",
+                        options=cfg.serve) as url:
+        for variant in cfg.variants:
+            for cond, spec in cfg.conditions.items():
+                run = f"{variant}-{cond}"
+                with Stage(f"PPO {run}", timings):
+                    policies[run] = _train_policy(cfg, data_dir, spec, f"{url}/models/{variant}", out / "policies" / run)
+        eval_dir = out / "eval"
+        judge_url = f"{url}/models/{cfg.judge}"
+        base_model = cfg.train.get("model", {}).get("policy", "smollm2")
+        with Stage("evaluate base", timings):
+            _eval_policy(cfg, base_model, eval_dir / "base", judge_url, data_dir)
+        for run, path in policies.items():
+            with Stage(f"evaluate {run}", timings):
+                _eval_policy(cfg, str(path), eval_dir / run, judge_url, data_dir)
+
+    from karma.eval import compare
+
+    with Stage("compare", timings):
+        comparison = compare(eval_dir / "base", *(eval_dir / r for r in policies), out=out / "compare",
+                             names=list(policies), seed=cfg.seed)
+    training = {run: _training_summary(path) for run, path in policies.items()}
+    timings["total"] = round(time.perf_counter() - t_start, 1)
+    report = write_report(cfg, out, rm_metrics, comparison, training, timings)
+    log.info("experiment report: %s", report)
+    return report
+
+
+def _prepare(cfg: ExperimentConfig, out: Path) -> Path:
+    if "prepared" in cfg.data:
+        d = Path(cfg.data["prepared"])
+        if not (d / "examples.parquet").exists():
+            raise ExperimentError(f"data.prepared {d} has no examples.parquet (run `karma data prepare` first)")
+        return d
+    d = out / "data"
+    if (d / "card.json").exists():
+        log.info("prepared data found in %s (skipping)", d)
+        return d
+    from karma.data import prepare
+
+    card = prepare(out=str(d), seed=cfg.seed, **cfg.data)
+    log.info("prepared %s examples, %s pairs", card.get("splits"), card.get("pairs"))
+    return d
+
+
+def _train_rm(cfg: ExperimentConfig, data_dir: Path, dest: Path, variant: str) -> Path:
+    if (dest / "karma_rm.json").exists():
+        log.info("reward model found in %s (skipping)", dest)
+        return dest
+    from karma.rm.train import train_rm
+
+    options = {k: v for k, v in cfg.rm.items() if k != "variants"}
+    options.setdefault("seed", cfg.seed)
+    return train_rm(data_dir, dest, variant=variant, **options)
+
+
+def _eval_rm(cfg: ExperimentConfig, data_dir: Path, model: Path, dest: Path) -> dict[str, Any]:
+    if (dest / "metrics.json").exists():
+        return json.loads((dest / "metrics.json").read_text())
+    from karma.rm.evaluate import evaluate_rm
+
+    options = {"split": "test", **cfg.rm_eval}
+    return evaluate_rm(model, data_dir, out=dest, seed=cfg.seed, **options)
+
+
+def _train_policy(cfg: ExperimentConfig, data_dir: Path, spec: str, reward_url: str, dest: Path) -> Path:
+    if (dest / "config.json").exists() and (dest / "metrics.jsonl").exists():
+        log.info("policy found in %s (skipping)", dest)
+        return dest
+    from services.policy_trainer import train
+
+    if spec == "reddit":
+        prompts = f"reddit:{data_dir}"
+    elif spec == "politeness":
+        prompts = f"file:{politeness_train_prompts(dest.parent / 'politeness_train.jsonl')}"
+    else:
+        prompts = spec
+    run_cfg = _deep_merge(cfg.train, {
+        "data": {"prompts": prompts},
+        "reward": {"reward_url": [reward_url]},
+        "run": {"output_dir": str(dest), "seed": cfg.seed},
+    })
+    return Path(train(run_cfg))
+
+
+def politeness_train_prompts(dest: Path) -> Path:
+    """The non-Reddit training prompts: politeness-corpus requests, minus the rows `karma eval` holds out."""
+    import csv
+
+    from karma.eval.prompts import POLITENESS_FILES, is_heldout
+    from services.reward_api.testing import shared_data_dir
+
+    rows = []
+    for name in POLITENESS_FILES:
+        path = shared_data_dir() / "eval" / "politeness" / name
+        if not path.exists():
+            raise FileNotFoundError(f"politeness corpus file not found: {path} (set KARMA_SHARED_DATA)")
+        with path.open(newline="", encoding="utf-8") as f:
+            rows += [{"prompt": r["Request"].strip()} for r in csv.DictReader(f)
+                     if r["Request"].strip() and not is_heldout(r["Community"], r["Id"])]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def _eval_policy(cfg: ExperimentConfig, model: str, dest: Path, reward_url: str, data_dir: Path) -> dict[str, Any]:
+    if (dest / "results.json").exists():
+        return json.loads((dest / "results.json").read_text())
+    from karma.eval import run_eval
+
+    options = dict(cfg.eval)
+    options.setdefault("seed", cfg.seed)
+    return run_eval(model, out=dest, reward_url=reward_url, **options)
+
+
+def _training_summary(policy_dir: Path) -> dict[str, Any]:
+    """First/last logged reward and KL of a PPO run (the trainer's metrics.jsonl)."""
+    rows = [json.loads(line) for line in (policy_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if any(k.endswith("reward_mean") or k == "reward/mean" for k in r)]
+    if not rows:
+        return {}
+
+    def pick(row: dict[str, Any], *names: str) -> float | None:
+        for n in names:
+            if n in row:
+                return row[n]
+        return None
+
+    keys_r, keys_kl = ("reward/mean", "reward_mean"), ("objective/kl", "kl", "kl/mean")
+    return {"steps": len(rows), "reward_first": pick(rows[0], *keys_r), "reward_last": pick(rows[-1], *keys_r),
+            "kl_last": pick(rows[-1], *keys_kl)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:+.{digits}f}" if isinstance(x, float) and digits < 0 else f"{x:.{abs(digits)}f}"
+
+
+def _rows(comparison: dict[str, Any], *, suite: str | None = None, kind: str | None = None,
+          row: str | None = None, metric: str) -> list[dict[str, Any]]:
+    return [r for r in comparison["rows"] if r["metric"] == metric
+            and (suite is None or r["suite"] == suite) and (kind is None or r["kind"] == kind)
+            and (row is None or r["row"] == row)]
+
+
+def _verdict(flags: list[bool], what: str) -> str:
+    if flags and all(flags):
+        return f"**Reproduced** ({what} in all {len(flags)} runs)"
+    if any(flags):
+        return f"**Partly reproduced** ({what} in {sum(flags)} of {len(flags)} runs)"
+    return "**Not reproduced at this scale**"
+
+
+def _delta_cell(c: dict[str, Any]) -> str:
+    star = "*" if c.get("p", 1) < 0.05 else ""
+    return f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{star} (p={c['p']:.3g}, n={c['n']})"
+
+
+def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[str, Any]) -> list[str]:
+    """The paper's claims, each stated from the numbers ("not reproduced" where that is what happened)."""
+    lines: list[str] = []
+    runs = [t["label"] for t in comparison["trained"]]
+
+    # 1. Karma prediction: full vs context
+    lines.append("### 1. The best karma predictor: `full` (context + metadata) vs `context` (text only)")
+    model_m = {v: (m.get("systems") or {}).get("model", m) for v, m in rm_metrics.items()}
+
+    def metric(v: str, key: str) -> float | None:
+        m = model_m[v]
+        return (m.get("overall") or m).get(key) if isinstance(m, dict) else None
+
+    table = ["| RM | Spearman | Pearson | pairwise acc |", "|---|---|---|---|"]
+    for v in cfg.variants:
+        table.append(f"| {v} | {_fmt(metric(v, 'spearman'))} | {_fmt(metric(v, 'pearson'))} | "
+                     f"{_fmt(metric(v, 'pairwise_accuracy'))} |")
+    lines += table + [""]
+    if {"full", "context"} <= set(cfg.variants):
+        sf, sc = metric("full", "spearman"), metric("context", "spearman")
+        if sf is not None and sc is not None:
+            better = sf > sc
+            lines.append(("**Reproduced**: `full` predicts karma better than `context`" if better else
+                          "**Not reproduced at this scale**: `full` does not predict karma better than `context`")
+                         + f" (Spearman {sf:.3f} vs {sc:.3f}).")
+    else:
+        lines.append("Not tested: the experiment trained only " + ", ".join(cfg.variants) + ".")
+    lines.append("")
+
+    # 2. Pragmatics up
+    lines.append("### 2. Pragmatics improve after KARMA training")
+    prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc")
+    flags = []
+    for r in prag:
+        for run in runs:
+            if run in r["models"]:
+                c = r["models"][run]
+                flags.append(c["delta"] > 0)
+                lines.append(f"- `{run}`: Δ pragmatics accuracy (mean over tasks) {_delta_cell(c)}")
+    lines.append(_verdict(flags, "pragmatics accuracy went up") if prag else "No pragmatics suite row to test.")
+    lines.append("")
+
+    # 3. Context RM trains better policies
+    lines.append("### 3. The text-only `context` RM trains better policies than the `full` RM")
+    if {"full", "context"} <= set(cfg.variants) and prag:
+        r = prag[0]
+        flags = []
+        for cond in cfg.conditions:
+            cf, cc = r["models"].get(f"full-{cond}"), r["models"].get(f"context-{cond}")
+            if cf and cc:
+                flags.append(cc["delta"] > cf["delta"])
+                lines.append(f"- {cond} prompts: Δ pragmatics `context` {cc['delta']:+.3f} vs `full` {cf['delta']:+.3f}")
+        lines.append(_verdict(flags, "`context` beat `full`"))
+    else:
+        lines.append("Not tested (needs both `full` and `context` variants).")
+    lines.append("")
+
+    # 4. Side effects
+    lines.append(f"### 4. Side effects (hhh_alignment; generated replies scored by the `{cfg.judge}` RM)")
+    side = [r for r in comparison["rows"] if r["suite"] == "side_effects" and r["kind"] in ("task", "family", "suite")]
+    seen = set()
+    for r in side:
+        key = (r["row"], r["metric"])
+        if key in seen or (r["kind"] == "task" and "/" in r["row"]):
+            continue
+        seen.add(key)
+        cells = ", ".join(f"`{run}` {r['models'][run]['delta']:+.3f}{'*' if r['models'][run]['p'] < 0.05 else ''}"
+                          for run in runs if run in r["models"])
+        lines.append(f"- {r['row']} / {r['metric']}: {cells}")
+    lines.append("(Δ vs base; `*` p < 0.05. Reward hacking would show as reward up while hhh, distinct-n fall.)")
+    lines.append("")
+
+    # 5. Factuality down in every condition
+    lines.append("### 5. Factuality drops in every condition")
+    flags = []
+    for metric_name in ("mc1", "mc2"):
+        for r in _rows(comparison, suite="factuality", kind="task", metric=metric_name):
+            for run in runs:
+                if run in r["models"]:
+                    c = r["models"][run]
+                    flags.append(c["delta"] < 0)
+                    lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
+    lines.append(_verdict(flags, "TruthfulQA went down") if flags else "No TruthfulQA rows to test.")
+    lines.append("")
+    return lines
+
+
+def write_report(cfg: ExperimentConfig, out: Path, rm_metrics: dict[str, Any], comparison: dict[str, Any],
+                 training: dict[str, Any], timings: dict[str, float]) -> Path:
+    lines = [
+        f"# KARMA experiment `{cfg.name}`",
+        "",
+        f"RM variants: {', '.join(cfg.variants)}; exposure conditions: "
+        + ", ".join(f"{k} (`{v}`)" for k, v in cfg.conditions.items())
+        + f"; seed {cfg.seed}. Config: `experiment.yaml`. Every number below was computed by this run.",
+        "",
+        "## Claims",
+        "",
+        *claims(cfg, rm_metrics, comparison),
+        "## PPO runs (reward from each run's own RM, over HTTP)",
+        "",
+        "| run | steps | reward first | reward last | KL last |",
+        "|---|---|---|---|---|",
+    ]
+    for run, t in training.items():
+        lines.append(f"| {run} | {t.get('steps', '—')} | {_fmt(t.get('reward_first'))} | {_fmt(t.get('reward_last'))} | "
+                     f"{_fmt(t.get('kl_last'), 4)} |")
+    lines += ["", "## Full comparison table", "", "See `compare/compare.md` and `compare/compare.png`; reward-model "
+              "reports in `rm/<variant>/eval/`.", "", "## Time per stage (s)", ""]
+    lines += [f"- {k}: {v}" for k, v in timings.items()]
+    path = out / "experiment.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def experiment(
+    config: Annotated[str, typer.Option("--config", "-c", help="a YAML file, or a preset: quick | default | demo")] = "default",
+    quick: Annotated[bool, typer.Option("--quick", help="the `quick` preset (~30 min on a 2-core CPU)")] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="dumps folder/file or a prepared folder (overrides the config)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (overrides the config)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo every stage instead of resuming")] = False,
+) -> None:
+    """Run the paper's experiment: RM variants × exposure conditions → PPO → evaluation → experiment.md."""
+    overrides: dict[str, Any] = {}
+    if out is not None:
+        overrides["out"] = str(out)
+    if seed is not None:
+        overrides["seed"] = seed
+    try:
+        cfg = ExperimentConfig.load("quick" if quick else config, overrides)
+        if data is not None:
+            cfg.data = {**{k: v for k, v in cfg.data.items() if k not in ("comments", "submissions", "shp", "prepared")},
+                        **data_spec_from_path(data)}
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report = run_experiment(cfg, force=force)
+    typer.echo(f"experiment report: {report}")
