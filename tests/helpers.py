@@ -1,9 +1,9 @@
 """Skip helpers shared by the test modules: the one place that decides what this machine can run.
 
-    from helpers import requires_docker, requires_gpu
+from helpers import requires_docker, requires_gpu
 
-    @requires_docker
-    def test_...(): ...
+@requires_docker
+def test_...(): ...
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def docker_engine() -> bool:
     if docker is None:
         return False
     try:
-        return subprocess.run([docker, "info"], capture_output=True, timeout=20).returncode == 0
+        return subprocess.run([docker, "info"], check=False, capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -34,11 +34,13 @@ def nvidia_gpu() -> bool:
     if smi is None:
         return False
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run([smi, "-L"], check=False, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-requires_docker = pytest.mark.skipif(not docker_engine(), reason="needs a running Docker engine (docker info)")
+requires_docker = pytest.mark.skipif(
+    not docker_engine(), reason="needs a running Docker engine (docker info)"
+)
 requires_gpu = pytest.mark.skipif(not nvidia_gpu(), reason="needs an NVIDIA GPU (nvidia-smi -L)")

@@ -94,7 +94,7 @@ def test_trainers_wait_for_a_healthy_reward_service(services):
 class _Ready(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         code = self.status if self.path == "/ready" else 404
         self.send_response(code)
         self.end_headers()
@@ -114,7 +114,9 @@ def test_healthcheck_command_follows_ready(services, status, healthy):
         code = services["reward-api"]["healthcheck"]["test"][-1].replace(
             "127.0.0.1:8000", f"127.0.0.1:{server.server_address[1]}"
         )
-        rc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+        rc = subprocess.run(
+            [sys.executable, "-c", code], check=False, capture_output=True, timeout=30
+        ).returncode
     finally:
         server.shutdown()
         server.server_close()
@@ -202,7 +204,9 @@ def test_env_example_documents_every_variable_with_its_default():
     documented = env_example()
     assert set(documented) == set(defaults)
     for name, values in defaults.items():
-        assert values == {documented[name]}, f"{name}: compose defaults {values} vs .env.example {documented[name]!r}"
+        assert values == {documented[name]}, (
+            f"{name}: compose defaults {values} vs .env.example {documented[name]!r}"
+        )
     # every setting has a comment above it
     lines = ENV_EXAMPLE.read_text().splitlines()
     comments = sum(1 for line in lines if line.startswith("#"))
@@ -235,8 +239,10 @@ def test_dockerfiles_share_their_dependency_layers():
     prefixes = []
     for path in DOCKERFILES.values():
         text = path.read_text()
-        body = text[text.index("ARG BASE_IMAGE"):text.index("# Project code.")]
-        prefixes.append([line for line in instructions(body) if not line.startswith("RUN pip install --no-deps llm")])
+        body = text[text.index("ARG BASE_IMAGE") : text.index("# Project code.")]
+        prefixes.append(
+            [line for line in instructions(body) if not line.startswith("RUN pip install --no-deps llm")]
+        )
     assert prefixes[0] == prefixes[1]
     assert any("pip install -r /tmp/req.txt" in line for line in prefixes[0])
 
@@ -249,7 +255,11 @@ def test_reward_image_health_and_trainer_policy():
 
 
 def test_dockerignore_is_an_allow_list():
-    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!karma", "!services"} <= set(lines)
     assert "**/__pycache__" in lines
@@ -259,7 +269,7 @@ def test_dockerignore_is_an_allow_list():
 def test_scripts_are_executable_bash(script):
     assert os.access(script, os.X_OK)
     assert script.read_text().startswith("#!/usr/bin/env bash\n")
-    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    out = subprocess.run(["bash", "-n", str(script)], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
@@ -267,20 +277,29 @@ def test_scripts_are_executable_bash(script):
 def compose_binary() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     return None
 
 
-requires_compose = pytest.mark.skipif(compose_binary() is None, reason="needs docker-compose (or docker compose)")
+requires_compose = pytest.mark.skipif(
+    compose_binary() is None, reason="needs docker-compose (or docker compose)"
+)
 
 
 def run_compose(*args: str, env_file: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KARMA_", "TORCH_", "BASE_IMAGE", "GPU_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("KARMA_", "TORCH_", "BASE_IMAGE", "GPU_"))
+    }
     cmd = [*compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE)]
     if env_file is not None:
         cmd += ["--env-file", str(env_file)]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [*cmd, *args], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
 
 
 @requires_compose
@@ -308,8 +327,15 @@ def test_compose_rejects_a_broken_file(tmp_path):
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("condition: service_healthy", "condition: when_ready", 1))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KARMA_")}
-    out = subprocess.run([*compose_binary(), "-f", str(broken), "config", "-q"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [*compose_binary(), "-f", str(broken), "config", "-q"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "when_ready" in out.stderr
 
@@ -319,7 +345,13 @@ def test_compose_rejects_a_broken_file(tmp_path):
 @requires_docker
 @pytest.mark.timeout(3600)
 def test_compose_smoke_script():
-    out = subprocess.run([str(ROOT / "scripts" / "compose-smoke.sh")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=3500)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "compose-smoke.sh")],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=3500,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "compose-smoke: PASS" in out.stdout
