@@ -90,6 +90,8 @@ def _retry_after(resp: httpx.Response) -> float | None:
 class RewardClient:
     """Async client of one or more reward-service replicas (see the module docstring)."""
 
+    _sleep = staticmethod(asyncio.sleep)  # tests replace it to record backoff without waiting
+
     def __init__(
         self,
         urls: str | Sequence[str],
@@ -196,7 +198,7 @@ class RewardClient:
             if time.monotonic() + interval_s > deadline:
                 detail = "; ".join(f"{u}: {causes.get(u, 'no answer')}" for u in pending)
                 raise RewardServiceError(f"reward service not ready before the deadline: {detail}", urls=pending)
-            await asyncio.sleep(interval_s)
+            await self._sleep(interval_s)
 
     # -------------------------------------------------------------------------------- transport
     def _pick(self) -> str:
@@ -261,7 +263,7 @@ class RewardClient:
             if time.monotonic() + wait >= deadline:
                 break
             log.debug("reward service attempt %d failed (%s); retrying in %.2fs", attempt, last_cause, wait)
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
         urls = list(dict.fromkeys(tried))
         raise RewardServiceError(
             f"reward service failed after {attempt} attempt(s) in {time.monotonic() - start:.1f}s "

@@ -95,3 +95,54 @@ def serve_in_thread(
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def shared_data_dir() -> Path:
+    """`KARMA_SHARED_DATA`, else `../shared/data` beside the repository."""
+    import os
+
+    return Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
+
+def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> list[dict]:
+    """`n` real (context, response, metadata) items from the r/college dumps in shared data: context = post
+    title + body + the parent comment when it is in the dump; deleted bodies skipped. Deterministic."""
+    import io
+    import json
+
+    import zstandard
+
+    base = Path(data_dir or shared_data_dir()) / "reddit" / "college_2011_2022"
+
+    def lines(name: str):
+        with open(base / name, "rb") as fh:
+            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(fh)
+            for line in io.TextIOWrapper(reader, encoding="utf-8"):
+                if line.strip():
+                    yield json.loads(line)
+
+    posts = {p["id"]: p for p in lines("RS_college.zst")}
+    comments: dict[str, dict] = {}
+    items: list[dict] = []
+    for c in lines("RC_college.zst"):
+        comments[c["id"]] = c
+        body = c.get("body") or ""
+        if body in ("[deleted]", "[removed]") or not body.strip():
+            continue
+        post = posts.get(c["link_id"].removeprefix("t3_"), {})
+        turns = [post.get("title") or "", post.get("selftext") or ""]
+        parent = comments.get(c["parent_id"].removeprefix("t1_")) if c["parent_id"].startswith("t1_") else None
+        if parent is not None:
+            turns.append(parent.get("body") or "")
+        created = post.get("created_utc")
+        meta = {
+            "subreddit": c.get("subreddit"),
+            "depth": c.get("depth"),
+            "seconds_since_post": (c["created_utc"] - created) if created else None,
+            "created_utc": c.get("created_utc"),
+        }
+        items.append({"context": [{"role": "user", "content": t} for t in turns if t.strip()], "response": body,
+                      "metadata": meta})
+        if len(items) >= skip + n:
+            break
+    return items[skip:]
