@@ -1,0 +1,208 @@
+"""Rollout engines: turn prompt token ids into sampled response token ids.
+
+Both engines share one interface (`RolloutEngine`): `generate(prompts, seed=..., on_finished=...)` returns
+one `Generation` per prompt and calls `on_finished(generations)` as soon as sequences finish, so the trainer
+can ask for their rewards while the rest of the batch still generates. Old log-probs are *not* taken from
+the engine: the trainer recomputes them with its own policy, so PPO's ratio is exact.
+
+- `hf`: transformers `generate` on the trainer's own policy module (no weight sync needed). Early-finished
+  sequences are reported from a stopping-criteria hook that never stops anything itself.
+- `vllm`: vLLM in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), driven request by request through the
+  engine's `step()` loop so every finished request is reported at once. After each update the trainer's
+  full weights are loaded with the worker's `reload_weights` (LoRA is merged on the fly, so generation runs
+  at base-model speed); the tied `lm_head` is re-packed and the prefix cache reset — see ../shared/VLLM.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    index: int  # position of the prompt in the generate() call
+    response_ids: list[int]  # sampled tokens, up to and including the EOS token when there is one
+    ended_with_eos: bool  # False: cut by max_new_tokens
+
+
+OnFinished = Callable[[list[Generation]], None]
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(
+        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        on_finished: OnFinished | None = None,
+    ) -> list[Generation]: ...
+
+    def sync_weights(self, policy) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _cut(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+class HFEngine:
+    """transformers `generate` on the trainer's policy (same weights, nothing to sync)."""
+
+    name = "hf"
+
+    def __init__(self, policy, tokenizer, eos_ids: set[int]):
+        self.policy = policy
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        self.eos_ids = eos_ids
+
+    def generate(
+        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        on_finished: OnFinished | None = None,
+    ) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        reported: set[int] = set()
+        eos = torch.tensor(sorted(self.eos_ids))
+        engine = self
+
+        class ReportFinished(StoppingCriteria):
+            """Reports rows whose newest token is an EOS; never stops generation itself."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                done = torch.isin(input_ids[:, -1], eos).nonzero().flatten().tolist()
+                fresh = [i for i in done if i not in reported]
+                if fresh and on_finished is not None:
+                    reported.update(fresh)
+                    on_finished([engine._generation(i, input_ids[i, P:].tolist()) for i in fresh])
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        sample = temperature > 0
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+            top_k=None, top_p=None, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+        )
+        lm = self.policy.lm
+        was_training = lm.training
+        lm.eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                              stopping_criteria=StoppingCriteriaList([ReportFinished()]))
+        lm.train(was_training)
+        gens = [self._generation(i, out[i, P:].tolist()) for i in range(len(prompts))]
+        late = [g for g in gens if g.index not in reported]
+        if late and on_finished is not None:
+            on_finished(late)
+        return gens
+
+    def _generation(self, index: int, tokens: list[int]) -> Generation:
+        tokens, eos = _cut(tokens, self.eos_ids)
+        return Generation(index, tokens, eos)
+
+    def sync_weights(self, policy) -> None:  # generates with the trainer's own module
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class VLLMEngine:
+    """vLLM in this process; full weights synced from the trainer after every update."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model_path: str, *, dtype: str, max_model_len: int, seed: int, eos_ids: set[int],
+        kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3, enforce_eager: bool = False,
+    ):
+        # in-process engine: weights can be handed over as tensors (must be set before vllm is imported)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        from vllm import LLM
+
+        kwargs: dict = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)  # default would be 92 % of RAM
+        self.llm = LLM(
+            model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
+            enforce_eager=enforce_eager, **kwargs,
+        )
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self._ids = itertools.count()
+
+    def generate(
+        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        on_finished: OnFinished | None = None,
+    ) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        call = next(self._ids)
+        for i, p in enumerate(prompts):
+            params = SamplingParams(
+                n=1, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                stop_token_ids=sorted(self.eos_ids), seed=(seed * 7919 + i) % 2**31 if temperature > 0 else None,
+                detokenize=False,
+            )
+            engine.add_request(f"{call}-{i}", TokensPrompt(prompt_token_ids=list(p)), params)
+        gens: dict[int, Generation] = {}
+        while engine.has_unfinished_requests():
+            finished = []
+            for out in engine.step():
+                if out.finished:
+                    index = int(out.request_id.rsplit("-", 1)[1])
+                    tokens, eos = _cut(list(out.outputs[0].token_ids), self.eos_ids)
+                    gens[index] = Generation(index, tokens, eos)
+                    finished.append(gens[index])
+            if finished and on_finished is not None:
+                on_finished(finished)
+        missing = set(range(len(prompts))) - set(gens)
+        if missing:
+            raise RuntimeError(f"vLLM returned no output for prompt(s) {sorted(missing)[:5]}")
+        return [gens[i] for i in range(len(prompts))]
+
+    def sync_weights(self, policy) -> None:
+        """Load the trainer's current weights into the engine (see the module docstring)."""
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        seen: set[int] = set()
+
+        def weights():
+            for name, tensor in policy.lm_weights_for_inference():
+                if tensor.data_ptr() in seen:  # tied weights: once
+                    continue
+                seen.add(tensor.data_ptr())
+                yield name, tensor
+
+        worker.reload_weights(weights_iterator=weights())
+        head = getattr(worker.model_runner.model, "lm_head", None)
+        quant = getattr(head, "quant_method", None)
+        if quant is not None and hasattr(quant, "process_weights_after_loading"):
+            quant.process_weights_after_loading(head)  # a tied lm_head is not refreshed otherwise
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()

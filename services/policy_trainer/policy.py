@@ -1,0 +1,197 @@
+"""The trained policy: a causal LM (optionally with LoRA adapters) plus a scalar value head on its last
+hidden state, the frozen reference policy, and the one forward pass that gives per-token log-probs,
+values and entropies of responses.
+
+Sequences are laid out as `[left-padded prompt | right-padded response]`; position ids are computed from the
+attention mask so padding does not shift positions (the same positions vLLM uses for unpadded sequences).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from services.policy_trainer.config import ModelConfig
+from services.policy_trainer.ppo_math import entropy_from_logits
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PolicyLoadError(ValueError):
+    """A policy that cannot be used (e.g. a folder without a tokenizer)."""
+
+
+def check_policy_path(path: str) -> None:
+    """A local policy folder must hold config.json and a tokenizer (checked before any model loads)."""
+    p = Path(path)
+    if not p.is_dir():
+        return  # a hub id: transformers resolves it
+    if not (p / "config.json").exists():
+        raise PolicyLoadError(f"policy folder {p} has no config.json")
+    if not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise PolicyLoadError(
+            f"policy folder {p} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save one with "
+            "tokenizer.save_pretrained(folder)"
+        )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in every mode (train mode is still needed for gradient checkpointing)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class ValueHead(nn.Module):
+    """hidden (B, T, H) -> value (B, T)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class Forward:
+    logprobs: torch.Tensor  # (B, T) log p of the response tokens (at the sampling temperature)
+    values: torch.Tensor | None  # (B, T) value before each response token, None without a value head
+    entropy: torch.Tensor | None  # (B, T)
+
+
+class Policy(nn.Module):
+    """Causal LM (+ LoRA) + value head. `reference_*` gives the frozen initial policy's log-probs."""
+
+    def __init__(self, lm: nn.Module, value_head: ValueHead | None, ref_lm: nn.Module | None, use_lora: bool):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+        self.ref_lm = ref_lm  # None with LoRA: the base model with adapters disabled is the reference
+        self.use_lora = use_lora
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, path: str, *, with_value_head: bool) -> Policy:
+        from transformers import AutoModelForCausalLM
+
+        dtype = DTYPES[cfg.dtype]
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        lm.config.use_cache = True
+        ref = None
+        if cfg.use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none",
+            )
+            lm = get_peft_model(lm, lora)
+        else:
+            ref = copy.deepcopy(lm).eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable()
+            if cfg.use_lora:
+                lm.enable_input_require_grads()
+        hidden = lm.config.get_text_config().hidden_size
+        head = ValueHead(hidden).to(dtype) if with_value_head else None
+        policy = cls(lm, head, ref, cfg.use_lora)
+        disable_dropout(policy)  # the PPO ratio of an unchanged policy must be exactly 1
+        policy.eval()
+        return policy
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward_responses(
+        self,
+        input_ids: torch.Tensor,  # (B, P + T)
+        attention_mask: torch.Tensor,  # (B, P + T)
+        prompt_len: int,  # P
+        temperature: float,
+        *,
+        reference: bool = False,
+        with_values: bool = True,
+        with_entropy: bool = True,
+    ) -> Forward:
+        """Log-probs (and values, entropies) of the response tokens `input_ids[:, P:]`."""
+        T = input_ids.shape[1] - prompt_len
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=T + 1, use_cache=False)
+        if reference:
+            if self.ref_lm is not None:
+                out = self.ref_lm(**kwargs)
+            else:
+                with self.lm.disable_adapter():
+                    out = self.lm(**kwargs)
+            values = None
+        else:
+            want_values = with_values and self.value_head is not None
+            out = self.lm(**kwargs, output_hidden_states=want_values)
+            values = self.value_head(out.hidden_states[-1][:, prompt_len - 1 : -1]) if want_values else None
+        logits = out.logits[:, :-1].float() / temperature  # (B, T, V): logits at position t predict token t+1
+        tokens = input_ids[:, prompt_len:]
+        logprobs = torch.gather(torch.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+        entropy = entropy_from_logits(logits) if (with_entropy and not reference) else None
+        return Forward(logprobs, values, entropy)
+
+    # ------------------------------------------------------------------------------------ parameters
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if p.requires_grad and not name.startswith("ref_lm."):
+                yield name, p
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.trainable_named_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.trainable_named_parameters())
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the policy: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
+    def lm_weights_for_inference(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the bare causal LM as `from_pretrained` names them; LoRA merged in on the fly."""
+        if not self.use_lora:
+            for n, p in self.lm.named_parameters():
+                yield n, p.detach()
+            return
+        for name, module in self.lm.base_model.model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                w = module.base_layer.weight.detach()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        w = w + module.get_delta_weight(adapter).detach().to(w.dtype)
+                yield f"{name}.weight", w
+                if getattr(module.base_layer, "bias", None) is not None:
+                    yield f"{name}.bias", module.base_layer.bias.detach()
+            elif not any(True for _ in module.children()):
+                for pname, p in module.named_parameters(recurse=False):
+                    if "lora_" not in pname:
+                        yield f"{name}.{pname}" if name else pname, p.detach()
+
+    def save_pretrained(self, path: Path, tokenizer) -> Path:
+        """The policy as a standard HF causal-LM folder (LoRA merged), loadable by AutoModelForCausalLM."""
+        path.mkdir(parents=True, exist_ok=True)
+        if self.use_lora:
+            merged = copy.deepcopy(self.lm).merge_and_unload()
+            merged.save_pretrained(path)
+        else:
+            self.lm.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,203 @@
+"""Prompt sources (`--prompts`) and the seeded, resumable order in which prompts are drawn.
+
+- `reddit:DIR` — the `examples.parquet` of `karma data prepare` (architecture.md section 1): one prompt per
+  distinct `context` of the chosen split; the RM context is that `context`, the metadata (subreddit, depth,
+  times, siblings) of its first example is passed to the RM (the `full` variant reads it). The policy is
+  exposed to Reddit text.
+- `file:PATH` — JSONL (objects or strings) or CSV; the prompt column is `prompt_field` or the first of
+  `prompt, context, Request, question, text`. E.g. the politeness corpus requests (never Reddit).
+
+Each prompt keeps two fields: `context` (what the reward model sees) and the policy prompt rendered with the
+policy tokenizer's chat template (`prompt_text`, `prompt_ids`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FIELD_CANDIDATES = ("prompt", "context", "Request", "question", "text")
+METADATA_COLUMNS = ("subreddit", "depth", "seconds_since_post", "seconds_since_parent", "created_utc", "sibling_count")
+
+
+class PromptSourceError(ValueError):
+    """A prompt source that cannot be read or holds no prompts."""
+
+
+@dataclass
+class PromptRecord:
+    context: str  # the reward model's context
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
+class Prompt:
+    context: str  # the reward model's context (full text; the RM truncates from the left itself)
+    prompt_text: str  # the policy's chat-template rendering (context possibly cut from the left)
+    prompt_ids: list[int]
+    metadata: dict[str, Any] | None = None
+
+
+def load_records(spec: str, *, split: str = "train", prompt_field: str | None = None,
+                 max_prompts: int | None = None) -> list[PromptRecord]:
+    """Read a prompt source spec ('reddit:DIR' | 'file:PATH')."""
+    kind, _, location = spec.partition(":")
+    path = Path(location).expanduser()
+    if kind == "reddit":
+        records = _reddit_records(path, split)
+    elif kind == "file":
+        records = _file_records(path, prompt_field)
+    else:
+        raise PromptSourceError(f"prompt source must be 'reddit:DIR' or 'file:PATH', got {spec!r}")
+    if not records:
+        where = f"split {split!r} of {path / 'examples.parquet'}" if kind == "reddit" else str(path)
+        raise PromptSourceError(f"no prompts in {where}")
+    return records[:max_prompts] if max_prompts else records
+
+
+def _reddit_records(folder: Path, split: str) -> list[PromptRecord]:
+    import pyarrow.parquet as pq
+
+    file = folder / "examples.parquet"
+    if not file.is_file():
+        raise PromptSourceError(f"{file} not found (make it with `karma data prepare --out {folder}`)")
+    available = set(pq.read_schema(file).names)
+    if "context" not in available or "split" not in available:
+        raise PromptSourceError(f"{file} lacks the 'context'/'split' columns of `karma data prepare` output")
+    columns = ["context", "split", *[c for c in METADATA_COLUMNS if c in available]]
+    table = pq.read_table(file, columns=columns, filters=[("split", "=", split)])
+    seen: set[str] = set()
+    out = []
+    for row in table.to_pylist():
+        ctx = (row["context"] or "").strip()
+        if not ctx or ctx in seen:
+            continue
+        seen.add(ctx)
+        meta = {c: row[c] for c in METADATA_COLUMNS if c in row}
+        out.append(PromptRecord(ctx, meta or None))
+    return out
+
+
+def _file_records(path: Path, prompt_field: str | None) -> list[PromptRecord]:
+    if not path.is_file():
+        raise PromptSourceError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    rows: list[Any]
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PromptSourceError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
+    elif suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        raise PromptSourceError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl or .csv)")
+    out = []
+    key = prompt_field
+    for row in rows:
+        if isinstance(row, str):
+            text = row
+        elif isinstance(row, dict):
+            if key is None:
+                key = next((k for k in FIELD_CANDIDATES if k in row), None)
+                if key is None:
+                    raise PromptSourceError(
+                        f"{path}: no prompt column among {', '.join(FIELD_CANDIDATES)} "
+                        f"(columns: {', '.join(row)}); set prompt_field"
+                    )
+            if key not in row:
+                raise PromptSourceError(f"{path}: no column {key!r} (columns: {', '.join(row)})")
+            text = row[key]
+        else:
+            raise PromptSourceError(f"{path}: each line must be a JSON object or string")
+        text = (text or "").strip() if isinstance(text, str) else ""
+        if text:
+            out.append(PromptRecord(text, None))
+    return out
+
+
+def render_prompt(tokenizer, context: str, *, system_prompt: str | None, max_length: int) -> tuple[str, list[int]]:
+    """The policy prompt: chat template (user turn = context) with the generation prompt; if longer than
+    `max_length` tokens, the oldest context tokens are dropped until it fits."""
+
+    def build(text: str) -> tuple[str, list[int]]:
+        if getattr(tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages.append({"role": "user", "content": text})
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            rendered = (system_prompt + "\n\n" if system_prompt else "") + text + "\n"
+        return rendered, tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    rendered, ids = build(context)
+    if len(ids) <= max_length:
+        return rendered, ids
+    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    overhead = len(ids) - len(ctx_ids)
+    keep = max_length - overhead
+    for _ in range(8):  # re-tokenising a cut text can shift a few tokens; tighten until it fits
+        if keep <= 0:
+            raise PromptSourceError(
+                f"max_prompt_length {max_length} is shorter than the chat template itself ({overhead} tokens)"
+            )
+        rendered, ids = build(tokenizer.decode(ctx_ids[-keep:]).strip())
+        if len(ids) <= max_length:
+            return rendered, ids
+        keep -= len(ids) - max_length
+    raise PromptSourceError(f"could not fit a prompt into {max_length} tokens")
+
+
+def build_prompts(records: list[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int) -> list[Prompt]:
+    out = []
+    for rec in records:
+        text, ids = render_prompt(tokenizer, rec.context, system_prompt=system_prompt, max_length=max_length)
+        out.append(Prompt(rec.context, text, ids, rec.metadata))
+    return out
+
+
+class PromptSampler:
+    """Seeded prompt order, reshuffled every pass; its state (pass, position) is saved in checkpoints."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        import random
+
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ValueError(
+                f"checkpoint was made with {state['n']} prompts / seed {state['seed']}, "
+                f"this run has {self.n} / {self.seed}"
+            )
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()

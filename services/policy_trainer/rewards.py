@@ -1,0 +1,173 @@
+"""Where the trainer's rewards come from: the `RewardSource` protocol and its two implementations.
+
+The reward model sees the *conversation* — the context text and the decoded response — never the policy's
+chat-template tokens, so policy and reward-model tokenizers may differ.
+
+- `HTTPRewardSource`: the reward service through `karma.client.RewardClient` (retries with backoff up to a
+  deadline, several URLs load-balanced).
+- `LocalRewardSource`: a `karma.rm.model.RewardModel` in this process (benchmarks, tests, no server).
+
+`RewardDispatcher` runs a source on its own event-loop thread so the trainer can ask for the rewards of
+finished rollouts while the rest of the batch is still generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+class RewardUnavailableError(RuntimeError):
+    """Rewards could not be obtained (service down or failing past its deadline). Never replaced by 0/None."""
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Scores (context, response) pairs; one float per pair, in order."""
+
+    async def score(
+        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
+    ) -> list[float]: ...
+
+
+class HTTPRewardSource:
+    """The reward service over HTTP (`karma.client.RewardClient`); failures raise `RewardUnavailableError`."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        normalize: bool = True,
+        timeout_s: float = 60.0,
+        deadline_s: float = 120.0,
+        max_retries: int = 1000,
+        **client_kwargs: Any,
+    ):
+        from karma.client import RewardClient
+
+        self.normalize = normalize
+        # the deadline, not a retry count, bounds how long a dead service is retried
+        self.client = RewardClient(urls, api_key=api_key, model=model, timeout=timeout_s, deadline_s=deadline_s,
+                                   max_retries=max_retries, **client_kwargs)
+        self.version: str | None = None
+
+    async def wait_ready(self, deadline_s: float) -> None:
+        from karma.client import RewardServiceError
+
+        try:
+            await self.client.wait_ready(deadline_s)
+        except RewardServiceError as exc:
+            raise RewardUnavailableError(f"reward service unreachable at start: {exc}") from exc
+
+    async def score(
+        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
+    ) -> list[float]:
+        from karma.client import RewardServiceError
+
+        metadata = metadata or [None] * len(contexts)
+        items = [
+            {"context": c, "response": r, **({"metadata": _plain_metadata(m)} if m else {})}
+            for c, r, m in zip(contexts, responses, metadata, strict=True)
+        ]
+        try:
+            result = await self.client.score(items, normalize=self.normalize)
+        except RewardServiceError as exc:
+            raise RewardUnavailableError(str(exc)) from exc
+        self.version = result.version
+        return [float(s) for s in result.scores]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class LocalRewardSource:
+    """A KARMA reward model in this process; the forward pass runs in a worker thread, off the event loop."""
+
+    def __init__(self, model: Any, *, normalize: bool = True, batch_size: int = 32):
+        self.rm = model
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.version = getattr(model, "version", None)
+        self._lock = threading.Lock()  # one forward at a time on the shared model
+
+    @classmethod
+    def load(cls, path: str | Path, *, normalize: bool = True, device: str = "cpu") -> LocalRewardSource:
+        from karma.rm.model import RewardModel
+
+        return cls(RewardModel.load(path, device=device), normalize=normalize)
+
+    async def wait_ready(self, deadline_s: float) -> None:  # loaded already
+        return None
+
+    def score_sync(
+        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
+    ) -> list[float]:
+        from karma.rm.model import RMInput
+
+        metadata = metadata or [None] * len(contexts)
+        items = [RMInput(c, r, m) for c, r, m in zip(contexts, responses, metadata, strict=True)]
+        with self._lock:
+            return self.rm.score(items, normalize=self.normalize, batch_size=self.batch_size)
+
+    async def score(
+        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
+    ) -> list[float]:
+        return await asyncio.to_thread(self.score_sync, contexts, responses, metadata)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _plain_metadata(meta: dict) -> dict:
+    """Metadata as JSON scalars (numpy / pandas values become Python ones; NaN becomes None)."""
+    out = {}
+    for k, v in meta.items():
+        if hasattr(v, "item") and callable(v.item):
+            v = v.item()
+        if isinstance(v, float) and v != v:
+            v = None
+        out[k] = v
+    return out
+
+
+class RewardDispatcher:
+    """Runs a `RewardSource` on a private event loop in a daemon thread.
+
+    `submit()` returns at once with a `concurrent.futures.Future`, so scoring overlaps generation and the
+    trainer's own forward passes; `close()` closes the source and stops the loop.
+    """
+
+    def __init__(self, source: RewardSource):
+        self.source = source
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="karma-rewards", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
+    ) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self.source.score(contexts, responses, metadata), self._loop)
+
+    def call(self, coro_fn, *args, timeout: float | None = None):
+        """Run `await coro_fn(*args)` on the dispatcher's loop and wait for it (e.g. `wait_ready`)."""
+        return asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result(timeout)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        aclose = getattr(self.source, "aclose", None)
+        if aclose is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(30)
+            except concurrent.futures.TimeoutError:  # a hung close must not block shutdown
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()

@@ -1,0 +1,500 @@
+"""The trainer on tiny random models (2-layer Llama policy with SmolLM2's tokenizer, 2-layer BERT reward
+model): config validation, bad input, engines, one update, exact resume, reward failures, HTTP rewards on a
+real uvicorn, the CLI. Slow tests with the real SmolLM2 and vLLM are in test_trainer_slow.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.policy_trainer.config import TrainConfig, field_owners, flag_fields
+from services.policy_trainer.prompts import PromptSampler, PromptSourceError, load_records
+from services.policy_trainer.rewards import LocalRewardSource, RewardUnavailableError
+from services.policy_trainer.trainer import Trainer
+
+SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+VOLATILE = ("timing/", "speed/")  # wall-clock metrics differ between runs
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+def make_tiny_policy(path: Path, *, vocab_size: int | None = None, seed: int = 0) -> Path:
+    """A 2-layer hidden-32 Llama with SmolLM2's tokenizer (and chat template), tied embeddings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from karma.models import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> types.SimpleNamespace:
+    from services.reward_api.testing import make_tiny_rm
+
+    root = tmp_path_factory.mktemp("trainer-assets")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: how do I pass exam {i}?"}) + "\n"
+                               for i in range(10)))
+    return types.SimpleNamespace(
+        policy=make_tiny_policy(root / "policy"), rm=make_tiny_rm(root / "rm", "context"), prompts=prompts,
+        root=root,
+    )
+
+
+def tiny_config(assets, out: Path, **sections) -> TrainConfig:
+    data = {
+        "model": {"policy": str(assets.policy)},
+        "data": {"prompts": f"file:{assets.prompts}", "max_prompt_length": 64},
+        "rollout": {"engine": "hf", "max_new_tokens": 10},
+        "reward": {"reward_model": str(assets.rm)},
+        "ppo": {"prompts_per_step": 4, "mini_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-3},
+        "run": {"steps": 4, "output_dir": str(out), "save_every": 2, "report_to": ["jsonl"]},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return TrainConfig.from_dict(data)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def run(config: TrainConfig, source=None) -> tuple[Trainer, dict]:
+    trainer = Trainer(config, reward_source=source)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, result
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_config_rejects_bad_values_before_any_model_loads(assets, tmp_path):
+    with pytest.raises(ValueError, match="unknown algorithm 'dpo' for algo; expected one of ppo, rloo, grpo"):
+        tiny_config(assets, tmp_path, ppo={"algo": "dpo"})
+    with pytest.raises(ValueError, match="unknown engine 'sglang' for engine"):
+        tiny_config(assets, tmp_path, rollout={"engine": "sglang"})
+    with pytest.raises(ValueError, match="rloo needs samples_per_prompt >= 2"):
+        tiny_config(assets, tmp_path, ppo={"algo": "rloo"})
+    with pytest.raises(ValueError, match=r"must be divisible by mini_batch_size \(3\)"):
+        tiny_config(assets, tmp_path, ppo={"mini_batch_size": 3, "micro_batch_size": 1})
+    with pytest.raises(ValueError, match="either reward_url .* or reward_model"):
+        tiny_config(assets, tmp_path, reward={"reward_url": ["http://127.0.0.1:9"]})
+    with pytest.raises(ValueError, match="unknown key\\(s\\) in section 'ppo': kl_coeff"):
+        tiny_config(assets, tmp_path, ppo={"kl_coeff": 0.1})
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        tiny_config(assets, tmp_path, rollout={"temperature": 0.0})
+    with pytest.raises(ValueError, match="prompts must be 'reddit:DIR' or 'file:PATH'"):
+        tiny_config(assets, tmp_path, data={"prompts": "hub:foo"})
+
+
+def test_yaml_then_flags_precedence(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "data: {prompts: 'file:p.jsonl'}\nreward: {reward_url: ['http://a:1,http://b:2']}\n"
+        "ppo: {algo: grpo, samples_per_prompt: 4, kl_coef: 0.2}\nrun: {steps: 7}\n"
+    )
+    cfg = TrainConfig.from_sources(yaml_file, {"kl_coef": 0.3, "steps": None, "engine": "hf"})
+    assert (cfg.ppo.algo, cfg.ppo.kl_coef, cfg.run.steps, cfg.rollout.engine) == ("grpo", 0.3, 7, "hf")
+    assert cfg.reward.reward_url == ["http://a:1", "http://b:2"]
+    assert cfg.ppo.batch_size == 32 and cfg.ppo.grad_accum_steps == 2
+    again = TrainConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown config field 'kl'"):
+        TrainConfig.from_sources(yaml_file, {"kl": 1})
+
+
+def test_every_config_field_is_a_cli_flag():
+    import typer.main
+
+    from karma.cli import app
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {opt for p in command.params for opt in p.opts}
+    names = field_owners()  # also proves names are unique across sections
+    assert len(names) == len(flag_fields())
+    for name in names:
+        assert "--" + name.replace("_", "-") in flags, name
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def test_prompt_sources(tmp_path):
+    from karma.rm.fixtures import write_prepared_data
+
+    data = write_prepared_data(tmp_path / "prep", n_threads=20, comments_per_thread=3)
+    recs = load_records(f"reddit:{data}", split="train")
+    contexts = [r.context for r in recs]
+    assert len(contexts) == len(set(contexts)) == 14  # one prompt per thread context (70 % of 20 threads)
+    assert recs[0].metadata["subreddit"] in ("College", "ApplyingToCollege") and "depth" in recs[0].metadata
+    assert len(load_records(f"reddit:{data}", split="val", max_prompts=2)) == 2
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(PromptSourceError, match=f"no prompts in {empty}"):
+        load_records(f"file:{empty}")
+    with pytest.raises(PromptSourceError, match="prompt file not found"):
+        load_records(f"file:{tmp_path / 'missing.csv'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(PromptSourceError, match="no prompt column among prompt, context, Request"):
+        load_records(f"file:{bad}")
+
+
+def test_politeness_requests_are_file_prompts():
+    csv_file = SHARED_DATA / "eval" / "politeness" / "wikipedia.annotated.csv"
+    if not csv_file.exists():
+        pytest.skip(f"shared data not found: {csv_file}")
+    recs = load_records(f"file:{csv_file}")
+    assert len(recs) == 4353
+    assert recs[0].context.startswith("Where did you learn English?") and recs[0].metadata is None
+
+
+def test_chat_template_prompt_is_cut_from_the_left(assets):
+    from transformers import AutoTokenizer
+
+    from services.policy_trainer.prompts import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(assets.policy)
+    long = " ".join(f"word{i}" for i in range(300)) + " FINAL QUESTION?"
+    text, ids = render_prompt(tok, long, system_prompt="Reply briefly.", max_length=64)
+    assert len(ids) <= 64
+    assert text.startswith("<|im_start|>system\nReply briefly.") and text.endswith("<|im_start|>assistant\n")
+    assert "FINAL QUESTION?" in text and "word0 " not in text
+
+
+def test_prompt_sampler_resumes_its_order():
+    a = PromptSampler(5, seed=3)
+    first = a.take(7)
+    b = PromptSampler(5, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert sorted(first[:5]) == list(range(5))  # every prompt once per pass
+    assert a.take(6) == b.take(6)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_policy_without_tokenizer_is_refused_before_training(assets, tmp_path):
+    from services.policy_trainer.policy import PolicyLoadError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((assets.policy / "config.json").read_text())
+    trainer = Trainer(tiny_config(assets, tmp_path / "out", model={"policy": str(bare)}))
+    with pytest.raises(PolicyLoadError, match=f"policy folder {bare} has no tokenizer"):
+        trainer.setup()
+
+
+def test_unreachable_reward_url_fails_at_start(assets, tmp_path):
+    from services.reward_api.testing import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny_config(assets, tmp_path / "out", reward={"reward_model": None, "reward_url": [url],
+                                                        "reward_ready_timeout_s": 1.0})
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(RewardUnavailableError, match=f"reward service unreachable at start: .*{url}"):
+            trainer.setup()
+        assert not hasattr(trainer, "policy")  # failed before any model loaded
+    finally:
+        trainer.close()
+
+
+def test_empty_prompt_file_is_named(assets, tmp_path):
+    empty = tmp_path / "none.csv"
+    empty.write_text("Request\n")
+    trainer = Trainer(tiny_config(assets, tmp_path / "out", data={"prompts": f"file:{empty}"}))
+    try:
+        with pytest.raises(PromptSourceError, match=f"no prompts in {empty}"):
+            trainer.setup()
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------- engines, forward
+def test_hf_engine_reports_each_generation_once_and_early(tmp_path):
+    """A tiny-vocabulary model emits EOS often: finished rows are reported during generation, once each."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.policy_trainer.engines import HFEngine
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=2,
+                                      pad_token_id=0)).eval()
+    engine = HFEngine(types.SimpleNamespace(lm=lm), types.SimpleNamespace(pad_token_id=0), {2})
+    calls = []
+    prompts = [[1, 3, 4], [1, 5], [4], [3, 3, 3, 1], [5, 4], [1], [3], [4, 4]]
+    gens = engine.generate(prompts, seed=1, max_new_tokens=20, temperature=1.0, on_finished=calls.append)
+    reported = [g.index for call in calls for g in call]
+    assert sorted(reported) == list(range(len(prompts)))
+    assert len(calls) > 1  # not everything at the end
+    for g in gens:
+        assert (2 in g.response_ids) == g.ended_with_eos
+        if g.ended_with_eos:
+            assert g.response_ids.index(2) == len(g.response_ids) - 1
+        else:
+            assert len(g.response_ids) == 20
+    again = engine.generate(prompts, seed=1, max_new_tokens=20, temperature=1.0)
+    assert [g.response_ids for g in again] == [g.response_ids for g in gens]  # seeded
+
+
+def test_response_logprobs_do_not_depend_on_padding(assets):
+    from services.policy_trainer.config import ModelConfig
+    from services.policy_trainer.policy import Policy
+
+    policy = Policy.load(ModelConfig(policy=str(assets.policy)), str(assets.policy), with_value_head=True)
+    prompts, responses = [[1, 520, 9531], [1, 4093, 198, 6004, 2, 198, 1]], [[30, 31, 32, 2], [40, 41]]
+    P, T = 7, 4
+    ids = torch.full((2, P + T), 2)
+    att = torch.zeros((2, P + T), dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, P - len(p): P], ids[b, P: P + len(r)] = torch.tensor(p), torch.tensor(r)
+        att[b, P - len(p): P + len(r)] = 1
+    batched = policy.forward_responses(ids, att, P, 1.0)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        single_ids = torch.tensor([p + r])
+        alone = policy.forward_responses(single_ids, torch.ones_like(single_ids), len(p), 1.0)
+        torch.testing.assert_close(batched.logprobs[b, : len(r)], alone.logprobs[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched.values[b, : len(r)], alone.values[0], atol=1e-5, rtol=0)
+    ref = policy.forward_responses(ids, att, P, 1.0, reference=True)
+    torch.testing.assert_close(ref.logprobs, batched.logprobs)  # nothing trained yet
+
+
+# ----------------------------------------------------------------------------------------------- updates
+@pytest.mark.parametrize("algo,extra", [("ppo", {}), ("rloo", {"samples_per_prompt": 2, "prompts_per_step": 2}),
+                                        ("grpo", {"samples_per_prompt": 2, "prompts_per_step": 2})])
+def test_one_step_changes_every_trainable_parameter(assets, tmp_path, algo, extra):
+    cfg = tiny_config(assets, tmp_path / "out", ppo={"algo": algo, **extra})
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        before = {n: p.detach().clone() for n, p in trainer.policy.trainable_named_parameters()}
+        ref_before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if n.startswith("ref_lm.")}
+        metrics = trainer.train_step()
+        after = dict(trainer.policy.trainable_named_parameters())
+        unchanged = [n for n, p in before.items() if torch.equal(p, after[n])]
+        assert not unchanged, unchanged
+        assert any(n.startswith("value_head.") for n in before) == (algo == "ppo")
+        for n, p in trainer.policy.named_parameters():  # the reference policy stays frozen
+            if n in ref_before:
+                assert torch.equal(p, ref_before[n])
+        for key in ("reward/mean", "reward/std", "reward/min", "reward/max", "objective/kl", "objective/kl_coef",
+                    "policy/approx_kl", "policy/clipfrac", "objective/entropy", "response/length_mean",
+                    "speed/rollout_tokens_per_s", "timing/rollout", "timing/reward_wait", "timing/update"):
+            assert key in metrics, key
+        if algo == "ppo":
+            assert "loss/value" in metrics and "value/explained_variance" in metrics
+        if algo == "grpo":
+            assert metrics["loss/kl"] >= 0
+    finally:
+        trainer.close()
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(assets, tmp_path / "out", model={"use_lora": True, "lora_r": 4, "lora_alpha": 8},
+                      run={"steps": 1, "save_every": 0})
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        names = [n for n, _ in trainer.policy.trainable_named_parameters()]
+        assert names and all("lora_" in n or n.startswith("value_head.") for n in names)
+        trainer.fit()
+        merged = dict(trainer.policy.lm_weights_for_inference())
+    finally:
+        trainer.close()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    state = model.state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(state[q], merged[q])
+    base = AutoModelForCausalLM.from_pretrained(assets.policy).state_dict()
+    assert not torch.equal(state[q], base[q])  # the adapters were merged in
+
+
+def test_train_writes_a_loadable_policy_and_metrics(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from services.policy_trainer import train
+
+    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2, "report_to": ["jsonl", "tensorboard"]})
+    out = train(cfg)
+    assert out == tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(assets.policy)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # first rollout: policy == reference
+    assert rows[1]["objective/kl"] != 0.0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
+    assert json.loads((out / "trainer_result.json").read_text())["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------------------------- resume
+class SignalAfter(LocalRewardSource):
+    """Sends SIGTERM to this process on its n-th scoring call (a user pressing stop mid-step)."""
+
+    def __init__(self, rm, n: int):
+        super().__init__(rm)
+        self.n, self.calls = n, 0
+
+    async def score(self, contexts, responses, metadata=None):
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return await super().score(contexts, responses, metadata)
+
+
+class FailAfter(LocalRewardSource):
+    """A reward service that dies on its n-th call."""
+
+    def __init__(self, rm, n: int):
+        super().__init__(rm)
+        self.n, self.calls = n, 0
+
+    async def score(self, contexts, responses, metadata=None):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise RewardUnavailableError("reward service failed after 3 attempt(s) in 2.0s (http://x)")
+        return await super().score(contexts, responses, metadata)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(assets, tmp_path):
+    from karma.rm.model import RewardModel
+
+    rm = RewardModel.load(assets.rm)
+    whole, _ = run(tiny_config(assets, tmp_path / "whole"), LocalRewardSource(rm))
+    expected = stable(read_metrics(tmp_path / "whole"))
+    assert len(expected) == 4
+
+    _, stopped = run(tiny_config(assets, tmp_path / "cut"), SignalAfter(rm, n=2))
+    assert stopped["status"] == "stopped (SIGTERM)" and 1 <= stopped["step"] < 4
+    assert not (tmp_path / "cut" / "model.safetensors").exists()  # no final policy for a stopped run
+    resumed, done = run(tiny_config(assets, tmp_path / "cut", run={"resume": True}), LocalRewardSource(rm))
+    assert done["status"] == "completed" and done["step"] == 4
+    assert stable(read_metrics(tmp_path / "cut")) == expected
+    for (n, p), (_, q) in zip(whole.policy.trainable_named_parameters(),
+                              resumed.policy.trainable_named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_dead_reward_service_checkpoints_then_stops_with_a_named_error(assets, tmp_path):
+    from karma.rm.model import RewardModel
+
+    rm = RewardModel.load(assets.rm)
+    whole, _ = run(tiny_config(assets, tmp_path / "whole", run={"steps": 3}), LocalRewardSource(rm))
+    with pytest.raises(RewardUnavailableError, match=r"training stopped before step 3; checkpoint saved to .*step-000002"):
+        run(tiny_config(assets, tmp_path / "dead", run={"steps": 3, "save_every": 0}), FailAfter(rm, n=3))
+    rows = read_metrics(tmp_path / "dead")
+    assert [r["step"] for r in rows] == [1, 2]  # never a step with a missing / zero reward
+    run(tiny_config(assets, tmp_path / "dead", run={"steps": 3, "resume": True}), LocalRewardSource(rm))
+    assert stable(read_metrics(tmp_path / "dead")) == stable(read_metrics(tmp_path / "whole"))
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(assets, tmp_path):
+    run(tiny_config(assets, tmp_path / "out", run={"steps": 2}))
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        Trainer(tiny_config(assets, tmp_path / "out")).setup()
+
+
+# ----------------------------------------------------------------------------------------------- HTTP rewards
+@pytest.fixture(scope="module")
+def reward_url(assets):
+    from services.reward_api.core.config import Settings
+    from services.reward_api.main import create_app
+    from services.reward_api.testing import serve_in_thread
+
+    with serve_in_thread(create_app(Settings(models={"tiny": str(assets.rm)}, max_wait_ms=1))) as url:
+        yield url
+
+
+def test_http_reward_equals_in_process_score(assets, reward_url):
+    from karma.rm.model import RewardModel
+    from services.policy_trainer.rewards import HTTPRewardSource
+
+    contexts = ["Why is the sky blue?", "My essay is due tomorrow.\n\nAny tips?", ""]
+    responses = ["Rayleigh scattering.", "Start with an outline, then write.", "lol"]
+    meta = [{"subreddit": "College", "depth": 0}, None, None]
+    local = LocalRewardSource(RewardModel.load(assets.rm))
+
+    async def both():
+        http = HTTPRewardSource([reward_url], deadline_s=10)
+        try:
+            return await http.score(contexts, responses, meta), await local.score(contexts, responses, meta)
+        finally:
+            await http.aclose()
+
+    over_http, in_process = asyncio.run(both())
+    assert over_http == pytest.approx(in_process, abs=1e-5)
+    assert len(set(over_http)) == 3
+
+
+def test_training_over_http_on_loopback_then_service_death(assets, reward_url, tmp_path):
+    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2},
+                      reward={"reward_model": None, "reward_url": [reward_url, reward_url],
+                              "reward_deadline_s": 3.0, "reward_timeout_s": 2.0})
+    _, result = run(cfg)
+    assert result["status"] == "completed"
+    rows = read_metrics(tmp_path / "out")
+    assert len(rows) == 2 and all(r["reward/std"] > 0 for r in rows)
+
+
+def test_http_service_going_down_mid_run(assets, tmp_path):
+    from services.reward_api.core.config import Settings
+    from services.reward_api.main import create_app
+    from services.reward_api.testing import serve_in_thread
+
+    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 3},
+                      reward={"reward_model": None, "reward_url": ["http://127.0.0.1:1"],
+                              "reward_deadline_s": 2.0, "reward_timeout_s": 1.0})
+    with serve_in_thread(create_app(Settings(models={"tiny": str(assets.rm)}))) as url:
+        cfg.reward.reward_url = [url]
+        trainer = Trainer(cfg)
+        trainer.setup()
+        trainer.train_step()
+    try:  # the server is gone now
+        with pytest.raises(RewardUnavailableError, match=r"reward service failed .* checkpoint saved to .*step-000001"):
+            trainer.train_step()
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_trains_from_yaml_plus_flags(assets, tmp_path):
+    from typer.testing import CliRunner
+
+    from karma.cli import app
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(tiny_config(assets, tmp_path / "ignored").to_yaml())
+    out = tmp_path / "cli-out"
+    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out),
+                                      "--algo", "grpo", "--samples-per-prompt", "2", "--prompts-per-step", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"completed at step 1: {out}" in result.output
+    assert (out / "config.json").exists() and len(read_metrics(out)) == 1
+    saved = TrainConfig.from_sources(out / "train_config.yaml")
+    assert (saved.ppo.algo, saved.run.steps) == ("grpo", 1)
+
+    bad = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--algo", "dpo"])
+    assert bad.exit_code == 2 and "unknown algorithm 'dpo'" in bad.output
