@@ -252,6 +252,19 @@ def plot_ratio_curves(systems: Mapping[str, Mapping[str, Any]], path: str | Path
     return path
 
 
+def versus_length(systems: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per reward model: does it beat the response-length baseline on pairwise accuracy?"""
+    base = systems.get("length", {}).get("overall", {}).get("pairwise_accuracy")
+    lines = []
+    for name, m in systems.items():
+        acc = m["overall"]["pairwise_accuracy"]
+        if not name.startswith("rm:") or acc is None or base is None:
+            continue
+        verdict = "BEATS" if acc > base else "does NOT beat"
+        lines.append(f"- `{name}` {verdict} the length baseline on pairwise accuracy ({acc:.3f} vs {base:.3f}).")
+    return lines
+
+
 def write_report(result: Mapping[str, Any], out: str | Path, title: str) -> None:
     """metrics.json + report.md + accuracy_vs_score_ratio.png for one evaluation result."""
     out = Path(out)
@@ -264,7 +277,7 @@ def write_report(result: Mapping[str, Any], out: str | Path, title: str) -> None
         f"{result['n_threads']} threads, {result['n_pairs']} pairs"
         + (f" (subsampled from {result['n_examples_available']} / {result['n_pairs_available']})"
            if result["subsampled"] else "") + ".", "",
-        "## Overall", "", overall_table(systems), "",
+        "## Overall", "", overall_table(systems), "", *versus_length(systems), "",
         "## Pairwise accuracy by score ratio", "", ratio_table(systems), "",
         "![accuracy vs score ratio](accuracy_vs_score_ratio.png)", "",
         "## Per subreddit (ρ = Spearman with karma, acc = pairwise accuracy)", "", subreddit_table(systems), "",
