@@ -161,7 +161,7 @@ class RewardModel:
                 )
             if not truncated:
                 enc = tok(seg_a, seg_b) if seg_a else tok(seg_b)
-            elif n_b + tok.num_special_tokens_to_add(pair=False) >= limit or not seg_a:
+            elif n_b + n_special >= limit or not seg_a:  # no room left for even one context token
                 tok.truncation_side = "right"
                 enc = tok(seg_b, truncation=True, max_length=limit)
             else:
