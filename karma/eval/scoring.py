@@ -199,11 +199,11 @@ class CausalLM:
                 kwargs["logits_to_keep"] = keep
             with torch.inference_mode():
                 logits = self.model(**kwargs).logits[:, -keep:, :]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, i in enumerate(idx):
-                _, n, target = encoded[i]
-                lp = logprobs[row, keep - n:, :].gather(-1, torch.tensor(target, device=device)[:, None])
-                out[i] = (float(lp.sum()), n)
+                for row, i in enumerate(idx):  # row by row: no second (batch, keep, vocab) tensor
+                    _, n, target = encoded[i]
+                    lg = logits[row, keep - n:, :].float()
+                    picked = lg.gather(-1, torch.tensor(target, device=device)[:, None])[:, 0]
+                    out[i] = (float((picked - lg.logsumexp(-1)).sum()), n)
             bar.update(len(idx))
         bar.close()
         return out

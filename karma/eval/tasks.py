@@ -41,8 +41,8 @@ SUITES: dict[str, tuple[str, ...]] = {
         "dark_humor_detection",
         "entailed_polarity",
     ),
-    "factuality": ("truthfulqa_mc", "truthful_qa", "known_unknowns"),
     "side_effects": ("hhh_alignment", "generation"),
+    "factuality": ("truthfulqa_mc", "truthful_qa", "known_unknowns"),
 }
 DEFAULT_SUITES = ("pragmatics", "side_effects", "factuality")
 
@@ -145,7 +145,7 @@ def all_task_names() -> list[str]:
 
 
 def select(spec: str | Iterable[str] | None) -> list[tuple[str, str]]:
-    """Resolve `--suite` ("pragmatics,factuality", task names, or "all") into ordered (suite, task) pairs.
+    """Resolve `--suite` ("pragmatics,factuality", task names, or "all") into (suite, task) pairs, in SUITES order.
 
     A task name may be a family ("hhh_alignment") or one subtask ("hhh_alignment/harmless").
     """
@@ -172,7 +172,9 @@ def select(spec: str | Iterable[str] | None) -> list[tuple[str, str]]:
                 f"valid tasks: {', '.join(all_task_names())}"
             )
         out.extend(p for p in picked if p not in out)
-    return out
+    # canonical order (suite, then task as listed in SUITES), whatever order the names came in
+    suites, tasks = list(SUITES), all_task_names()
+    return sorted(out, key=lambda p: (suites.index(p[0]), tasks.index(p[1].split("/")[0]), p[1]))
 
 
 def load_tasks(
