@@ -1,0 +1,116 @@
+"""The dataset card written beside the prepared data: card.json (machine) and card.md (people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from karma.rm.template import TEMPLATE_VERSION
+
+
+def _merge(dicts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+def build_card(cfg, file_stats, summary: dict[str, Any], timings: dict[str, float], posts_are_examples: bool) -> dict:
+    from karma.data.prepare import BAD_INPUT_PREFIXES, CARD_VERSION, config_dict
+
+    inputs = []
+    for s in file_stats:
+        entry = s.to_card()
+        entry["role"] = "examples" if (s.kind != "submissions" or posts_are_examples) else "context"
+        inputs.append(entry)
+    skipped = _merge(s.skipped for s in file_stats)
+    skipped_files: dict[str, int] = {}
+    for s in file_stats:
+        if s.status in ("empty_file", "not_zstd"):
+            skipped_files[s.status] = skipped_files.get(s.status, 0) + 1
+    lines_read = sum(s.lines_read for s in file_stats)
+    kept = sum(s.kept for s in file_stats)
+    assert kept + sum(skipped.values()) == lines_read  # holds per file by construction; summed here
+    warnings = []
+    for s in file_stats:
+        bad = {k: v for k, v in s.skipped.items() if k.startswith(BAD_INPUT_PREFIXES)}
+        if s.status != "ok":
+            warnings.append(f"{s.path}: {s.status} ({s.error})")
+        if bad:
+            warnings.append(f"{s.path}: skipped bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())))
+    filters = {
+        "drop_deleted": cfg.drop_deleted,
+        "drop_bots": cfg.drop_bots,
+        "drop_moderator": cfg.drop_moderator,
+        "drop_stickied": cfg.drop_stickied,
+        "drop_missing_context": cfg.drop_missing_context,
+        "min_score_ratio": cfg.min_score_ratio,
+        "min_pair_score": cfg.min_pair_score,
+        "max_pairs_per_parent": cfg.max_pairs_per_parent,
+        "limit": cfg.limit,
+    }
+    return {
+        "card_version": CARD_VERSION,
+        "mode": "submissions" if posts_are_examples and not cfg.shp else ("comments" if not posts_are_examples else "mixed"),
+        "inputs": inputs,
+        "lines_read": lines_read,
+        "kept": kept,
+        "skipped": skipped,
+        "skipped_files": skipped_files,
+        "filters": filters,
+        **summary,
+        "config": config_dict(cfg),
+        "template_version": TEMPLATE_VERSION,
+        "timings": timings,
+        "elapsed_seconds": timings.get("total"),
+        "warnings": warnings,
+    }
+
+
+def card_markdown(card: dict) -> str:
+    lines = [
+        "# Prepared KARMA data",
+        "",
+        f"{card['examples']:,} examples in {card['threads']:,} threads ({card['subreddits']} subreddits), "
+        f"{card['pairs']['total']:,} pairs; {card['lines_read']:,} records read, {card['kept']:,} kept; "
+        f"{card['elapsed_seconds']} s.",
+        "",
+        "| split | examples | threads | pairs |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, s in card["splits"].items():
+        lines.append(f"| {name} | {s['examples']:,} | {s['threads']:,} | {s['pairs']:,} |")
+    lines += ["", "## Inputs", "", "| file | kind | sha256 | lines | kept | status |", "|---|---|---|---:|---:|---|"]
+    for f in card["inputs"]:
+        lines.append(
+            f"| {Path(f['path']).name} | {f['kind']} ({f['role']}) | `{f['sha256'][:12]}` | {f['lines_read']:,} "
+            f"| {f['kept']:,} | {f['status']} |"
+        )
+    lines += ["", "## Skipped", ""]
+    lines += [f"- {k}: {v:,}" for k, v in card["skipped"].items()] or ["- none"]
+    lines += [f"- file {k}: {v}" for k, v in card["skipped_files"].items()]
+    sc = card["score"]
+    lines += [
+        "",
+        "## Scores",
+        "",
+        f"raw score min {sc['min']}, median {sc['median']}, mean {sc['mean']:.2f}, max {sc['max']}; "
+        f"karma = {card['config']['normalize']} (mean {card['karma']['mean']:.3f}, std {card['karma']['std']:.3f}). "
+        f"{card['context_missing']:,} examples have part of their context missing.",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(card["config"], indent=2),
+        "```",
+    ]
+    if card["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in card["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(card: dict, folder: Path) -> None:
+    (folder / "card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    (folder / "card.md").write_text(card_markdown(card))
