@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -32,8 +32,13 @@ from karma.protocol import ScoreItem, ScoreResponse, as_score_item
 log = logging.getLogger(__name__)
 
 #: failures after which no response arrived: safe to send the (idempotent) scoring request again
-_RETRYABLE_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-                        httpx.WriteError)
+_RETRYABLE_TRANSPORT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
 
 
 class RewardServiceError(RuntimeError):
@@ -132,7 +137,7 @@ class RewardClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> RewardClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -140,7 +145,10 @@ class RewardClient:
 
     # -------------------------------------------------------------------------------- API
     async def score(
-        self, items: Iterable[ScoreItem | Mapping[str, Any] | Any], normalize: bool = False, truncate: bool = True
+        self,
+        items: Iterable[ScoreItem | Mapping[str, Any] | Any],
+        normalize: bool = False,
+        truncate: bool = True,
     ) -> ScoreResult:
         """Scores in input order. Lists longer than `batch_size` are sent as concurrent chunks."""
         parsed = [as_score_item(it) for it in items]
@@ -157,7 +165,7 @@ class RewardClient:
 
     async def _score_chunk(self, chunk: list[ScoreItem], normalize: bool, truncate: bool) -> ScoreResponse:
         payload = {
-            "items": [it.model_dump(exclude_none=True) for it in chunk],
+            "items": [it.model_dump(mode="json", exclude_none=True) for it in chunk],
             "normalize": normalize,
             "truncate": truncate,
         }
@@ -197,7 +205,9 @@ class RewardClient:
                 return
             if time.monotonic() + interval_s > deadline:
                 detail = "; ".join(f"{u}: {causes.get(u, 'no answer')}" for u in pending)
-                raise RewardServiceError(f"reward service not ready before the deadline: {detail}", urls=pending)
+                raise RewardServiceError(
+                    f"reward service not ready before the deadline: {detail}", urls=pending
+                )
             await self._sleep(interval_s)
 
     # -------------------------------------------------------------------------------- transport
@@ -227,11 +237,16 @@ class RewardClient:
             wait: float | None = None
             try:
                 resp = await self._http.request(
-                    method, url + path, json=payload, timeout=httpx.Timeout(max(min(self.timeout, left), 0.001))
+                    method,
+                    url + path,
+                    json=payload,
+                    timeout=httpx.Timeout(max(min(self.timeout, left), 0.001)),
                 )
             except _RETRYABLE_TRANSPORT as exc:
                 last_cause, last_exc = f"{url}: {type(exc).__name__}: {exc}", exc
-                self._down_until[url] = time.monotonic() + min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                self._down_until[url] = time.monotonic() + min(
+                    self.max_backoff_s, self.backoff_s * 2**attempt
+                )
                 if len(self.urls) > 1:
                     wait = 0.0  # fail over to the next replica at once
             except httpx.TimeoutException as exc:
@@ -298,7 +313,9 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+        return "\n".join(
+            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+        )
     return str(content)
 
 

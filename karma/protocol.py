@@ -13,11 +13,12 @@ dialects ignore fields they do not use, as the servers they imitate do.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: model names as they appear in URLs (`/models/{name}/v1/score`)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -42,11 +43,12 @@ ErrorType = Literal[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no silent coercion ("1" is not 1, 0 is not false) — the JSON types are the contract
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -61,8 +63,42 @@ MetadataValue = str | int | float | bool | None
 
 
 class Turn(_Strict):
+    """One message of the context; only `content` is read (roles are accepted for chat-style callers)."""
+
     role: str = Field("user", max_length=64)
     content: str
+
+
+class Metadata(BaseModel):
+    """What the `full` variant reads (all optional; a missing key renders as "?"). Other keys are accepted
+    and ignored by the templates."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    __pydantic_extra__: dict[str, MetadataValue]
+
+    subreddit: str | None = Field(None, max_length=128)
+    depth: int | None = Field(None, ge=0, le=100_000)
+    seconds_since_post: float | None = Field(None, allow_inf_nan=False, ge=-1e12, le=1e12)
+    seconds_since_parent: float | None = Field(None, allow_inf_nan=False, ge=-1e12, le=1e12)
+    created_utc: float | None = Field(
+        None, allow_inf_nan=False, ge=0, le=253_402_300_799, description="unix seconds (year <= 9999)"
+    )
+    sibling_count: int | None = Field(None, ge=0, le=10_000_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_values(cls, data: Any) -> Any:
+        """numpy scalars → Python, NaN (pandas' missing value) → null."""
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            if hasattr(value, "item") and callable(value.item):
+                value = value.item()
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            out[key] = value
+        return out
 
 
 class ScoreItem(_Strict):
@@ -70,9 +106,10 @@ class ScoreItem(_Strict):
 
     context: str | list[Turn] = Field("", description="thread context: post, then ancestor comments")
     response: str = Field(description="the text being scored (never truncated unless it alone is too long)")
-    metadata: dict[str, MetadataValue] | None = Field(
-        None, description="read by the `full` variant: subreddit, depth, seconds_since_post, ..."
-    )
+    metadata: Metadata | None = Field(None, description="read by the `full` variant")
+
+    def rm_metadata(self) -> dict[str, Any] | None:
+        return None if self.metadata is None else self.metadata.model_dump(exclude_none=True)
 
 
 class ScoreRequest(_Strict):

@@ -38,7 +38,13 @@ class FakeService:
         # score = length of the response text, so order mistakes are visible
         scores = [float(len(it["response"])) for it in body["items"]]
         return httpx.Response(
-            200, json={"model": "a", "version": self.version, "scores": scores, "truncated": [False] * len(scores)}
+            200,
+            json={
+                "model": "a",
+                "version": self.version,
+                "scores": scores,
+                "truncated": [False] * len(scores),
+            },
         )
 
     @property
@@ -70,7 +76,9 @@ def test_score_sends_items_in_any_form_and_returns_a_score_result():
     client, _ = make_client(service, api_key="k")
     items = [
         {"context": "c", "response": "xx"},
-        ScoreItem(context=[{"role": "user", "content": "hi"}], response="yyyy", metadata={"subreddit": "College"}),
+        ScoreItem(
+            context=[{"role": "user", "content": "hi"}], response="yyyy", metadata={"subreddit": "College"}
+        ),
         RMInput("ctx", "z"),
     ]
 
@@ -103,7 +111,9 @@ def test_model_selects_the_url_prefix_and_long_lists_are_chunked_in_order():
 
 
 def test_5xx_is_retried_with_jittered_exponential_backoff():
-    service = FakeService([error(503, "model 'a' is still loading", "not_ready"), error(500, "boom", "internal")])
+    service = FakeService(
+        [error(503, "model 'a' is still loading", "not_ready"), error(500, "boom", "internal")]
+    )
     client, sleeps = make_client(service, backoff_s=0.5, max_backoff_s=8)
     assert run(client.score([{"response": "abc"}])).scores == [3.0]
     assert len(service.calls) == 3
@@ -178,8 +188,11 @@ def test_wait_ready_polls_until_ready_and_reports_what_blocked_it():
 
     stuck = FakeService([error(503, "model 'a' is still loading", "not_ready")] * 3)
     client, _ = make_client(stuck)
-    with pytest.raises(RewardServiceError, match=r"not ready before the deadline: http://rm1:8000: HTTP 503: "
-                                                 r"model 'a' is still loading"):
+    with pytest.raises(
+        RewardServiceError,
+        match=r"not ready before the deadline: http://rm1:8000: HTTP 503: "
+        r"model 'a' is still loading",
+    ):
         run(client.wait_ready(0.01, interval_s=0.1))
     unknown = FakeService([error(404, "unknown model 'q'; known models: a", "not_found")])
     client, _ = make_client(unknown, model="q")
@@ -198,8 +211,12 @@ def test_bad_arguments_are_refused():
 def test_trl_reward_func_handles_standard_and_conversational_data():
     service = FakeService()
     logged: dict[str, float] = {}
-    f = trl_reward_func("http://rm1:8000", transport=httpx.MockTransport(service), name="karma_rm",
-                        metadata_columns=("subreddit",))
+    f = trl_reward_func(
+        "http://rm1:8000",
+        transport=httpx.MockTransport(service),
+        name="karma_rm",
+        metadata_columns=("subreddit",),
+    )
     assert f.__name__ == "karma_rm"
 
     async def go():
@@ -224,8 +241,11 @@ def test_trl_reward_func_handles_standard_and_conversational_data():
     standard, conversational = run(go())
     assert standard == [11.0, 5.0] and conversational == [11.0]
     first, second = (json.loads(c.content)["items"] for c in service.calls)
-    assert first[0] == {"context": "Why is the sky blue?", "response": "Scattering.",
-                        "metadata": {"subreddit": "askscience"}}
+    assert first[0] == {
+        "context": "Why is the sky blue?",
+        "response": "Scattering.",
+        "metadata": {"subreddit": "askscience"},
+    }
     assert second[0] == {
         "context": [{"role": "user", "content": "Hi?"}],  # system prompts are not thread context
         "response": "Hello there",

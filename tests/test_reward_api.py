@@ -61,15 +61,15 @@ def wait_ready(client: TestClient, timeout: float = 120) -> None:
 
 
 def open_client(root: Path, **overrides) -> TestClient:
-    settings = dict(
-        models={"a": str(root / "a"), "b": str(root / "b")},
-        admin_token="admin-secret",
-        model_roots=[str(root)],
-        max_client_batch_size=8,
-        max_queue_items=64,
-        max_body_bytes=20_000,
-    )
-    settings.update(overrides)
+    settings = {
+        "models": {"a": str(root / "a"), "b": str(root / "b")},
+        "admin_token": "admin-secret",
+        "model_roots": [str(root)],
+        "max_client_batch_size": 8,
+        "max_queue_items": 64,
+        "max_body_bytes": 20_000,
+        **overrides,
+    }
     return TestClient(create_app(Settings(**settings)))
 
 
@@ -159,7 +159,9 @@ def test_non_json_body_gets_422(client):
 
 def test_too_many_items_or_too_large_a_body_get_413(client):
     resp = client.post("/v1/score", json={"items": [{"response": "x"}] * 9})
-    assert_error(resp, 413, "payload_too_large", "9 items in one request; the limit is max_client_batch_size=8")
+    assert_error(
+        resp, 413, "payload_too_large", "9 items in one request; the limit is max_client_batch_size=8"
+    )
     big = json.dumps({"items": [{"response": "x" * 30_000}]}).encode()
     resp = client.post("/v1/score", content=big, headers={"content-type": "application/json"})
     assert_error(resp, 413, "payload_too_large", "request body exceeds max_body_bytes=20000")
@@ -170,8 +172,11 @@ def test_too_many_items_or_too_large_a_body_get_413(client):
 
     resp = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
     assert_error(resp, 413, "payload_too_large", "max_body_bytes=20000")
-    small = client.post("/v1/score", content=iter([json.dumps({"items": ITEMS[:1]}).encode()]),
-                        headers={"content-type": "application/json"})
+    small = client.post(
+        "/v1/score",
+        content=iter([json.dumps({"items": ITEMS[:1]}).encode()]),
+        headers={"content-type": "application/json"},
+    )
     assert small.status_code == 200  # a chunked body under the limit is replayed intact
 
 
@@ -233,7 +238,10 @@ def test_metrics_count_requests_by_route_template_and_items_by_model(client):
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
-    key = ("karma_requests_total", (("method", "POST"), ("route", "/models/{name}/v1/score"), ("status", "200")))
+    key = (
+        "karma_requests_total",
+        (("method", "POST"), ("route", "/models/{name}/v1/score"), ("status", "200")),
+    )
     assert samples[key] >= 1
     assert samples[("karma_items_scored_total", (("model", "b"),))] >= 3
     assert samples[("karma_batch_size_count", (("model", "b"),))] >= 1
@@ -264,7 +272,9 @@ def test_classify_speaks_vllm(client, rm_a):
     resp = client.post("/classify", json={"model": "whatever", "input": ["good answer", "bad"]})
     body = resp.json()
     raw = rm_a.score([RMInput("", "good answer"), RMInput("", "bad")])
-    assert [p for d in body["data"] for p in d["probs"]] == pytest.approx([1 / (1 + math.exp(-r)) for r in raw], abs=1e-6)
+    assert [p for d in body["data"] for p in d["probs"]] == pytest.approx(
+        [1 / (1 + math.exp(-r)) for r in raw], abs=1e-6
+    )
     assert [d["index"] for d in body["data"]] == [0, 1] and body["data"][0]["num_classes"] == 1
     assert body["object"] == "list" and body["model"] == "a" and body["usage"]["prompt_tokens"] > 0
     raw_one = client.post("/classify", json={"input": "good answer", "use_activation": False}).json()
@@ -275,7 +285,9 @@ def test_classify_speaks_vllm(client, rm_a):
         {"role": "assistant", "content": "Rayleigh scattering."},
     ]
     chat = client.post("/classify", json={"messages": msgs, "activation": False}).json()
-    expected = rm_a.score([RMInput([{"role": "user", "content": "Why is the sky blue?"}], "Rayleigh scattering.")])
+    expected = rm_a.score(
+        [RMInput([{"role": "user", "content": "Why is the sky blue?"}], "Rayleigh scattering.")]
+    )
     assert chat["data"][0]["probs"][0] == pytest.approx(expected[0], abs=1e-5)
     both = client.post("/classify", json={"input": "x", "messages": msgs})
     assert_error(both, 422, "validation", "send exactly one of `input`")
@@ -296,7 +308,9 @@ def test_api_key_protects_scoring_and_info_but_not_health(root):
         assert c.get("/info").status_code == 401 and c.get("/info", headers=ok).status_code == 200
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
         assert_error(c.get("/v1/models", headers=ok), 403, "forbidden", "may score but not manage models")
-        assert_error(c.get("/v1/models", headers={"Authorization": "Bearer x"}), 401, "unauthorized", "invalid admin")
+        assert_error(
+            c.get("/v1/models", headers={"Authorization": "Bearer x"}), 401, "unauthorized", "invalid admin"
+        )
 
 
 def test_admin_routes_are_off_without_a_token(root):
@@ -312,7 +326,9 @@ def test_model_management_load_swap_delete(root, rm_a):
     with open_client(root) as c:
         wait_ready(c)
         listed = c.get("/v1/models", headers=ADMIN).json()
-        assert [m["name"] for m in listed["models"]] == ["a", "b"] and listed["models"][0]["path"] == str(root / "a")
+        assert [m["name"] for m in listed["models"]] == ["a", "b"] and listed["models"][0]["path"] == str(
+            root / "a"
+        )
 
         created = c.post("/v1/models", json={"name": "c", "path": str(root / "a2")}, headers=ADMIN)
         assert created.status_code == 201 and created.json()["version"] == rm_a2.version
@@ -330,9 +346,13 @@ def test_model_management_load_swap_delete(root, rm_a):
         assert after["scores"] == pytest.approx(rm_a2.score(rm_inputs(ITEMS)), abs=1e-5)
 
         assert c.delete("/v1/models/c", headers=ADMIN).json()["name"] == "c"
-        assert_error(c.post("/models/c/v1/score", json={"items": ITEMS[:1]}), 404, "not_found", "known models: a, b")
+        assert_error(
+            c.post("/models/c/v1/score", json={"items": ITEMS[:1]}), 404, "not_found", "known models: a, b"
+        )
         assert_error(c.delete("/v1/models/a", headers=ADMIN), 409, "conflict", "is the default model")
-        assert_error(c.put("/v1/models/zz", json={"path": "a2"}, headers=ADMIN), 404, "not_found", "unknown model")
+        assert_error(
+            c.put("/v1/models/zz", json={"path": "a2"}, headers=ADMIN), 404, "not_found", "unknown model"
+        )
 
 
 @pytest.mark.parametrize(
@@ -370,7 +390,9 @@ def test_settings_from_environment_and_their_validation(root, monkeypatch):
         Settings(models={"a": str(root / "not_a_model")})
     with pytest.raises(ValueError, match="model spec 'nopath' is not NAME=PATH"):
         Settings(models=["nopath"])
-    with pytest.raises(ValueError, match=r"max_queue_items \(4\) must be at least max_client_batch_size \(8\)"):
+    with pytest.raises(
+        ValueError, match=r"max_queue_items \(4\) must be at least max_client_batch_size \(8\)"
+    ):
         Settings(max_queue_items=4, max_client_batch_size=8)
     with pytest.raises(ValueError, match="Input should be 'auto', 'float32', 'bfloat16' or 'float16'"):
         Settings(dtype="int8")
@@ -391,9 +413,12 @@ def test_cli_flags_override_the_environment(root, monkeypatch):
     assert s.port == 8123 and s.max_batch_tokens == 999 and list(s.models) == ["a"]
     with pytest.raises(typer.BadParameter, match="max_wait_ms: Input should be greater than or equal to 0"):
         build_settings(max_wait_ms=-3)
+
     def run(*args) -> tuple[int, str]:
         result = CliRunner().invoke(app, ["serve", *args])
-        return result.exit_code, " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # unwrap rich's box
+        return result.exit_code, " ".join(
+            re.sub(r"[│╭╮╰╯─]", " ", result.output).split()
+        )  # unwrap rich's box
 
     code, out = run("--model", "a=/does/not/exist")
     assert code == 2 and "/does/not/exist is not a KARMA reward-model folder" in out

@@ -101,8 +101,11 @@ def test_queue_full_raises_and_the_worker_recovers():
         while worker.depth and time.monotonic() < deadline:
             time.sleep(0.01)
         queued = worker.submit([enc(2)] * 4)
-        with pytest.raises(QueueFullError, match=r"'m' is overloaded: 4 items queued, 1 more would exceed "
-                                                 r"max_queue_items=4"):
+        with pytest.raises(
+            QueueFullError,
+            match=r"'m' is overloaded: 4 items queued, 1 more would exceed "
+            r"max_queue_items=4",
+        ):
             worker.submit([enc(2)])
         gate.set()
         assert first.result(5) == [1.0]

@@ -21,7 +21,9 @@ from services.reward_api.main import create_app
 from services.reward_api.testing import free_port, make_tiny_rm, reddit_items, serve_in_thread
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-ITEMS = [{"context": "post " * (3 * i), "response": f"reply number {i} " + "ok " * (i % 4)} for i in range(16)]
+ITEMS = [
+    {"context": "post " * (3 * i), "response": f"reply number {i} " + "ok " * (i % 4)} for i in range(16)
+]
 
 
 def as_inputs(items) -> list[RMInput]:
@@ -42,7 +44,7 @@ def models(root) -> dict[str, RewardModel]:
 
 
 def app_for(root: Path, **overrides):
-    settings = dict(models={"a": str(root / "a")}, admin_token="admin-secret", model_roots=[str(root)])
+    settings = {"models": {"a": str(root / "a")}, "admin_token": "admin-secret", "model_roots": [str(root)]}
     settings.update(overrides)
     return create_app(Settings(**settings))
 
@@ -94,12 +96,17 @@ def test_hot_swap_while_8_clients_score_continuously(root, models):
                             continue
                         results[i].append((r.version, r.scores[0]))
 
+                async def until(condition, timeout: float = 60) -> None:
+                    deadline = time.monotonic() + timeout
+                    while not condition() and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+
                 tasks = [asyncio.create_task(client(i)) for i in range(8)]
-                await asyncio.sleep(0.5)
+                await until(lambda: all(len(r) >= 3 for r in results.values()))  # every client is scoring
                 async with httpx.AsyncClient(timeout=120) as admin:
                     swap = await admin.put(f"{url}/v1/models/a", json={"path": "a2"}, headers=ADMIN)
                 swapped_at = {i: len(r) for i, r in results.items()}
-                await asyncio.sleep(0.5)
+                await until(lambda: all(len(r) >= swapped_at[i] + 3 for i, r in results.items()))
                 stop.set()
                 await asyncio.gather(*tasks)
             return swap, results, failures, swapped_at
@@ -110,8 +117,12 @@ def test_hot_swap_while_8_clients_score_continuously(root, models):
         for i, seen in results.items():
             versions = [v for v, _ in seen]
             k = versions.count(old_v)
-            assert versions == [old_v] * k + [new_v] * (len(versions) - k), f"client {i} went back to the old model"
-            assert k <= swapped_at[i] + 1  # at most the request in flight at the switch finished on the old one
+            assert versions == [old_v] * k + [new_v] * (len(versions) - k), (
+                f"client {i} went back to the old model"
+            )
+            assert (
+                k <= swapped_at[i] + 1
+            )  # at most the request in flight at the switch finished on the old one
             for version, score in seen:  # each reply names the model that produced its score
                 assert score == pytest.approx(expected[version][i], abs=1e-5)
         assert all(v == old_v for s in results.values() for v, _ in s[:1])
@@ -129,7 +140,9 @@ def test_overload_answers_429_and_the_server_stays_alive(root, models):
 
         async def flood():
             async with httpx.AsyncClient(timeout=60) as http:
-                return await asyncio.gather(*(http.post(f"{url}/v1/score", json={"items": batch}) for _ in range(12)))
+                return await asyncio.gather(
+                    *(http.post(f"{url}/v1/score", json={"items": batch}) for _ in range(12))
+                )
 
         responses = asyncio.run(flood())
         codes = [r.status_code for r in responses]
@@ -168,8 +181,12 @@ def test_openrlhf_and_verl_clients_read_their_formats(root, models):
         assert all(0.0 <= s <= 1.0 for s in r.json()["scores"])
         # verl's reward loop against a vLLM pooling server: POST /classify, read data[-1]["probs"][-1]
         text = queries[0]
-        out = httpx.post(f"{url}/classify", json={"model": "rm", "input": text, "use_activation": False}).json()
-        assert out["data"][-1]["probs"][-1] == pytest.approx(models["a"].score([RMInput("", text)])[0], abs=1e-5)
+        out = httpx.post(
+            f"{url}/classify", json={"model": "rm", "input": text, "use_activation": False}
+        ).json()
+        assert out["data"][-1]["probs"][-1] == pytest.approx(
+            models["a"].score([RMInput("", text)])[0], abs=1e-5
+        )
 
 
 def test_client_reports_a_dead_server_by_url(root):

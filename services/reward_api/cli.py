@@ -29,10 +29,13 @@ def build_settings(**options):
 def serve(
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", "-m", help="NAME=PATH of a reward-model folder; repeat for several [KARMA_MODELS]"),
+        typer.Option(
+            "--model", "-m", help="NAME=PATH of a reward-model folder; repeat for several [KARMA_MODELS]"
+        ),
     ] = None,
     default: Annotated[
-        str | None, typer.Option("--default", help="model behind the un-prefixed routes [KARMA_DEFAULT_MODEL]")
+        str | None,
+        typer.Option("--default", help="model behind the un-prefixed routes [KARMA_DEFAULT_MODEL]"),
     ] = None,
     host: Annotated[str | None, typer.Option(help="bind address; loopback by default [KARMA_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="port, default 8000 [KARMA_PORT]")] = None,
@@ -44,16 +47,21 @@ def serve(
     ] = None,
     model_root: Annotated[
         list[Path] | None,
-        typer.Option("--model-root", help="folder admin routes may load from; repeatable [KARMA_MODEL_ROOTS]"),
+        typer.Option(
+            "--model-root", help="folder admin routes may load from; repeatable [KARMA_MODEL_ROOTS]"
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] [KARMA_DEVICE]")] = None,
     dtype: Annotated[
-        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 CPU, bf16 GPU) [KARMA_DTYPE]")
+        str | None,
+        typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 CPU, bf16 GPU) [KARMA_DTYPE]"),
     ] = None,
     max_client_batch_size: Annotated[
         int | None, typer.Option(help="items per request, 413 above [KARMA_MAX_CLIENT_BATCH_SIZE]")
     ] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="body size, 413 above [KARMA_MAX_BODY_BYTES]")] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="body size, 413 above [KARMA_MAX_BODY_BYTES]")
+    ] = None,
     max_queue_items: Annotated[
         int | None, typer.Option(help="queued items per model, 429 above [KARMA_MAX_QUEUE_ITEMS]")
     ] = None,
@@ -63,9 +71,15 @@ def serve(
     max_wait_ms: Annotated[
         float | None, typer.Option(help="how long a batch waits to fill [KARMA_MAX_WAIT_MS]")
     ] = None,
-    retry_after_s: Annotated[int | None, typer.Option(help="Retry-After with 429 [KARMA_RETRY_AFTER_S]")] = None,
-    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads [KARMA_TORCH_THREADS]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error [KARMA_LOG_LEVEL]")] = None,
+    retry_after_s: Annotated[
+        int | None, typer.Option(help="Retry-After with 429 [KARMA_RETRY_AFTER_S]")
+    ] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads [KARMA_TORCH_THREADS]")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug | info | warning | error [KARMA_LOG_LEVEL]")
+    ] = None,
 ) -> None:
     """Serve KARMA reward models over HTTP: /v1/score, /get_reward (OpenRLHF), /classify (vLLM/verl)."""
     settings = build_settings(

@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,7 @@ class BatchingWorker:
         t0 = time.perf_counter()
         try:
             scores = self.model.forward([s.item for s in batch])
-        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request, which answers 500
+        except Exception as exc:  # delivered to every waiting request, which answers 500
             log.exception("forward failed on model %s (batch of %d)", self.name, len(batch))
             for slot in batch:
                 _settle(slot.job.future, exc=exc)
@@ -240,10 +241,11 @@ class BatchingWorker:
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
-    try:
-        fut.set_exception(exc) if exc is not None else fut.set_result(result)
-    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled between the check and the set
-        pass
+    with contextlib.suppress(InvalidStateError):  # cancelled between the check and the set
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -340,9 +342,11 @@ class ModelRegistry:
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.worker_args = dict(
-            max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue_items=max_queue_items
-        )
+        self.worker_args = {
+            "max_batch_tokens": max_batch_tokens,
+            "max_wait_ms": max_wait_ms,
+            "max_queue_items": max_queue_items,
+        }
         self.observer = observer or _NullObserver()
         self.default: str | None = None
         self._handles: dict[str, ModelHandle] = {}

@@ -46,8 +46,9 @@ def _load_all(registry: ModelRegistry, settings: Settings) -> None:
             log.error("model %s failed to load from %s: %s: %s", name, path, type(exc).__name__, exc)
 
 
-def _document_limits(app: FastAPI, settings: Settings) -> None:
-    """Put the configured item limit into the OpenAPI document (`maxItems`), so the contract states it."""
+def _document_settings(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI document state this server's configuration: the item limit (`maxItems`), and the
+    API-key requirement only when a key is configured."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi() -> dict:
@@ -57,9 +58,19 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
             for model, prop in (("ScoreRequest", "items"), ("GetRewardRequest", "query")):
                 if model in schemas:
                     schemas[model]["properties"][prop]["maxItems"] = settings.max_client_batch_size
-            for variant in schemas.get("ClassifyRequest", {}).get("properties", {}).get("input", {}).get("anyOf", []):
+            for variant in (
+                schemas.get("ClassifyRequest", {}).get("properties", {}).get("input", {}).get("anyOf", [])
+            ):
                 if variant.get("type") == "array":
                     variant["maxItems"] = settings.max_client_batch_size
+            if settings.api_key is None:
+                doc.get("components", {}).get("securitySchemes", {}).pop("ApiKey", None)
+                for ops in doc["paths"].values():
+                    for op in ops.values():
+                        if "security" in op:
+                            op["security"] = [s for s in op["security"] if "ApiKey" not in s]
+                            if not op["security"]:
+                                del op["security"]
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -106,7 +117,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     if settings.admin_token is not None:
         app.include_router(models.router)
 
-    _document_limits(app, settings)
+    _document_settings(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s from the body limit too
     return app

@@ -101,7 +101,9 @@ def shared_data_dir() -> Path:
     """`KARMA_SHARED_DATA`, else `../shared/data` beside the repository."""
     import os
 
-    return Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+    return Path(
+        os.environ.get("KARMA_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
+    )
 
 
 def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> list[dict]:
@@ -131,7 +133,9 @@ def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> l
             continue
         post = posts.get(c["link_id"].removeprefix("t3_"), {})
         turns = [post.get("title") or "", post.get("selftext") or ""]
-        parent = comments.get(c["parent_id"].removeprefix("t1_")) if c["parent_id"].startswith("t1_") else None
+        parent = (
+            comments.get(c["parent_id"].removeprefix("t1_")) if c["parent_id"].startswith("t1_") else None
+        )
         if parent is not None:
             turns.append(parent.get("body") or "")
         created = post.get("created_utc")
@@ -141,8 +145,13 @@ def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> l
             "seconds_since_post": (c["created_utc"] - created) if created else None,
             "created_utc": c.get("created_utc"),
         }
-        items.append({"context": [{"role": "user", "content": t} for t in turns if t.strip()], "response": body,
-                      "metadata": meta})
+        items.append(
+            {
+                "context": [{"role": "user", "content": t} for t in turns if t.strip()],
+                "response": body,
+                "metadata": meta,
+            }
+        )
         if len(items) >= skip + n:
             break
     return items[skip:]

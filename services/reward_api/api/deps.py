@@ -36,8 +36,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
-_bearer = HTTPBearer(auto_error=False, description="API key or admin token")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+# Two schemes, so the OpenAPI document can drop the API-key one when no key is configured (main.py).
+_api_key = HTTPBearer(
+    auto_error=False, scheme_name="ApiKey", description="KARMA_API_KEY (or the admin token)"
+)
+_admin = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="KARMA_ADMIN_TOKEN")
+ApiKeyCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)]
+AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin)]
 
 
 def _matches(given: str, secret) -> bool:
@@ -52,7 +57,7 @@ def _missing() -> ServiceError:
     )
 
 
-def require_api_key(settings: SettingsDep, creds: Credentials) -> None:
+def require_api_key(settings: SettingsDep, creds: ApiKeyCredentials) -> None:
     """Scoring routes and /info: open unless KARMA_API_KEY is set (the admin token is accepted too)."""
     if settings.api_key is None:
         return
@@ -64,7 +69,7 @@ def require_api_key(settings: SettingsDep, creds: Credentials) -> None:
         raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(settings: SettingsDep, creds: Credentials) -> None:
+def require_admin(settings: SettingsDep, creds: AdminCredentials) -> None:
     """Model management: the admin token only (these routes are not mounted without one)."""
     if creds is None:
         raise _missing()

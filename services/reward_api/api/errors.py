@@ -80,6 +80,17 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def _allowed_methods(app: FastAPI, scope) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "__none__"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError):
@@ -90,8 +101,13 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         return error_response(422, _validation_message(exc), "validation")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 400:  # FastAPI: a body it could not decode — malformed, like any other 422
+            return error_response(422, f"could not parse the request body: {exc.detail}", "validation")
+        if exc.status_code == 405:  # Starlette lists only the first matching route's methods
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return error_response(exc.status_code, str(exc.detail), None, headers)
 
     @app.exception_handler(UnknownModelError)
     async def _unknown(_: Request, exc: UnknownModelError):

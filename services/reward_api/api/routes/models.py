@@ -33,15 +33,21 @@ def confine(path: str, settings: Settings) -> FsPath:
     """The real folder behind `path` if it lies inside a model root (after resolving `..` and symlinks)."""
     if not settings.model_roots:
         raise ServiceError(403, "no model roots are configured (KARMA_MODEL_ROOTS / --model-root)")
-    candidate = FsPath(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = settings.model_roots[0] / candidate
-    real = candidate.resolve()
-    if not any(real == root or real.is_relative_to(root) for root in settings.model_roots):
-        raise ServiceError(403, f"path {path!r} is outside the configured model roots")
-    if not (real / CONFIG_NAME).is_file():
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    try:
+        candidate = FsPath(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = settings.model_roots[0] / candidate
+        real = candidate.resolve()
+        inside = any(real == root or real.is_relative_to(root) for root in settings.model_roots)
+        is_model = inside and (real / CONFIG_NAME).is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # name too long, NUL byte, symlink loop
+        raise ServiceError(422, f"invalid path {shown!r}: {type(exc).__name__}", "model_load") from None
+    if not inside:
+        raise ServiceError(403, f"path {shown!r} is outside the configured model roots")
+    if not is_model:
         raise ServiceError(
-            422, f"path {path!r} is not a KARMA reward-model folder (no {CONFIG_NAME})", "model_load"
+            422, f"path {shown!r} is not a KARMA reward-model folder (no {CONFIG_NAME})", "model_load"
         )
     return real
 

@@ -64,7 +64,10 @@ def make_router(model_dep: Callable) -> APIRouter:
         return GetRewardResponse(
             rewards=out.scores,
             scores=[scoring.sigmoid(s) for s in out.scores],
-            extra_logs={"karma_truncated": [float(t) for t in out.truncated], "karma_prompt_mismatch": mismatched},
+            extra_logs={
+                "karma_truncated": [float(t) for t in out.truncated],
+                "karma_prompt_mismatch": mismatched,
+            },
         )
 
     return router

@@ -39,7 +39,7 @@ def make_router(model_dep: Callable) -> APIRouter:
             RMInput(
                 context=it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
                 response=it.response,
-                metadata=it.metadata,
+                metadata=it.rm_metadata(),
             )
             for it in body.items
         ]
