@@ -265,7 +265,7 @@ class _BatchWriter:
 
 def _clean(value):
     if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogate -> U+FFFD
     return value
 
 
@@ -476,10 +476,10 @@ def _feed_blocks(task: FileTask, fmt: str, in_q, procs) -> FileStats:
         try:
             for chunk in chunks:
                 buf = buf + chunk if buf else chunk
-                if len(buf) < BLOCK_BYTES:
-                    continue
-                cut = buf.rfind(b"\n") + 1
-                if cut:
+                while len(buf) >= BLOCK_BYTES:  # cut whole lines of about BLOCK_BYTES
+                    cut = buf.rfind(b"\n", 0, BLOCK_BYTES) + 1 or buf.find(b"\n", BLOCK_BYTES) + 1
+                    if not cut:  # one line longer than a block: wait for its end
+                        break
                     _put(in_q, ("block", task.index, block_idx, buf[:cut]), procs)
                     block_idx += 1
                     buf = buf[cut:]

@@ -69,6 +69,7 @@ class PrepareConfig:
         self.comments = [str(p) for p in self.comments]
         self.submissions = [str(p) for p in self.submissions]
         self.shp = [str(p) for p in self.shp]
+        self.out = str(self.out)
         if not (self.comments or self.submissions or self.shp):
             raise ValueError("no input: give --comments, --submissions and/or --shp")
         if self.normalize not in NORMALIZE_CHOICES:

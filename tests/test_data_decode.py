@@ -1,0 +1,186 @@
+"""The streaming decode stage: formats, bad input counted by reason, bounded blocks, parallel = sequential."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pytest
+import zstandard
+
+from karma.data import decode
+from karma.data.decode import FileTask, decode_file, decode_files
+
+
+def rc(i: int, **over) -> dict:
+    c = {"id": f"c{i}", "parent_id": "t3_p1", "link_id": "t3_p1", "subreddit": "College", "author": f"u{i}",
+         "body": f"comment {i}", "score": i, "created_utc": 1_600_000_000 + i}  # fmt: skip
+    c.update(over)
+    return c
+
+
+def lines_of(records) -> list[bytes]:
+    return [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
+
+
+def write_zst(path, records, *, window_log: int | None = None, frames: int = 1, block_per_line: bool = False):
+    """zstd NDJSON; returns the compressed size before the last line (for cutting into the last block)."""
+    lines = lines_of(records)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log) if window_log else None
+    cctx = zstandard.ZstdCompressor(compression_params=params) if params else zstandard.ZstdCompressor()
+    out = io.BytesIO()
+    before_last = 0
+    per_frame = -(-len(lines) // frames)
+    for f in range(frames):
+        chunk = lines[f * per_frame : (f + 1) * per_frame]
+        w = cctx.stream_writer(out, closefd=False)
+        for i, line in enumerate(chunk):
+            if f == frames - 1 and i == len(chunk) - 1:
+                w.flush(zstandard.FLUSH_BLOCK)
+                before_last = out.tell()
+            w.write(line + b"\n")
+            if block_per_line:
+                w.flush(zstandard.FLUSH_BLOCK)
+        w.flush(zstandard.FLUSH_FRAME)
+    path.write_bytes(out.getvalue())
+    return before_last
+
+
+def run(path, kind="comments", tmp_path=None, **kw):
+    out = (tmp_path or path.parent) / f"{path.name}.arrow"
+    return decode_file(FileTask(path=str(path), kind=kind, index=0, out_path=str(out), **kw))
+
+
+def read_rows(stats) -> pa.Table:
+    tables = [pa.ipc.open_file(p).read_all() for p in stats.out_paths]
+    return pa.concat_tables(tables) if tables else None
+
+
+def test_two_gib_window_multi_frame_zstd(tmp_path):
+    # a window above zstd's default 128 MiB limit: needs max_window_size (Pushshift dumps use 2 GiB)
+    path = tmp_path / "RC_big_window.zst"
+    write_zst(path, [rc(i) for i in range(1, 301)], window_log=28, frames=3)
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):
+        zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+    st = run(path)
+    assert (st.format, st.status, st.lines_read, st.kept, st.skipped) == ("zstd", "ok", 300, 300, {})
+    t = read_rows(st)
+    assert t.num_rows == 300
+    assert t.column("id").to_pylist() == [f"c{i}" for i in range(1, 301)]
+    assert t.column("row_no").to_pylist() == list(range(300))
+    import hashlib
+
+    assert st.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_corrupt_lines_are_counted_by_reason_and_a_truncated_frame_keeps_what_came_before(tmp_path):
+    records = [rc(1), rc(2)]
+    records += [b'{"id": "c3", "body": ', b"not json at all", b'{"id": "c4", "body": "caf\xe9"}']
+    records += [rc(5, score=None) | {"score": None}, {k: v for k, v in rc(6).items() if k != "body"}]
+    records += [rc(7, body="[deleted]"), rc(8, author="AutoModerator"), rc(9, distinguished="moderator")]
+    records += [rc(10, stickied=True), [1, 2], rc(11), rc(12)]  # rc(12) is cut off by the truncation
+    path = tmp_path / "RC_corrupt.zst"
+    before_last = write_zst(path, records, block_per_line=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: (before_last + len(data)) // 2])
+    st = run(path)
+    assert st.status == "truncated_frame"
+    assert st.skipped == {
+        "not_json": 3, "not_utf8": 1, "missing_field:score": 1, "missing_field:body": 1, "deleted_body": 1,
+        "bot_author": 1, "moderator": 1, "stickied": 1, "truncated_frame": 1,
+    }  # fmt: skip
+    assert st.lines_read == len(records)  # the lost last line is the one truncated_frame
+    assert st.kept == 3  # c1, c2, c11
+    assert st.kept + sum(st.skipped.values()) == st.lines_read
+    t = read_rows(st)
+    usable = [i for i, u in zip(t.column("id").to_pylist(), t.column("usable").to_pylist(), strict=True) if u]
+    assert usable == ["c1", "c2", "c11"]
+    # nodes that are not examples (deleted, bot, ...) are still there for their replies
+    assert set(t.column("id").to_pylist()) >= {"c5", "c6", "c7", "c8", "c9", "c10"}
+
+
+def test_empty_not_zstd_and_empty_content_files(tmp_path):
+    empty = tmp_path / "RC_empty.zst"
+    empty.write_bytes(b"")
+    fake = tmp_path / "RC_fake.zst"
+    fake.write_text(json.dumps(rc(1)) + "\n")
+    hollow = tmp_path / "RC_hollow.zst"
+    hollow.write_bytes(zstandard.ZstdCompressor().compress(b"\n\n"))
+    for path, status in ((empty, "empty_file"), (fake, "not_zstd"), (hollow, "empty_file")):
+        st = run(path)
+        assert (st.status, st.lines_read, st.kept, st.skipped, st.out_paths) == (status, 0, 0, {}, [])
+
+
+def test_plain_jsonl_gzip_and_blank_lines(tmp_path):
+    body = b"\n".join(lines_of([rc(1), rc(2)])) + b"\n\n   \n" + json.dumps(rc(3)).encode()  # no final newline
+    plain = tmp_path / "RC.jsonl"
+    plain.write_bytes(body)
+    gz = tmp_path / "RC.jsonl.gz"
+    gz.write_bytes(gzip.compress(body))
+    for path, fmt in ((plain, "text"), (gz, "gzip")):
+        st = run(path)
+        assert (st.format, st.lines_read, st.kept) == (fmt, 3, 3)
+    cut = tmp_path / "RC_cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(body * 2000)[:-40])
+    st = run(cut)
+    assert st.status == "truncated_frame" and st.skipped["truncated_frame"] == 1
+
+
+def test_lone_surrogate_is_replaced_not_fatal(tmp_path):
+    path = tmp_path / "RC.jsonl"
+    path.write_text('{"id": "c1", "parent_id": "t3_p", "link_id": "t3_p", "subreddit": "s", "body": "smile \\ud83d",'
+                    ' "score": 1, "created_utc": 5}\n')  # fmt: skip
+    st = run(path)
+    assert st.kept == 1
+    assert read_rows(st).column("body").to_pylist() == ["smile \ufffd"]
+
+
+def test_limit_counts_only_the_first_records(tmp_path):
+    path = tmp_path / "RC.zst"
+    write_zst(path, [rc(i) for i in range(1, 51)])
+    st = run(path, limit=7)
+    assert (st.lines_read, st.kept) == (7, 7)
+
+
+def test_batches_bound_memory(tmp_path):
+    path = tmp_path / "RC.zst"
+    write_zst(path, [rc(i) for i in range(1, 1001)])
+    st = run(path, batch_rows=64)
+    reader = pa.ipc.open_file(st.out_paths[0])
+    assert reader.num_record_batches == 16  # 1000 rows in batches of at most 64
+    assert max(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) == 64
+
+
+def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
+    """Block-parallel decode (forced on with tiny blocks) gives the same rows, counts and hashes."""
+    records = [rc(i, body="[deleted]") if i % 17 == 0 else rc(i) for i in range(1, 3001)]
+    records.insert(1500, b"{broken")
+    comments = tmp_path / "RC.zst"
+    write_zst(comments, records)
+    posts = tmp_path / "RS.jsonl"
+    posts.write_text("".join(json.dumps({"id": f"p{i}", "title": f"t{i}", "selftext": "", "subreddit": "College",
+                                         "score": 1, "created_utc": i}) + "\n" for i in range(5)))  # fmt: skip
+
+    def tasks(tag):
+        return [
+            FileTask(path=str(comments), kind="comments", index=0, out_path=str(tmp_path / f"c-{tag}.arrow")),
+            FileTask(path=str(posts), kind="submissions", index=1, out_path=str(tmp_path / f"p-{tag}.arrow"),
+                     as_example=False),
+        ]  # fmt: skip
+
+    seq = decode_files(tasks("seq"), workers=1)
+    monkeypatch.setattr(decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "BLOCK_BYTES", 4096)
+    par = decode_files(tasks("par"), workers=2)
+    for s, p in zip(seq, par, strict=True):
+        assert (p.lines_read, p.kept, p.skipped, p.sha256, p.status) == (s.lines_read, s.kept, s.skipped, s.sha256, s.status)
+    assert seq[0].skipped == {"deleted_body": 176, "not_json": 1}
+    a = read_rows(seq[0]).sort_by("id").drop_columns(["row_no"])
+    b = read_rows(par[0]).sort_by("id").drop_columns(["row_no"])
+    assert a.equals(b)
+    # row numbers keep the file order across blocks and workers
+    t = read_rows(par[0]).sort_by("row_no")
+    assert t.column("id").to_pylist() == [r["id"] for r in records if isinstance(r, dict)]
+    assert len({r >> 32 for r in t.column("row_no").to_pylist()}) > 50  # it really went block by block
