@@ -183,7 +183,7 @@ KARMA_RUNS_VOLUME=$SMOKE_DIR/runs
 KARMA_CACHE_VOLUME=$SMOKE_DIR/cache
 KARMA_CONFIG_DIR=$SMOKE_DIR/config
 KARMA_TRAIN_CONFIG=smoke.yaml
-KARMA_PREPARE_ARGS=--comments /raw/RC_college.zst --submissions /raw/RS_college.zst --limit 20000 --workers 1
+KARMA_PREPARE_ARGS=--comments /raw/RC_college.zst --submissions /raw/RS_college.zst --limit 6000 --workers 1
 KARMA_RM_TRAIN_ARGS=--max-steps 4 --max-train 64 --batch-size 8 --max-length 64 --eval-steps 4 --threads 2
 KARMA_REWARD_PUBLISH=127.0.0.1:$reward_port
 KARMA_TRAIN_ARGS=--max-prompts 8
@@ -246,14 +246,15 @@ grep -E "at step 1\b" "$SMOKE_DIR/trainer.log" | tail -1
 grep -qE "at step 1\b" "$SMOKE_DIR/trainer.log" || die "the trainer did not report step 1"
 metrics=$(find "$SMOKE_DIR/runs/ppo" -name '*.jsonl' | head -1)
 [[ -n $metrics ]] || die "the trainer wrote no metrics (*.jsonl) under runs/ppo"
-python3 - "$metrics" <<'PY' || die "no step-1 record with a reward in $metrics"
-import json, sys
+python3 - "$metrics" <<'PY' || die "no step-1 record with rewards and losses in $metrics"
+import json, math, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 step = [r for r in rows if r.get("step") == 1]
 assert step, rows
-keys = sorted(k for k in step[-1] if "reward" in k or "score" in k)
-assert keys, step[-1]
-print("  step 1:", {k: step[-1][k] for k in keys[:4]})
+m = step[-1]
+for key in ("reward/mean", "reward/std", "loss/policy", "policy/approx_kl"):
+    assert isinstance(m.get(key), float) and math.isfinite(m[key]), (key, m)
+print("  step 1:", {k: round(m[k], 4) for k in ("reward/mean", "reward/std", "loss/policy", "speed/step_s")})
 PY
 took "trainer step"

@@ -192,7 +192,7 @@ def test_storage_is_volumes(compose, services):
     assert mounts["reward-api"]["/models"].endswith(":ro")
     assert not mounts["trainer"]["/runs"].endswith(":ro")
     assert mounts["trainer"]["/config"].endswith(":ro")
-    named = {v.split(":")[0] for svc in resolved.values() for v in svc["volumes"]} - {"./raw", "./configs"}
+    named = {v.split(":")[0] for svc in resolved.values() for v in svc["volumes"]} - {"./raw", "./services/policy_trainer/configs"}
     assert named == set(compose["volumes"]) == {"karma-data", "karma-models", "karma-runs", "karma-cache"}
 
 
