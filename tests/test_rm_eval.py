@@ -86,12 +86,19 @@ def test_evaluate_rm_writes_reports_and_baselines_match_hand_computation(rm_dir,
     pairs = pd.read_parquet(data / "pairs.parquet")
     pairs = pairs[pairs["split"] == "test"]
     assert r["n_examples"] == len(ex) and r["n_pairs"] == len(pairs) and not r["subsampled"]
-    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge"}
+    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness"}
 
     length = r["systems"]["length"]["overall"]
     assert length["spearman"] == pytest.approx(spearmanr(ex["response"].str.len(), ex["karma"]).statistic)
     c, j = pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy()
     assert length["pairwise_accuracy"] == pytest.approx(((c > j) + 0.5 * (c == j)).mean())
+
+    # earliness: −seconds_since_post of each pair member, joined by id
+    since = ex.set_index("example_id")["seconds_since_post"]
+    c, j = since[pairs["chosen_id"]].to_numpy(), since[pairs["rejected_id"]].to_numpy()
+    assert r["systems"]["earliness"]["overall"]["pairwise_accuracy"] == pytest.approx(((c < j) + 0.5 * (c == j)).mean())
+    assert r["systems"]["earliness"]["overall"]["spearman"] == pytest.approx(
+        spearmanr(-ex["seconds_since_post"], ex["karma"]).statistic)
 
     for name, m in r["systems"].items():
         o = m["overall"]
@@ -126,6 +133,12 @@ def test_evaluate_rm_subsamples_whole_threads_and_filters_subreddits(rm_dir, dat
     assert set(r["systems"]["rm:context"]["by_subreddit"]) == {"College"}
 
 
+def test_no_earliness_baseline_without_timing_metadata(rm_dir, tmp_path):
+    d = write_prepared_data(tmp_path / "nometa", n_threads=20, metadata=False)
+    r = evaluate_rm(rm_dir, d, "test")
+    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge"}
+
+
 def test_evaluate_refuses_folder_without_karma_rm_json(backbone, data):
     with pytest.raises(MissingRMConfigError, match="karma_rm.json is missing"):
         evaluate_rm(backbone, data)
@@ -136,7 +149,7 @@ def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_p
     r = compare_rm(data, tmp_path / "cmp", ["full", "context"], backbone=backbone, max_steps=20, eval_steps=20,
                    n_boot=100, **FAST)
     ev = r["evaluations"]["test"]
-    assert list(ev["systems"]) == ["rm:full", "rm:context", "length", "bow_ridge"]
+    assert list(ev["systems"]) == ["rm:full", "rm:context", "length", "bow_ridge", "earliness"]
     b = ev["bootstrap"]["rm:full - rm:context"]
     full, ctx = ev["systems"]["rm:full"]["overall"], ev["systems"]["rm:context"]["overall"]
     assert b["spearman"]["diff"] == pytest.approx(full["spearman"] - ctx["spearman"])

@@ -159,7 +159,8 @@ def compare_rm(
         rm = RewardModel.load(path)
         trained[v] = {"path": str(path), "val": rm.config.metrics.get("val"), "train": rm.config.metrics.get("train")}
         for k, es in sets.items():
-            scores[k].insert(len(scores[k]) - 2, ev.model_scores(rm, es, f"rm:{v}"))
+            n_rm = sum(s.name.startswith("rm:") for s in scores[k])
+            scores[k].insert(n_rm, ev.model_scores(rm, es, f"rm:{v}"))
     results = {k: _evaluate_set(es, scores[k], n_boot, eval_seed) for k, es in sets.items()}
     result = {
         "data": str(data), "split": split, "variants": list(variants), "train_subreddit": train_subreddit,

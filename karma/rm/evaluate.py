@@ -1,7 +1,9 @@
 """Evaluate reward models as karma predictors: `evaluate_rm(model, data, split="test", out=DIR) -> dict`.
 
 Systems scored on the same rows: the reward model(s), and two honest baselines — response length in
-characters, and a bag-of-words (TF-IDF uni+bigram) ridge regression on the response, fit on the train split.
+characters, and a bag-of-words (TF-IDF uni+bigram) ridge regression on the response, fit on the train split —
+plus a diagnostic one where the data has timing metadata: `earliness` (earlier replies score higher), which
+shows how much of karma and of the pair labels timing alone explains.
 
 Metrics per system (see `karma.rm.metrics`):
 * Spearman / Pearson of the score with normalised karma over the split's comments;
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_MAX_PAIRS = 1000
 NDCG_KS = (1, 5)
-BASELINES = ("length", "bow_ridge")
+BASELINES = ("length", "bow_ridge", "earliness")
 
 
 @dataclass
@@ -126,6 +128,28 @@ def length_scores(es: EvalSet) -> SystemScores:
         return np.array([len(t or "") for t in texts], dtype=float)
 
     return SystemScores("length", n(es.examples["response"]), n(es.pairs["chosen"]), n(es.pairs["rejected"]))
+
+
+def earliness_scores(es: EvalSet) -> SystemScores | None:
+    """Diagnostic baseline: earlier replies score higher (−seconds since the post); None without the column.
+
+    Not a text model: it measures how much of karma (and of the pair labels) timing alone explains, which is
+    what the `full` variant can read from its metadata header.
+    """
+    import numpy as np
+
+    if "seconds_since_post" not in es.examples.columns or es.examples["seconds_since_post"].isna().all():
+        return None
+
+    def neg(values) -> Any:
+        v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
+        return -np.nan_to_num(v, nan=np.nanmax(v) if np.isfinite(v).any() else 0.0)
+
+    def member(ids) -> list:
+        return [es.pair_metadata.get(i, {}).get("seconds_since_post") for i in ids]
+
+    return SystemScores("earliness", neg(es.examples["seconds_since_post"]), neg(member(es.pairs["chosen_id"])),
+                        neg(member(es.pairs["rejected_id"])))
 
 
 def bow_ridge_scores(
@@ -297,7 +321,10 @@ def _eval_header(es: EvalSet) -> dict[str, Any]:
 
 
 def baseline_scores(es: EvalSet, *, train_subreddits: Sequence[str] | None = None, seed: int = 0) -> list[SystemScores]:
-    return [length_scores(es), bow_ridge_scores(es, train_subreddits=train_subreddits, seed=seed)]
+    """length, bow_ridge and (where the data has timing metadata) earliness."""
+    out = [length_scores(es), bow_ridge_scores(es, train_subreddits=train_subreddits, seed=seed)]
+    early = earliness_scores(es)
+    return out + [early] if early is not None else out
 
 
 def evaluate_rm(
