@@ -50,7 +50,9 @@ def prepare_cmd(
     ] = False,
     workers: Annotated[int, typer.Option("--workers", help="decode processes and DuckDB threads (0: one per core)")] = 0,
     limit: Annotated[int | None, typer.Option("--limit", help="read only the first N records of each example file")] = None,
-    memory_limit: Annotated[str, typer.Option("--memory-limit", help="DuckDB memory limit; beyond it, it spills to disk")] = "4GB",
+    memory_limit: Annotated[
+        str, typer.Option("--memory-limit", help="DuckDB memory limit, e.g. 8GB (auto: half the RAM); beyond it, it spills to disk")
+    ] = "auto",
 ) -> None:
     """Raw Pushshift/SHP dumps → examples.parquet, pairs.parquet, card.json (+ card.md) in --out."""
     from karma.data.prepare import InputNotFoundError, NoUsableDataError, PrepareConfig, prepare

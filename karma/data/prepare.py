@@ -62,7 +62,7 @@ class PrepareConfig:
     drop_missing_context: bool = False
     workers: int = 0  # 0 = one per CPU core
     limit: int | None = None
-    memory_limit: str = "4GB"
+    memory_limit: str = "auto"  # DuckDB memory limit ("8GB"); auto = half of this machine's RAM
     batch_rows: int = 65536
 
     def __post_init__(self) -> None:
@@ -96,6 +96,8 @@ class PrepareConfig:
             raise ValueError(f"batch_rows must be >= 1, got {self.batch_rows}")
         if self.workers == 0:
             self.workers = os.cpu_count() or 1
+        if self.memory_limit == "auto":
+            self.memory_limit = default_memory_limit()
 
     @property
     def filters(self) -> Filters:
@@ -105,6 +107,15 @@ class PrepareConfig:
             drop_moderator=self.drop_moderator,
             drop_stickied=self.drop_stickied,
         )
+
+
+def default_memory_limit() -> str:
+    """Half of the physical memory, in whole GB (at least 1GB): DuckDB spills to disk beyond it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "4GB"
+    return f"{max(1, total // 2 // 2**30)}GB"
 
 
 def _check_inputs(cfg: PrepareConfig) -> list[tuple[str, str]]:

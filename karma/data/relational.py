@@ -159,12 +159,16 @@ class Relational:
             if not dup:
                 self.sql(f"CREATE TABLE {table} AS SELECT * FROM {raw}")
                 continue
-            # the first usable copy wins; usable copies that lose are counted as duplicate_id for their file
+            # the first usable copy wins; usable copies that lose are counted as duplicate_id for their file.
+            # Ranked on the narrow key columns only; the text is copied once, for the winners.
             self.sql(
-                f"CREATE TEMP TABLE ranked AS SELECT *, row_number() OVER "
+                f"CREATE TEMP TABLE ranked AS SELECT file_idx, row_no, usable, row_number() OVER "
                 f"(PARTITION BY id ORDER BY usable DESC, file_idx, row_no) AS rn FROM {raw}"
             )
-            self.sql(f"CREATE TABLE {table} AS SELECT * EXCLUDE (rn) FROM ranked WHERE rn = 1")
+            self.sql(
+                f"CREATE TABLE {table} AS SELECT r.* FROM {raw} r "
+                "SEMI JOIN (SELECT file_idx, row_no FROM ranked WHERE rn = 1) k USING (file_idx, row_no)"
+            )
             for idx, n in self.sql(
                 "SELECT file_idx, count(*) FROM ranked WHERE rn > 1 AND usable GROUP BY file_idx"
             ).fetchall():
@@ -415,7 +419,7 @@ class Relational:
         pr_path = _sql_str(str(out_dir / "pairs.parquet"))
         self.sql(
             f"COPY (SELECT {', '.join(EXAMPLE_COLUMNS)} FROM ({self._with_text('true')}) ORDER BY ord) "
-            f"TO {ex_path} (FORMAT parquet, COMPRESSION zstd)"
+            f"TO {ex_path} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)"
         )
         self.sql(
             "CREATE TEMP TABLE pt AS " + self._with_text(
@@ -431,7 +435,7 @@ class Relational:
                        a.karma AS chosen_karma, b.karma AS rejected_karma
                 FROM pr r JOIN pt a ON a.example_id = r.chosen_id JOIN pt b ON b.example_id = r.rejected_id
                 ORDER BY a.ord, b.ord
-            ) TO {pr_path} (FORMAT parquet, COMPRESSION zstd)
+            ) TO {pr_path} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)
             """
         )
 
