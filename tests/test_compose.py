@@ -202,6 +202,7 @@ def test_env_example_documents_every_variable_with_its_default():
     for m in VAR.finditer(text):
         defaults.setdefault(m[1], set()).add(m[2] or "")
     documented = env_example()
+    assert documented.pop("COMPOSE_PROFILES") == "cpu"  # compose's own setting: what a plain `up` starts
     assert set(documented) == set(defaults)
     for name, values in defaults.items():
         assert values == {documented[name]}, (
