@@ -181,6 +181,18 @@ def test_chat_template_prompt_is_cut_from_the_left(assets):
     assert "FINAL QUESTION?" in text and "word0 " not in text
 
 
+def test_example_config_is_valid():
+    from services.policy_trainer.config import vllm_available
+
+    example = Path(__file__).parents[1] / "services/policy_trainer/configs/ppo_smollm2.yaml"
+    if not vllm_available():
+        with pytest.raises(ValueError, match="engine 'vllm' needs the vllm package"):
+            TrainConfig.from_sources(example)
+        return
+    cfg = TrainConfig.from_sources(example)
+    assert cfg.rollout.engine == "vllm" and cfg.data.prompts.startswith("reddit:") and cfg.ppo.kl_target == 6.0
+
+
 def test_prompt_sampler_resumes_its_order():
     a = PromptSampler(5, seed=3)
     first = a.take(7)
@@ -256,6 +268,23 @@ def test_hf_engine_reports_each_generation_once_and_early(tmp_path):
     assert [g.response_ids for g in again] == [g.response_ids for g in gens]  # seeded
 
 
+def test_hf_engine_samples_the_full_distribution():
+    """No top-k / top-p sneaks in (transformers defaults top_k to 50): a uniform 200-token model must emit
+    far more than 50 distinct tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.policy_trainer.engines import HFEngine
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=199,
+                                      pad_token_id=0, tie_word_embeddings=False)).eval()
+    torch.nn.init.zeros_(lm.lm_head.weight)  # uniform next-token distribution
+    engine = HFEngine(types.SimpleNamespace(lm=lm), types.SimpleNamespace(pad_token_id=0), {199})
+    gens = engine.generate([[1, 2]] * 8, seed=0, max_new_tokens=25, temperature=1.0)
+    distinct = {t for g in gens for t in g.response_ids}
+    assert len(distinct) > 80
+
+
 def test_response_logprobs_do_not_depend_on_padding(assets):
     from services.policy_trainer.config import ModelConfig
     from services.policy_trainer.policy import Policy
@@ -324,6 +353,8 @@ def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
         trainer.close()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     state = model.state_dict()
+    # what the vLLM engine is sent: exactly the plain model's parameters, LoRA merged
+    assert set(merged) == {n for n, _ in model.named_parameters()} | {"lm_head.weight"}
     q = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(state[q], merged[q])
     base = AutoModelForCausalLM.from_pretrained(assets.policy).state_dict()
@@ -379,42 +410,48 @@ class FailAfter(LocalRewardSource):
         return await super().score(contexts, responses, metadata)
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(assets, tmp_path):
+@pytest.fixture(scope="module")
+def whole_run(assets, tmp_path_factory) -> types.SimpleNamespace:
+    """The uninterrupted 4-step reference run."""
     from karma.rm.model import RewardModel
 
+    out = tmp_path_factory.mktemp("whole") / "run"
     rm = RewardModel.load(assets.rm)
-    whole, _ = run(tiny_config(assets, tmp_path / "whole"), LocalRewardSource(rm))
-    expected = stable(read_metrics(tmp_path / "whole"))
-    assert len(expected) == 4
+    trainer, _ = run(tiny_config(assets, out), LocalRewardSource(rm))
+    metrics = stable(read_metrics(out))
+    assert len(metrics) == 4
+    return types.SimpleNamespace(out=out, rm=rm, metrics=metrics,
+                                 params={n: p.detach().clone() for n, p in trainer.policy.trainable_named_parameters()})
 
-    _, stopped = run(tiny_config(assets, tmp_path / "cut"), SignalAfter(rm, n=2))
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(assets, whole_run, tmp_path):
+    _, stopped = run(tiny_config(assets, tmp_path / "cut"), SignalAfter(whole_run.rm, n=2))
     assert stopped["status"] == "stopped (SIGTERM)" and 1 <= stopped["step"] < 4
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # no final policy for a stopped run
-    resumed, done = run(tiny_config(assets, tmp_path / "cut", run={"resume": True}), LocalRewardSource(rm))
+    resumed, done = run(tiny_config(assets, tmp_path / "cut", run={"resume": True}), LocalRewardSource(whole_run.rm))
     assert done["status"] == "completed" and done["step"] == 4
-    assert stable(read_metrics(tmp_path / "cut")) == expected
-    for (n, p), (_, q) in zip(whole.policy.trainable_named_parameters(),
-                              resumed.policy.trainable_named_parameters(), strict=True):
-        assert torch.equal(p, q), n
+    assert stable(read_metrics(tmp_path / "cut")) == whole_run.metrics
+    for n, p in resumed.policy.trainable_named_parameters():
+        assert torch.equal(p, whole_run.params[n]), n
 
 
-def test_dead_reward_service_checkpoints_then_stops_with_a_named_error(assets, tmp_path):
-    from karma.rm.model import RewardModel
-
-    rm = RewardModel.load(assets.rm)
-    whole, _ = run(tiny_config(assets, tmp_path / "whole", run={"steps": 3}), LocalRewardSource(rm))
+def test_dead_reward_service_checkpoints_then_stops_with_a_named_error(assets, whole_run, tmp_path):
     with pytest.raises(RewardUnavailableError, match=r"training stopped before step 3; checkpoint saved to .*step-000002"):
-        run(tiny_config(assets, tmp_path / "dead", run={"steps": 3, "save_every": 0}), FailAfter(rm, n=3))
+        run(tiny_config(assets, tmp_path / "dead", run={"save_every": 0}), FailAfter(whole_run.rm, n=3))
     rows = read_metrics(tmp_path / "dead")
     assert [r["step"] for r in rows] == [1, 2]  # never a step with a missing / zero reward
-    run(tiny_config(assets, tmp_path / "dead", run={"steps": 3, "resume": True}), LocalRewardSource(rm))
-    assert stable(read_metrics(tmp_path / "dead")) == stable(read_metrics(tmp_path / "whole"))
+    run(tiny_config(assets, tmp_path / "dead", run={"resume": True}), LocalRewardSource(whole_run.rm))
+    assert stable(read_metrics(tmp_path / "dead")) == whole_run.metrics
 
 
-def test_fresh_run_refuses_a_folder_with_checkpoints(assets, tmp_path):
-    run(tiny_config(assets, tmp_path / "out", run={"steps": 2}))
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        Trainer(tiny_config(assets, tmp_path / "out")).setup()
+def test_fresh_run_refuses_a_folder_with_checkpoints(assets, whole_run):
+    trainer = Trainer(tiny_config(assets, whole_run.out))
+    try:
+        with pytest.raises(FileExistsError, match="already holds checkpoints"):
+            trainer.setup()
+        assert not hasattr(trainer, "policy")
+    finally:
+        trainer.close()
 
 
 # ----------------------------------------------------------------------------------------------- HTTP rewards
@@ -449,7 +486,7 @@ def test_http_reward_equals_in_process_score(assets, reward_url):
     assert len(set(over_http)) == 3
 
 
-def test_training_over_http_on_loopback_then_service_death(assets, reward_url, tmp_path):
+def test_training_over_http_on_loopback(assets, reward_url, tmp_path):
     cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2},
                       reward={"reward_model": None, "reward_url": [reward_url, reward_url],
                               "reward_deadline_s": 3.0, "reward_timeout_s": 2.0})
@@ -480,21 +517,24 @@ def test_http_service_going_down_mid_run(assets, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def test_cli_trains_from_yaml_plus_flags(assets, tmp_path):
+def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     from typer.testing import CliRunner
 
     from karma.cli import app
+    from karma.rm.fixtures import write_prepared_data
 
+    data = write_prepared_data(tmp_path / "prep", n_threads=10, comments_per_thread=2)
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(tiny_config(assets, tmp_path / "ignored").to_yaml())
     out = tmp_path / "cli-out"
     result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out),
-                                      "--algo", "grpo", "--samples-per-prompt", "2", "--prompts-per-step", "2"])
+                                      "--algo", "grpo", "--samples-per-prompt", "2", "--prompts-per-step", "2",
+                                      "--prompts", f"reddit:{data}"])
     assert result.exit_code == 0, result.output
     assert f"completed at step 1: {out}" in result.output
     assert (out / "config.json").exists() and len(read_metrics(out)) == 1
     saved = TrainConfig.from_sources(out / "train_config.yaml")
-    assert (saved.ppo.algo, saved.run.steps) == ("grpo", 1)
+    assert (saved.ppo.algo, saved.run.steps, saved.data.prompts) == ("grpo", 1, f"reddit:{data}")
 
     bad = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--algo", "dpo"])
     assert bad.exit_code == 2 and "unknown algorithm 'dpo'" in bad.output

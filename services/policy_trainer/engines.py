@@ -96,7 +96,9 @@ class HFEngine:
         sample = temperature > 0
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_k=None, top_p=None, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            # explicit 0 / 1.0: left unset, transformers fills in top_k=50 and the samples are no longer
+            # drawn from the policy whose log-probs PPO uses
+            top_k=0, top_p=1.0, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
         )
         lm = self.policy.lm
         was_training = lm.training

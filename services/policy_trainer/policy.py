@@ -171,8 +171,12 @@ class Policy(nn.Module):
             for n, p in self.lm.named_parameters():
                 yield n, p.detach()
             return
+        lora_layers: list[str] = []
         for name, module in self.lm.base_model.model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in lora_layers):
+                continue  # base_layer / lora_A / lora_B inside a LoRA layer: already merged
             if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                lora_layers.append(name)
                 w = module.base_layer.weight.detach()
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
@@ -182,8 +186,7 @@ class Policy(nn.Module):
                     yield f"{name}.bias", module.base_layer.bias.detach()
             elif not any(True for _ in module.children()):
                 for pname, p in module.named_parameters(recurse=False):
-                    if "lora_" not in pname:
-                        yield f"{name}.{pname}" if name else pname, p.detach()
+                    yield f"{name}.{pname}" if name else pname, p.detach()
 
     def save_pretrained(self, path: Path, tokenizer) -> Path:
         """The policy as a standard HF causal-LM folder (LoRA merged), loadable by AutoModelForCausalLM."""

@@ -15,6 +15,7 @@ Each phase's seconds go to `timing/<phase>`; the metrics go to metrics.jsonl and
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -343,7 +344,11 @@ class Trainer:
         scores = [math.nan] * batch.size
         deadline = self.cfg.reward.reward_deadline_s + self.cfg.reward.reward_timeout_s + 30
         for idx, future in batch.pending:
-            for i, s in zip(idx, future.result(timeout=deadline), strict=True):
+            try:
+                got = future.result(timeout=deadline)
+            except concurrent.futures.TimeoutError:
+                raise RewardUnavailableError(f"no reward within {deadline:.0f}s") from None
+            for i, s in zip(idx, got, strict=True):
                 scores[i] = s
         if any(math.isnan(s) or math.isinf(s) for s in scores):
             raise RewardUnavailableError(f"the reward source returned no/non-finite scores: {scores}")
