@@ -538,3 +538,8 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
 
     bad = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--algo", "dpo"])
     assert bad.exit_code == 2 and "unknown algorithm 'dpo'" in bad.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--prompts", f"file:{empty}",
+                                      "--output-dir", str(tmp_path / "o2")])
+    assert result.exit_code == 1 and f"karma train: PromptSourceError: no prompts in {empty}" in result.output

@@ -41,11 +41,17 @@ def _train(config: Path | None = None, **flags: Any) -> None:
         cfg = TrainConfig.from_sources(config, {k: v for k, v in flags.items() if v is not None and v != []})
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    from services.policy_trainer.prompts import PromptSourceError
+    from services.policy_trainer.rewards import RewardUnavailableError
     from services.policy_trainer.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
+    except (RewardUnavailableError, PromptSourceError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        # bad input or a dead reward service: one clear line, not a traceback (PolicyLoadError is a ValueError)
+        typer.echo(f"karma train: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         trainer.close()
     typer.echo(f"{result['status']} at step {result['step']}: {result['output_dir']}")
