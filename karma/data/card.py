@@ -17,6 +17,13 @@ def _merge(dicts) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _mode(sources: dict[str, int]) -> str:
+    """comments | submissions | shp | mixed: where the examples came from."""
+    names = {"pushshift": "comments", "submissions": "submissions", "shp": "shp"}
+    present = [names[s] for s in sources if sources[s]]
+    return present[0] if len(present) == 1 else "mixed"
+
+
 def build_card(cfg, file_stats, summary: dict[str, Any], timings: dict[str, float], posts_are_examples: bool) -> dict:
     from karma.data.prepare import BAD_INPUT_PREFIXES, CARD_VERSION, config_dict
 
@@ -53,7 +60,7 @@ def build_card(cfg, file_stats, summary: dict[str, Any], timings: dict[str, floa
     }
     return {
         "card_version": CARD_VERSION,
-        "mode": "submissions" if posts_are_examples and not cfg.shp else ("comments" if not posts_are_examples else "mixed"),
+        "mode": _mode(summary.get("sources", {})),
         "inputs": inputs,
         "lines_read": lines_read,
         "kept": kept,

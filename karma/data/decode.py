@@ -446,6 +446,10 @@ def decode_files(tasks: list[FileTask], workers: int = 1) -> list[FileStats]:
                 st.nodes += nodes
                 if out_path:
                     st.out_paths.append(out_path)
+    except BaseException:
+        for proc in procs:  # a failure here: do not wait for workers that will get no more work
+            proc.terminate()
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=10)

@@ -375,9 +375,11 @@ class Relational:
 
     def _with_text(self, where: str) -> str:
         """SELECT of the examples.parquet columns (text joined in) for the ex rows matching `where`."""
+        # karma.rm.template.context_text([title, body, *comments]): the decode stage stripped every part and
+        # the context walk kept only non-empty comments, so joining the non-empty parts is the same function
         ctx = (
-            "array_to_string(list_filter([post_title, post_body] || context_comments, "
-            "lambda x: x IS NOT NULL AND x <> ''), chr(10) || chr(10))"
+            "concat_ws(chr(10) || chr(10), nullif(post_title, ''), nullif(post_body, ''), "
+            "nullif(array_to_string(context_comments, chr(10) || chr(10)), ''))"
         )
         meta = (
             "e.score, e.karma, e.created_utc, e.seconds_since_post, e.seconds_since_parent, e.depth, "
