@@ -415,30 +415,38 @@ class Relational:
         chosen = [q for q, src in zip(parts, ("pushshift", "submissions", "shp"), strict=True) if src in present]
         return " UNION ALL ".join(chosen)
 
+    def _to_parquet(self, query: str, path: Path) -> None:
+        """COPY a query's result to a parquet file (zstd level 1, no dictionary pages).
+
+        Dictionary encoding is off: on these long, mostly distinct strings DuckDB's attempt at it cost half
+        of the write's CPU and saved about 1 % of the file size.
+        """
+        self.sql(
+            f"COPY ({query}) TO {_sql_str(str(path))} "
+            "(FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1, DICTIONARY_SIZE_LIMIT 1)"
+        )
+
     def write(self, out_dir: Path) -> None:
         """examples.parquet and pairs.parquet, ordered (thread, time, id) so equal inputs give equal files."""
-        ex_path = _sql_str(str(out_dir / "examples.parquet"))
-        pr_path = _sql_str(str(out_dir / "pairs.parquet"))
-        self.sql(
-            f"COPY (SELECT {', '.join(EXAMPLE_COLUMNS)} FROM ({self._with_text('true')}) ORDER BY ord) "
-            f"TO {ex_path} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)"
+        self._to_parquet(
+            f"SELECT {', '.join(EXAMPLE_COLUMNS)} FROM ({self._with_text('true')}) ORDER BY ord",
+            out_dir / "examples.parquet",
         )
         self.sql(
             "CREATE TEMP TABLE pt AS " + self._with_text(
                 "e.example_id IN (SELECT chosen_id FROM pr UNION SELECT rejected_id FROM pr)"
             )
         )
-        self.sql(
+        self._to_parquet(
             f"""
-            COPY (
                 SELECT r.pair_id, a.split, a.subreddit, a.thread_id, a.parent_id, a.context,
                        (a.context_missing OR b.context_missing) AS context_missing, r.chosen_id, r.rejected_id,
                        a.response AS chosen, b.response AS rejected, r.chosen_score, r.rejected_score, r.score_ratio,
                        a.karma AS chosen_karma, b.karma AS rejected_karma
                 FROM pr r JOIN pt a ON a.example_id = r.chosen_id JOIN pt b ON b.example_id = r.rejected_id
                 ORDER BY a.ord, b.ord
-            ) TO {pr_path} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)
-            """
+            """,
+            out_dir / "pairs.parquet",
         )
 
     def summary(self) -> dict[str, Any]:
