@@ -106,9 +106,10 @@ def shared_data_dir() -> Path:
     )
 
 
-def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> list[dict]:
+def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0, every: int = 1) -> list[dict]:
     """`n` real (context, response, metadata) items from the r/college dumps in shared data: context = post
-    title + body + the parent comment when it is in the dump; deleted bodies skipped. Deterministic."""
+    title + body + the parent comment when it is in the dump; deleted bodies skipped; every `every`-th
+    eligible comment (spreads the sample over many threads). Deterministic."""
     import io
     import json
 
@@ -126,10 +127,14 @@ def reddit_items(n: int, data_dir: str | Path | None = None, skip: int = 0) -> l
     posts = {p["id"]: p for p in lines("RS_college.zst")}
     comments: dict[str, dict] = {}
     items: list[dict] = []
+    seen = 0
     for c in lines("RC_college.zst"):
         comments[c["id"]] = c
         body = c.get("body") or ""
         if body in ("[deleted]", "[removed]") or not body.strip():
+            continue
+        seen += 1
+        if (seen - 1) % every:
             continue
         post = posts.get(c["link_id"].removeprefix("t3_"), {})
         turns = [post.get("title") or "", post.get("selftext") or ""]

@@ -1,0 +1,334 @@
+"""Reward-service throughput on the same inputs, in one run:
+
+  (a) offline: the model's batched forward on pre-tokenised, length-sorted batches — the limit;
+  (b) the service (`karma serve`, real uvicorn in its own process) under C concurrent single-item clients;
+  (c) a naive server — one forward per request inside the async handler, as OpenRLHF's serve_rm does —
+      under the same clients.
+
+Prints items/s, p50/p99 latency, (b)/(a) (goal >= 0.85) and (b)/(c) (goal >= 3x).
+
+The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams (one connection per
+client, requests serialised once), so on a small machine it takes as little CPU from the server as
+possible; `--client httpx` uses httpx instead. Inputs: real r/college threads from ../shared/data
+(context = post + parent comment, response = the comment), truncated to the model's max_length.
+
+    .venv/bin/python benchmarks/bench_reward_api.py                       # MiniLM RM (untrained head)
+    .venv/bin/python benchmarks/bench_reward_api.py --model runs/rm/full  # a trained RM folder
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------------------------- naive server
+def naive_app(model_dir: str):
+    """One forward per request on the event loop (no batching, no threads) — the baseline (c)."""
+    from fastapi import FastAPI
+
+    from karma.protocol import ScoreRequest, ScoreResponse
+    from karma.rm.model import RewardModel, RMInput
+
+    app = FastAPI()
+    rm = RewardModel.load(model_dir)
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        return {"ready": True}
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest) -> ScoreResponse:
+        items = [
+            RMInput(
+                it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
+                it.response,
+                it.rm_metadata(),
+            )
+            for it in body.items
+        ]
+        enc = [rm.encode(it, truncate=body.truncate) for it in items]
+        scores = rm.forward(enc)
+        return ScoreResponse(
+            model="naive", version=rm.version, scores=scores, truncated=[e.truncated for e in enc]
+        )
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------- load generator
+def _request_bytes(port: int, item: dict) -> bytes:
+    body = json.dumps({"items": [item]}).encode()
+    head = (
+        f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def _raw_client(
+    port: int, requests: list[bytes], queue: asyncio.Queue, lat: list, scores: dict
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = time.perf_counter()
+            writer.write(requests[i])
+            await writer.drain()
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = await reader.readexactly(length)
+            lat.append(time.perf_counter() - t0)
+            if b" 200 " not in status_line:
+                raise RuntimeError(f"request {i}: {status_line!r} {body[:200]!r}")
+            scores[i] = json.loads(body)["scores"][0]
+    finally:
+        writer.close()
+
+
+async def _httpx_client(
+    url: str, items: list[dict], queue: asyncio.Queue, lat: list, scores: dict, http
+) -> None:
+    while True:
+        try:
+            i = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return
+        t0 = time.perf_counter()
+        resp = await http.post(f"{url}/v1/score", json={"items": [items[i]]})
+        lat.append(time.perf_counter() - t0)
+        resp.raise_for_status()
+        scores[i] = resp.json()["scores"][0]
+
+
+async def load(port: int, items: list[dict], concurrency: int, client: str) -> dict:
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(len(items)):
+        queue.put_nowait(i)
+    lat: list[float] = []
+    scores: dict[int, float] = {}
+    t0 = time.perf_counter()
+    if client == "raw":
+        reqs = [_request_bytes(port, it) for it in items]
+        await asyncio.gather(*(_raw_client(port, reqs, queue, lat, scores) for _ in range(concurrency)))
+    else:
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            url = f"http://127.0.0.1:{port}"
+            await asyncio.gather(
+                *(_httpx_client(url, items, queue, lat, scores, http) for _ in range(concurrency))
+            )
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    return {
+        "items_per_s": len(items) / elapsed,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "scores": [scores[i] for i in range(len(items))],
+    }
+
+
+def start_server(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("server not ready in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="RM folder (default: MiniLM backbone + untrained head, variant full)")
+    p.add_argument("--items", type=int, default=512)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.naive_server:
+        import uvicorn
+
+        uvicorn.run(
+            naive_app(args.model), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+        )
+        return
+
+    import torch
+
+    from karma.rm.model import RewardModel, RMInput
+    from services.reward_api.engine import plan_batches
+    from services.reward_api.testing import free_port, reddit_items
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-rm-")
+    model_dir = args.model
+    if model_dir is None:
+        from karma.models import minilm_path
+        from karma.rm.model import new_reward_model
+
+        torch.manual_seed(0)
+        model_dir = str(
+            new_reward_model(str(minilm_path()), "full", max_length=args.max_length).save(
+                Path(tmp.name) / "rm"
+            )
+        )
+    items = reddit_items(args.items, every=25)  # spread over many threads: a realistic mix of lengths
+    rm = RewardModel.load(model_dir)
+    inputs = [RMInput(it["context"], it["response"], it["metadata"]) for it in items]
+
+    # (a) offline: length-sorted batches under the same padded-token budget as the server, pre-tokenised
+    t0 = time.perf_counter()
+    enc = [rm.encode(x) for x in inputs]
+    tokenize_s = time.perf_counter() - t0
+    plan = plan_batches([len(e) for e in enc], args.max_batch_tokens)
+    rm.forward([enc[i] for i in plan[0]])  # warm-up
+    t0 = time.perf_counter()
+    offline = [0.0] * len(enc)
+    for idx in plan:
+        for i, s in zip(idx, rm.forward([enc[i] for i in idx]), strict=True):
+            offline[i] = s
+    forward_s = time.perf_counter() - t0
+    a = len(enc) / forward_s
+    mean_tokens = sum(len(e) for e in enc) / len(enc)
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg(),
+        },
+        "inputs": {
+            "items": len(items),
+            "mean_tokens": mean_tokens,
+            "truncated": sum(e.truncated for e in enc),
+            "max_length": rm.max_length,
+            "model_version": rm.version,
+        },
+        "a_offline": {"items_per_s": a, "tokenize_items_per_s": len(enc) / tokenize_s, "batches": len(plan)},
+    }
+    del rm
+    print("(a)", {k: round(v, 1) for k, v in results["a_offline"].items()}, flush=True)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    warm = items[: args.concurrency]
+
+    def bench(cmd: list[str], port: int) -> dict:
+        proc = start_server(cmd, port, env)
+        try:
+            asyncio.run(load(port, warm, args.concurrency, args.client))  # warm-up
+            out = asyncio.run(load(port, items, args.concurrency, args.client))
+        finally:
+            stop_server(proc)
+        err = max(abs(x - y) for x, y in zip(out.pop("scores"), offline, strict=True))
+        out["max_abs_diff_vs_offline"] = err
+        return out
+
+    # (b) the service
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "karma.cli",
+        "serve",
+        "--model",
+        f"rm={model_dir}",
+        "--port",
+        str(port),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue-items",
+        "100000",
+        "--log-level",
+        "warning",
+    ]
+    results["b_service"] = bench(cmd, port)
+    print("(b)", {k: round(v, 3) for k, v in results["b_service"].items()}, flush=True)
+    # (c) naive
+    if not args.skip_naive:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--naive-server",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+        ]
+        results["c_naive"] = bench(cmd, port)
+
+    b = results["b_service"]["items_per_s"]
+    results["ratio_b_over_a"] = b / a
+    print(
+        f"inputs: {len(items)} real r/college items, mean {mean_tokens:.0f} tokens "
+        f"({results['inputs']['truncated']} truncated to {results['inputs']['max_length']}); "
+        f"{args.concurrency} concurrent single-item clients ({args.client}); load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"(a) offline batched forward : {a:8.1f} items/s  ({len(plan)} batches; tokenising alone "
+        f"{results['a_offline']['tokenize_items_per_s']:.0f} items/s)"
+    )
+    rb = results["b_service"]
+    print(
+        f"(b) karma serve             : {b:8.1f} items/s  p50 {rb['p50_ms']:.0f} ms  p99 {rb['p99_ms']:.0f} ms  "
+        f"(max |score - offline| {rb['max_abs_diff_vs_offline']:.1e})"
+    )
+    if "c_naive" in results:
+        rc = results["c_naive"]
+        results["ratio_b_over_c"] = b / rc["items_per_s"]
+        print(
+            f"(c) naive server            : {rc['items_per_s']:8.1f} items/s  p50 {rc['p50_ms']:.0f} ms  "
+            f"p99 {rc['p99_ms']:.0f} ms"
+        )
+        print(f"(b)/(c) = {results['ratio_b_over_c']:.2f}x (goal >= 3)")
+    print(f"(b)/(a) = {results['ratio_b_over_a']:.2f} (goal >= 0.85)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
