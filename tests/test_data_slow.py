@@ -15,6 +15,7 @@ import zstandard
 
 from karma.data import prepare
 from karma.data.records import is_bot
+from karma.rm.template import context_text
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,12 @@ def test_college_threads_splits_pairs_contexts(college):
         f"SELECT count(*) FROM '{ex}' WHERE NOT context_missing AND len(context_comments) <> least(depth, 8)"
     ).fetchone()[0] == 0
     assert card["context_missing"] == con.execute(f"SELECT count(*) FROM '{ex}' WHERE context_missing").fetchone()[0]
+    # the context column is exactly the template's context_text of its parts, on every real row
+    t = pq.read_table(ex, columns=["post_title", "post_body", "context_comments", "context"]).to_pydict()
+    assert all(
+        context_text([ti, bo, *cc]) == ctx
+        for ti, bo, cc, ctx in zip(t["post_title"], t["post_body"], t["context_comments"], t["context"], strict=True)
+    )
 
 
 def test_college_parallel_equals_sequential(college, tmp_path):
