@@ -63,6 +63,7 @@ SEEN: dict[str, int] = {}
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
+    database=None,  # no .hypothesis/ folder in the repository
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 def test_api_conforms_to_its_openapi_document(case):
