@@ -32,7 +32,7 @@ SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", REPO.parent / "shared" / 
 
 
 def summarise(rows: list[dict]) -> dict:
-    mean = lambda k: statistics.fmean(r[k] for r in rows)  # noqa: E731
+    mean = lambda k: statistics.fmean(r[k] for r in rows)
     return {
         "steps": len(rows),
         "step_s": mean("speed/step_s"),

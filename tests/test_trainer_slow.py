@@ -75,7 +75,7 @@ def trained(reward_service, tmp_path_factory):
         prompts = [p.prompt_ids for p in trainer.prompts[-4:]]
 
         def greedy():
-            kw = dict(seed=0, max_new_tokens=16, temperature=0.0)
+            kw = {"seed": 0, "max_new_tokens": 16, "temperature": 0.0}
             return ([g.response_ids for g in trainer.engine.generate(prompts, **kw)],
                     [g.response_ids for g in hf.generate(prompts, **kw)])
 

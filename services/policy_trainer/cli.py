@@ -39,7 +39,7 @@ def _train(config: Path | None = None, **flags: Any) -> None:
 
     try:
         cfg = TrainConfig.from_sources(config, {k: v for k, v in flags.items() if v is not None and v != []})
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
     from services.policy_trainer.prompts import PromptSourceError
     from services.policy_trainer.rewards import RewardUnavailableError

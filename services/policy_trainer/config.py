@@ -308,7 +308,7 @@ class TrainConfig:
         for name, klass in SECTIONS.items():
             values = data.get(name) or {}
             if not isinstance(values, dict):
-                raise ValueError(f"config section {name!r} must be a mapping")
+                raise TypeError(f"config section {name!r} must be a mapping")
             known = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - known
             if bad:

@@ -127,8 +127,8 @@ class Policy(nn.Module):
         """Log-probs (and values, entropies) of the response tokens `input_ids[:, P:]`."""
         T = input_ids.shape[1] - prompt_len
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      logits_to_keep=T + 1, use_cache=False)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "logits_to_keep": T + 1, "use_cache": False}
         if reference:
             if self.ref_lm is not None:
                 out = self.ref_lm(**kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,7 +131,7 @@ def _plain_metadata(meta: dict) -> dict:
     for k, v in meta.items():
         if hasattr(v, "item") and callable(v.item):
             v = v.item()
-        if isinstance(v, float) and v != v:
+        if isinstance(v, float) and math.isnan(v):
             v = None
         out[k] = v
     return out
