@@ -88,7 +88,7 @@ class Metadata(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _plain_values(cls, data: Any) -> Any:
-        """numpy scalars → Python, NaN (pandas' missing value) → null."""
+        """numpy scalars → Python, NaN (pandas' missing value) → null, integral floats → int for counts."""
         if not isinstance(data, dict):
             return data
         out = {}
@@ -97,6 +97,8 @@ class Metadata(BaseModel):
                 value = value.item()
             if isinstance(value, float) and math.isnan(value):
                 value = None
+            elif key in ("depth", "sibling_count") and isinstance(value, float) and value.is_integer():
+                value = int(value)  # 2.0 is an integer in JSON Schema too (pandas makes ints float)
             out[key] = value
         return out
 

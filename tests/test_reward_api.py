@@ -152,6 +152,35 @@ def test_malformed_requests_get_422(client, payload, match):
     assert_error(client.post("/v1/score", json=payload), 422, "validation", match)
 
 
+@pytest.mark.parametrize(
+    ("metadata", "match"),
+    [
+        ({"depth": "3"}, "items.0.metadata.depth: Input should be a valid integer"),
+        ({"created_utc": 1e20}, "items.0.metadata.created_utc: Input should be less than or equal to"),
+        ({"seconds_since_post": "1h"}, "items.0.metadata.seconds_since_post: Input should be a valid number"),
+        ({"tags": ["a"]}, "items.0.metadata.tags"),
+    ],
+)
+def test_metadata_the_template_reads_is_typed(client, metadata, match):
+    resp = client.post("/models/b/v1/score", json={"items": [{"response": "x", "metadata": metadata}]})
+    assert_error(resp, 422, "validation", match)
+
+
+def test_metadata_from_pandas_rows_is_accepted(root):
+    import numpy as np
+
+    from karma.protocol import ScoreItem
+
+    row = {
+        "depth": 2.0,
+        "sibling_count": np.int32(3),
+        "seconds_since_post": float("nan"),
+        "subreddit": "College",
+    }
+    item = ScoreItem.model_validate({"response": "x", "metadata": row})
+    assert item.rm_metadata() == {"depth": 2, "sibling_count": 3, "subreddit": "College"}
+
+
 def test_non_json_body_gets_422(client):
     resp = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
     assert_error(resp, 422, "validation", "JSON decode error")
