@@ -107,7 +107,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--memory-limit", default="auto", help="DuckDB memory limit for the runs (auto: half the RAM)")
+    ap.add_argument(
+        "--memory-limit", default="auto", help="DuckDB memory limit for the runs (auto: half the RAM)"
+    )
     args = ap.parse_args()
     base = args.data / "reddit" / "college_2011_2022"
     rc, rs = base / "RC_college.zst", base / "RS_college.zst"

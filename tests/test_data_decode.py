@@ -114,7 +114,9 @@ def test_empty_not_zstd_and_empty_content_files(tmp_path):
 
 
 def test_plain_jsonl_gzip_and_blank_lines(tmp_path):
-    body = b"\n".join(lines_of([rc(1), rc(2)])) + b"\n\n   \n" + json.dumps(rc(3)).encode()  # no final newline
+    body = (
+        b"\n".join(lines_of([rc(1), rc(2)])) + b"\n\n   \n" + json.dumps(rc(3)).encode()
+    )  # no final newline
     plain = tmp_path / "RC.jsonl"
     plain.write_bytes(body)
     gz = tmp_path / "RC.jsonl.gz"
@@ -175,7 +177,13 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "BLOCK_BYTES", 4096)
     par = decode_files(tasks("par"), workers=2)
     for s, p in zip(seq, par, strict=True):
-        assert (p.lines_read, p.kept, p.skipped, p.sha256, p.status) == (s.lines_read, s.kept, s.skipped, s.sha256, s.status)
+        assert (p.lines_read, p.kept, p.skipped, p.sha256, p.status) == (
+            s.lines_read,
+            s.kept,
+            s.skipped,
+            s.sha256,
+            s.status,
+        )
     assert seq[0].skipped == {"deleted_body": 176, "not_json": 1}
     a = read_rows(seq[0]).sort_by("id").drop_columns(["row_no"])
     b = read_rows(par[0]).sort_by("id").drop_columns(["row_no"])

@@ -87,12 +87,23 @@ def test_schema_is_exactly_the_architecture_contract(prepared):
     assert tuple(ex.schema.names) == EXAMPLE_COLUMNS
     assert tuple(pairs.schema.names) == PAIR_COLUMNS
     types = {f.name: f.type for f in ex.schema}
-    assert types["context_comments"] == pa.list_(pa.string()) or str(types["context_comments"]) == "list<element: string>"
+    assert (
+        types["context_comments"] == pa.list_(pa.string())
+        or str(types["context_comments"]) == "list<element: string>"
+    )
     assert (types["score"], types["karma"], types["created_utc"]) == (pa.int64(), pa.float64(), pa.int64())
-    assert (types["depth"], types["sibling_count"], types["context_missing"]) == (pa.int32(), pa.int32(), pa.bool_())
+    assert (types["depth"], types["sibling_count"], types["context_missing"]) == (
+        pa.int32(),
+        pa.int32(),
+        pa.bool_(),
+    )
     assert types["seconds_since_post"] == pa.float64()
     ptypes = {f.name: f.type for f in pairs.schema}
-    assert (ptypes["chosen_score"], ptypes["score_ratio"], ptypes["context_missing"]) == (pa.int64(), pa.float64(), pa.bool_())
+    assert (ptypes["chosen_score"], ptypes["score_ratio"], ptypes["context_missing"]) == (
+        pa.int64(),
+        pa.float64(),
+        pa.bool_(),
+    )
 
 
 def test_card_counts(prepared):
@@ -101,12 +112,20 @@ def test_card_counts(prepared):
     assert (out / "card.md").read_text().startswith("# Prepared KARMA data")
     rc, rs = card["inputs"]
     assert (rc["lines_read"], rc["kept"], rc["skipped"]) == (
-        20, 16, {"bot_author": 1, "deleted_body": 1, "moderator": 1, "stickied": 1})
+        20,
+        16,
+        {"bot_author": 1, "deleted_body": 1, "moderator": 1, "stickied": 1},
+    )
     assert (rs["lines_read"], rs["kept"], rs["role"]) == (3, 3, "context")
     assert card["kept"] + sum(card["skipped"].values()) == card["lines_read"] == 23
     assert card["examples"] == len(ex) == 16
     assert rc["sha256"] == hashlib.sha256(Path(rc["path"]).read_bytes()).hexdigest()
-    assert card["splits"]["train"]["examples"] + card["splits"]["val"]["examples"] + card["splits"]["test"]["examples"] == 16
+    assert (
+        card["splits"]["train"]["examples"]
+        + card["splits"]["val"]["examples"]
+        + card["splits"]["test"]["examples"]
+        == 16
+    )
     assert card["config"]["normalize"] == "log1p" and card["mode"] == "comments"
     assert card["warnings"] == []
 
@@ -114,7 +133,10 @@ def test_card_counts(prepared):
 def test_context_walks_up_the_thread(prepared):
     _, _, ex, _, _, _ = prepared
     post = ["Which college?", "I got into two schools."]
-    assert ex["a"]["context_comments"] == [] and ex["a"]["context"] == "Which college?\n\nI got into two schools."
+    assert (
+        ex["a"]["context_comments"] == []
+        and ex["a"]["context"] == "Which college?\n\nI got into two schools."
+    )
     assert ex["a3"]["context_comments"] == ["reply a", "reply a1", "reply a2"]  # root first, parent last
     assert ex["a3"]["context"] == context_text(post + ["reply a", "reply a1", "reply a2"])
     assert not ex["a3"]["context_missing"]
@@ -123,7 +145,11 @@ def test_context_walks_up_the_thread(prepared):
     # a bot's comment is not an example but is context for the human reply below it
     assert "bot" not in ex and ex["bot1"]["context_comments"] == ["Please read the rules."]
     # removed post body: title only, context missing; unknown post / unknown parent: missing
-    assert (ex["r1"]["post_title"], ex["r1"]["post_body"], ex["r1"]["context_missing"]) == ("Removed post", None, True)
+    assert (ex["r1"]["post_title"], ex["r1"]["post_body"], ex["r1"]["context_missing"]) == (
+        "Removed post",
+        None,
+        True,
+    )
     assert ex["r1"]["context"] == "Removed post"
     assert ex["x1"]["post_title"] is None and ex["x1"]["context"] == "" and ex["x1"]["context_missing"]
     assert ex["x2"]["context_missing"] and ex["x2"]["context_comments"] == []
@@ -143,11 +169,15 @@ def test_metadata(prepared):
     assert ex["x1"]["seconds_since_post"] is None and ex["x2"]["seconds_since_parent"] is None
     assert ex["a"]["karma"] == pytest.approx(math.log1p(40))
     assert (ex["a"]["source"], ex["a"]["thread_id"], ex["a"]["parent_id"], ex["a1"]["parent_id"]) == (
-        "pushshift", "p1", "t3_p1", "t1_a")
+        "pushshift",
+        "p1",
+        "t3_p1",
+        "t1_a",
+    )
 
 
 def test_splits_by_thread_are_seeded_hashes(prepared):
-    _, card, ex, pairs, _, _ = prepared
+    _, _, ex, pairs, _, _ = prepared
     by_thread: dict[str, set] = {}
     for r in ex.values():
         by_thread.setdefault(r["thread_id"], set()).add(r["split"])
@@ -161,8 +191,14 @@ def reference_pairs(ex, min_ratio, min_score, k=None):
     out = set()
     for a in ex.values():
         for b in ex.values():
-            if (a is not b and a["parent_id"] == b["parent_id"] and a["created_utc"] <= b["created_utc"]
-                    and a["score"] > b["score"] and b["score"] >= min_score and a["score"] >= min_ratio * b["score"]):
+            if (
+                a is not b
+                and a["parent_id"] == b["parent_id"]
+                and a["created_utc"] <= b["created_utc"]
+                and a["score"] > b["score"]
+                and b["score"] >= min_score
+                and a["score"] >= min_ratio * b["score"]
+            ):
                 out.add((a["example_id"], b["example_id"]))
     return out
 
@@ -190,8 +226,14 @@ def test_pairs_obey_the_rule_and_match_a_reference(prepared):
 
 def test_pair_options(dumps, tmp_path):
     rc, rs = dumps
-    card = prepare(comments=[rc], submissions=[rs], out=tmp_path / "a", workers=1, max_pairs_per_parent=1,
-                   min_score_ratio=3.0)  # min_pair_score 2 (SHP's default)
+    card = prepare(
+        comments=[rc],
+        submissions=[rs],
+        out=tmp_path / "a",
+        workers=1,
+        max_pairs_per_parent=1,
+        min_score_ratio=3.0,
+    )  # min_pair_score 2 (SHP's default)
     pairs = pq.read_table(tmp_path / "a" / "pairs.parquet").to_pylist()
     ex = {r["example_id"]: r for r in pq.read_table(tmp_path / "a" / "examples.parquet").to_pylist()}
     ref = reference_pairs(ex, 3.0, 2)
@@ -236,7 +278,9 @@ def test_split_by_time_trains_on_earlier_threads(tmp_path):
                    val_frac=0.1, test_frac=0.2)  # fmt: skip
     rows = pq.read_table(tmp_path / "o" / "examples.parquet").to_pylist()
     start = {r["thread_id"]: int(r["thread_id"][1:]) for r in rows}
-    by_split = {s: sorted({start[r["thread_id"]] for r in rows if r["split"] == s}) for s in ("train", "val", "test")}
+    by_split = {
+        s: sorted({start[r["thread_id"]] for r in rows if r["split"] == s}) for s in ("train", "val", "test")
+    }
     assert by_split == {"train": list(range(28)), "val": list(range(28, 32)), "test": list(range(32, 40))}
     assert card["splits"]["test"]["threads"] == 8
 
@@ -287,7 +331,11 @@ def test_submissions_only_mode(tmp_path):
     assert ex["s1"]["response"] == "Question 1\n\ndetails" and ex["s2"]["response"] == "Question 2"
     assert ex["s1"]["context"] == "r/AskMen\n\nflair: Serious" and ex["s5"]["context"] == "r/AskMen"
     assert (ex["s5"]["depth"], ex["s5"]["parent_id"], ex["s5"]["source"], ex["s5"]["thread_id"]) == (
-        -1, None, "submissions", "s5")
+        -1,
+        None,
+        "submissions",
+        "s5",
+    )
     assert ex["s0"]["sibling_count"] == 6  # posts in r/AskMen within an hour either side: s1..s6
     for p in pq.read_table(tmp_path / "o" / "pairs.parquet").to_pylist():
         a, b = ex[p["chosen_id"]], ex[p["rejected_id"]]
@@ -299,7 +347,7 @@ def test_submissions_only_mode(tmp_path):
 def shp_rows(post, domain, comments):
     rows = []
     for i, (ida, ta, sa, ra) in enumerate(comments):
-        for idb, tb, sb, rb in comments[i + 1:]:
+        for idb, tb, sb, rb in comments[i + 1 :]:
             if ta <= tb and sa >= 2 * sb:
                 rows.append({"post_id": post, "domain": domain, "upvote_ratio": 0.9, "history": f"Post {post}?",
                              "c_root_id_A": ida, "c_root_id_B": idb, "created_at_utc_A": ta, "created_at_utc_B": tb,
@@ -309,7 +357,11 @@ def shp_rows(post, domain, comments):
 
 
 def test_shp_jsonl_and_parquet(tmp_path):
-    rows = shp_rows("q1", "askculinary_train", [("k1", 10, 40, "Boil it."), ("k2", 20, 10, "Fry it."), ("k3", 30, 4, "No.")])
+    rows = shp_rows(
+        "q1",
+        "askculinary_train",
+        [("k1", 10, 40, "Boil it."), ("k2", 20, 10, "Fry it."), ("k3", 30, 4, "No.")],
+    )
     rows += shp_rows("q2", "askculinary_test", [("m1", 10, 9, "Yes."), ("m2", 50, 3, "Maybe.")])
     jl = tmp_path / "train.json"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "{bad\n")
@@ -320,9 +372,16 @@ def test_shp_jsonl_and_parquet(tmp_path):
     ex = {r["example_id"]: r for r in pq.read_table(tmp_path / "o" / "examples.parquet").to_pylist()}
     assert set(ex) == {"k1", "k2", "k3", "m1", "m2"}
     assert (ex["k1"]["source"], ex["k1"]["context"], ex["k1"]["subreddit"], ex["k1"]["split"]) == (
-        "shp", "Post q1?", "askculinary", "train")
+        "shp",
+        "Post q1?",
+        "askculinary",
+        "train",
+    )
     assert ex["m1"]["split"] == "test" and ex["k2"]["sibling_count"] == 2
-    got = {(p["chosen_id"], p["rejected_id"]) for p in pq.read_table(tmp_path / "o" / "pairs.parquet").to_pylist()}
+    got = {
+        (p["chosen_id"], p["rejected_id"])
+        for p in pq.read_table(tmp_path / "o" / "pairs.parquet").to_pylist()
+    }
     assert got == {("k1", "k2"), ("k1", "k3"), ("k2", "k3"), ("m1", "m2")}
 
 
@@ -345,15 +404,22 @@ def test_errors(dumps, tmp_path):
     with pytest.raises(ValueError, match="no input"):
         PrepareConfig()
     bad = write_zst(tmp_path / "RC_bad.zst", [b"{oops", c("z", "t3_p", 1, 1, body="[deleted]")])
-    with pytest.raises(NoUsableDataError, match=r"no usable examples: 1 file\(s\), 2 record\(s\) read; skipped (not_json 1, deleted_body 1|deleted_body 1, not_json 1)"):
+    with pytest.raises(
+        NoUsableDataError,
+        match=r"no usable examples: 1 file\(s\), 2 record\(s\) read; skipped (not_json 1, deleted_body 1|deleted_body 1, not_json 1)",
+    ):
         prepare(comments=[bad], out=tmp_path / "o2")
     assert not (tmp_path / "o2" / "examples.parquet").exists()
 
 
 def test_cli_corrupted_dump_exits_0_with_warnings(dumps, tmp_path):
-    rc, rs = dumps
+    _, rs = dumps
     good = [json.dumps(r).encode() for r in COMMENTS]
-    bad = good[:5] + [b"{not json", b'{"id": "u1", "body": "\xff"}', json.dumps(c("m", "t3_p1", 1, 1) | {"score": None}).encode()]
+    bad = good[:5] + [
+        b"{not json",
+        b'{"id": "u1", "body": "\xff"}',
+        json.dumps(c("m", "t3_p1", 1, 1) | {"score": None}).encode(),
+    ]
     data = zstandard.ZstdCompressor().compress(b"\n".join(bad + good[5:]) + b"\n")
     corrupt = tmp_path / "RC_corrupt.zst"
     corrupt.write_bytes(data[:-7])  # cut inside the only block: nothing of this frame survives
@@ -378,8 +444,13 @@ def test_cli_corrupted_dump_exits_0_with_warnings(dumps, tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    res = CliRunner().invoke(app, ["prepare", "--comments", str(tmp_path / "RC_nope.zst"), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and f"error: input file not found: {tmp_path / 'RC_nope.zst'} (--comments)" in res.output
+    res = CliRunner().invoke(
+        app, ["prepare", "--comments", str(tmp_path / "RC_nope.zst"), "--out", str(tmp_path / "o")]
+    )
+    assert (
+        res.exit_code == 2
+        and f"error: input file not found: {tmp_path / 'RC_nope.zst'} (--comments)" in res.output
+    )
     res = CliRunner().invoke(app, ["prepare", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "error: no input" in res.output
     empty = tmp_path / "RC_empty.zst"
@@ -387,7 +458,8 @@ def test_cli_errors(tmp_path):
     res = CliRunner().invoke(app, ["prepare", "--comments", str(empty), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert res.output.strip().splitlines()[-1] == (
-        "error: no usable examples: 1 file(s), 0 record(s) read; RC_empty.zst: empty_file")
+        "error: no usable examples: 1 file(s), 0 record(s) read; RC_empty.zst: empty_file"
+    )
 
 
 def test_shp_hub_id_goes_through_datasets(tmp_path, monkeypatch):

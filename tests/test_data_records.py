@@ -164,7 +164,13 @@ def test_shp_row_gives_two_comments_with_the_split_from_the_domain():
     assert reason is None
     names = [n for n, _ in SHP_COLUMNS]
     a, b = (dict(zip(names, r, strict=True)) for r in rows)
-    assert (a["subreddit"], a["shp_split"], a["id"], a["score"], a["body"]) == ("askculinary", "train", "a1", 30, "Ten minutes.")
+    assert (a["subreddit"], a["shp_split"], a["id"], a["score"], a["body"]) == (
+        "askculinary",
+        "train",
+        "a1",
+        30,
+        "Ten minutes.",
+    )
     assert (b["id"], b["score"], b["created_utc"]) == ("b1", 5, 200)
     assert shp_record(shp(domain="askculinary_validation"))[0][0][2] == "val"
     assert shp_record(shp(domain="askculinary"), split_hint="test")[0][0][2] == "test"

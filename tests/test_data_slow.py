@@ -62,7 +62,12 @@ def test_college_threads_splits_pairs_contexts(college):
     ex = str(out / "examples.parquet")
     pairs = str(out / "pairs.parquet")
     con = duckdb.connect()
-    assert con.execute(f"SELECT count(*) FROM (SELECT thread_id FROM '{ex}' GROUP BY 1 HAVING count(DISTINCT split) > 1)").fetchone()[0] == 0
+    assert (
+        con.execute(
+            f"SELECT count(*) FROM (SELECT thread_id FROM '{ex}' GROUP BY 1 HAVING count(DISTINCT split) > 1)"
+        ).fetchone()[0]
+        == 0
+    )
     # every pair obeys the pair rule, against the examples it names
     bad = con.execute(
         f"""SELECT count(*) FROM '{pairs}' p JOIN '{ex}' a ON a.example_id = p.chosen_id
@@ -72,7 +77,12 @@ def test_college_threads_splits_pairs_contexts(college):
                        AND p.context = a.context AND p.chosen = a.response AND p.rejected = b.response)"""
     ).fetchone()[0]
     assert bad == 0
-    assert con.execute(f"SELECT max(n) FROM (SELECT parent_id, count(*) AS n FROM '{pairs}' GROUP BY 1)").fetchone()[0] <= 5
+    assert (
+        con.execute(
+            f"SELECT max(n) FROM (SELECT parent_id, count(*) AS n FROM '{pairs}' GROUP BY 1)"
+        ).fetchone()[0]
+        <= 5
+    )
     # every example whose post is in the input has the post title in its context
     posts = {p["id"]: p["title"].strip() for p in read_zst(base / "RS_college.zst")}
     rows = con.execute(f"SELECT thread_id, post_title, context FROM '{ex}'").fetchall()
@@ -80,23 +90,37 @@ def test_college_threads_splits_pairs_contexts(college):
     assert len(with_post) == len(rows)  # the set is complete: every comment's post is there
     assert all(title == posts[t] and ctx.startswith(title) for t, title, ctx in with_post if posts[t])
     # ancestors: with nothing deleted on the way, a reply's context holds min(depth, max_depth) comments
-    assert con.execute(
-        f"SELECT count(*) FROM '{ex}' WHERE NOT context_missing AND len(context_comments) <> least(depth, 8)"
-    ).fetchone()[0] == 0
-    assert card["context_missing"] == con.execute(f"SELECT count(*) FROM '{ex}' WHERE context_missing").fetchone()[0]
+    assert (
+        con.execute(
+            f"SELECT count(*) FROM '{ex}' WHERE NOT context_missing AND len(context_comments) <> least(depth, 8)"
+        ).fetchone()[0]
+        == 0
+    )
+    assert (
+        card["context_missing"]
+        == con.execute(f"SELECT count(*) FROM '{ex}' WHERE context_missing").fetchone()[0]
+    )
     # the context column is exactly the template's context_text of its parts, on every real row
     t = pq.read_table(ex, columns=["post_title", "post_body", "context_comments", "context"]).to_pydict()
     assert all(
         context_text([ti, bo, *cc]) == ctx
-        for ti, bo, cc, ctx in zip(t["post_title"], t["post_body"], t["context_comments"], t["context"], strict=True)
+        for ti, bo, cc, ctx in zip(
+            t["post_title"], t["post_body"], t["context_comments"], t["context"], strict=True
+        )
     )
 
 
 def test_college_parallel_equals_sequential(college, tmp_path):
     base, out, card = college
     assert card["config"]["workers"] >= 1
-    seq = prepare(comments=[base / "RC_college.zst"], submissions=[base / "RS_college.zst"], out=tmp_path, workers=1)
-    assert (seq["examples"], seq["pairs"], seq["skipped"]) == (card["examples"], card["pairs"], card["skipped"])
+    seq = prepare(
+        comments=[base / "RC_college.zst"], submissions=[base / "RS_college.zst"], out=tmp_path, workers=1
+    )
+    assert (seq["examples"], seq["pairs"], seq["skipped"]) == (
+        card["examples"],
+        card["pairs"],
+        card["skipped"],
+    )
     for name in ("examples.parquet", "pairs.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(tmp_path / name)), name
 
@@ -120,7 +144,10 @@ def test_pushshift_2005_2006_comments_only(shared_data, tmp_path):
     by_id = {r["example_id"]: r for r in rows}
     with_parent = [r for r in replies if r["parent_id"][3:] in ids]
     assert len(with_parent) > 1_000
-    assert all(r["context_comments"] and r["context_comments"][-1] == by_id[r["parent_id"][3:]]["response"] for r in with_parent)
+    assert all(
+        r["context_comments"] and r["context_comments"][-1] == by_id[r["parent_id"][3:]]["response"]
+        for r in with_parent
+    )
     assert f"{card['examples']:,} examples" in res.stdout
 
 

@@ -24,7 +24,9 @@ def _mode(sources: dict[str, int]) -> str:
     return present[0] if len(present) == 1 else "mixed"
 
 
-def build_card(cfg, file_stats, summary: dict[str, Any], timings: dict[str, float], posts_are_examples: bool) -> dict:
+def build_card(
+    cfg, file_stats, summary: dict[str, Any], timings: dict[str, float], posts_are_examples: bool
+) -> dict:
     from karma.data.prepare import BAD_INPUT_PREFIXES, CARD_VERSION, config_dict
 
     inputs = []
@@ -46,7 +48,9 @@ def build_card(cfg, file_stats, summary: dict[str, Any], timings: dict[str, floa
         if s.status != "ok":
             warnings.append(f"{s.path}: {s.status} ({s.error})")
         if bad:
-            warnings.append(f"{s.path}: skipped bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())))
+            warnings.append(
+                f"{s.path}: skipped bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+            )
     filters = {
         "drop_deleted": cfg.drop_deleted,
         "drop_bots": cfg.drop_bots,
@@ -80,16 +84,24 @@ def card_markdown(card: dict) -> str:
     lines = [
         "# Prepared KARMA data",
         "",
-        f"{card['examples']:,} examples in {card['threads']:,} threads ({card['subreddits']} subreddits), "
-        f"{card['pairs']['total']:,} pairs; {card['lines_read']:,} records read, {card['kept']:,} kept; "
-        f"{card['elapsed_seconds']} s.",
+        (
+            f"{card['examples']:,} examples in {card['threads']:,} threads ({card['subreddits']} subreddits), "
+            f"{card['pairs']['total']:,} pairs; {card['lines_read']:,} records read, {card['kept']:,} kept; "
+            f"{card['elapsed_seconds']} s."
+        ),
         "",
         "| split | examples | threads | pairs |",
         "|---|---:|---:|---:|",
     ]
     for name, s in card["splits"].items():
         lines.append(f"| {name} | {s['examples']:,} | {s['threads']:,} | {s['pairs']:,} |")
-    lines += ["", "## Inputs", "", "| file | kind | sha256 | lines | kept | status |", "|---|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## Inputs",
+        "",
+        "| file | kind | sha256 | lines | kept | status |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for f in card["inputs"]:
         lines.append(
             f"| {Path(f['path']).name} | {f['kind']} ({f['role']}) | `{f['sha256'][:12]}` | {f['lines_read']:,} "
@@ -103,9 +115,11 @@ def card_markdown(card: dict) -> str:
         "",
         "## Scores",
         "",
-        f"raw score min {sc['min']}, median {sc['median']}, mean {sc['mean']:.2f}, max {sc['max']}; "
-        f"karma = {card['config']['normalize']} (mean {card['karma']['mean']:.3f}, std {card['karma']['std']:.3f}). "
-        f"{card['context_missing']:,} examples have part of their context missing.",
+        (
+            f"raw score min {sc['min']}, median {sc['median']}, mean {sc['mean']:.2f}, max {sc['max']}; "
+            f"karma = {card['config']['normalize']} (mean {card['karma']['mean']:.3f}, "
+            f"std {card['karma']['std']:.3f}). {card['context_missing']:,} examples have part of their context missing."
+        ),
         "",
         "## Config",
         "",

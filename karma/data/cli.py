@@ -19,39 +19,86 @@ def _data() -> None:
 
 @app.command("prepare")
 def prepare_cmd(
-    out: Annotated[Path, typer.Option("--out", help="output folder: examples.parquet, pairs.parquet, card.json, card.md")],
+    out: Annotated[
+        Path, typer.Option("--out", help="output folder: examples.parquet, pairs.parquet, card.json, card.md")
+    ],
     comments: Annotated[
         list[Path] | None,
         typer.Option("--comments", help="Pushshift comment dump (RC_*.zst, .jsonl, .gz); repeatable"),
     ] = None,
     submissions: Annotated[
         list[Path] | None,
-        typer.Option("--submissions", help="Pushshift submission dump (RS_*.zst, ...); repeatable. Alone: posts are the examples"),
+        typer.Option(
+            "--submissions",
+            help="Pushshift submission dump (RS_*.zst, ...); repeatable. Alone: posts are the examples",
+        ),
     ] = None,
     shp: Annotated[
         list[str] | None,
-        typer.Option("--shp", help="SHP rows: a JSONL/parquet file, a folder of them, or a hub id (needs internet); repeatable"),
+        typer.Option(
+            "--shp",
+            help="SHP rows: a JSONL/parquet file, a folder of them, or a hub id (needs internet); repeatable",
+        ),
     ] = None,
-    min_score_ratio: Annotated[float, typer.Option("--min-score-ratio", help="pairs: chosen score / rejected score >= this")] = 2.0,
-    min_pair_score: Annotated[int, typer.Option("--min-pair-score", help="pairs: both scores >= this (SHP uses 2)")] = 2,
-    max_pairs_per_parent: Annotated[int, typer.Option("--max-pairs-per-parent", help="pairs: at most K per parent (seeded pick)")] = 5,
-    normalize: Annotated[str, typer.Option("--normalize", help="karma: log1p (signed) | percentile | zscore (within thread)")] = "log1p",
-    split_by: Annotated[str, typer.Option("--split-by", help="thread (seeded hash of the thread id) | time (earlier threads train)")] = "thread",
-    val_frac: Annotated[float, typer.Option("--val-frac", help="fraction of threads (by time: of examples) in val")] = 0.05,
-    test_frac: Annotated[float, typer.Option("--test-frac", help="fraction of threads (by time: of examples) in test")] = 0.05,
+    min_score_ratio: Annotated[
+        float, typer.Option("--min-score-ratio", help="pairs: chosen score / rejected score >= this")
+    ] = 2.0,
+    min_pair_score: Annotated[
+        int, typer.Option("--min-pair-score", help="pairs: both scores >= this (SHP uses 2)")
+    ] = 2,
+    max_pairs_per_parent: Annotated[
+        int, typer.Option("--max-pairs-per-parent", help="pairs: at most K per parent (seeded pick)")
+    ] = 5,
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="karma: log1p (signed) | percentile | zscore (within thread)")
+    ] = "log1p",
+    split_by: Annotated[
+        str,
+        typer.Option(
+            "--split-by", help="thread (seeded hash of the thread id) | time (earlier threads train)"
+        ),
+    ] = "thread",
+    val_frac: Annotated[
+        float, typer.Option("--val-frac", help="fraction of threads (by time: of examples) in val")
+    ] = 0.05,
+    test_frac: Annotated[
+        float, typer.Option("--test-frac", help="fraction of threads (by time: of examples) in test")
+    ] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="seed of the split hash and of the pair pick")] = 0,
-    max_depth: Annotated[int, typer.Option("--max-depth", help="ancestor comments kept in the context (nearest first)")] = 8,
-    drop_bots: Annotated[bool, typer.Option("--drop-bots/--keep-bots", help="bot accounts (AutoModerator, *bot)")] = True,
-    drop_deleted: Annotated[bool, typer.Option("--drop-deleted/--keep-deleted", help="[deleted]/[removed] bodies")] = True,
-    drop_moderator: Annotated[bool, typer.Option("--drop-moderator/--keep-moderator", help="distinguished comments")] = True,
-    drop_stickied: Annotated[bool, typer.Option("--drop-stickied/--keep-stickied", help="stickied comments")] = True,
+    max_depth: Annotated[
+        int, typer.Option("--max-depth", help="ancestor comments kept in the context (nearest first)")
+    ] = 8,
+    drop_bots: Annotated[
+        bool, typer.Option("--drop-bots/--keep-bots", help="bot accounts (AutoModerator, *bot)")
+    ] = True,
+    drop_deleted: Annotated[
+        bool, typer.Option("--drop-deleted/--keep-deleted", help="[deleted]/[removed] bodies")
+    ] = True,
+    drop_moderator: Annotated[
+        bool, typer.Option("--drop-moderator/--keep-moderator", help="distinguished comments")
+    ] = True,
+    drop_stickied: Annotated[
+        bool, typer.Option("--drop-stickied/--keep-stickied", help="stickied comments")
+    ] = True,
     drop_missing_context: Annotated[
-        bool, typer.Option("--drop-missing-context/--keep-missing-context", help="examples whose post/ancestor is unknown or deleted")
+        bool,
+        typer.Option(
+            "--drop-missing-context/--keep-missing-context",
+            help="examples whose post/ancestor is unknown or deleted",
+        ),
     ] = False,
-    workers: Annotated[int, typer.Option("--workers", help="decode processes and DuckDB threads (0: one per core)")] = 0,
-    limit: Annotated[int | None, typer.Option("--limit", help="read only the first N records of each example file")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="decode processes and DuckDB threads (0: one per core)")
+    ] = 0,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="read only the first N records of each example file")
+    ] = None,
     memory_limit: Annotated[
-        str, typer.Option("--memory-limit", help="DuckDB memory limit, e.g. 8GB (auto: half the RAM); beyond it, it spills to disk")
+        str,
+        typer.Option(
+            "--memory-limit",
+            help="DuckDB memory limit, e.g. 8GB (auto: half the RAM); beyond it, it spills to disk",
+        ),
     ] = "auto",
 ) -> None:
     """Raw Pushshift/SHP dumps → examples.parquet, pairs.parquet, card.json (+ card.md) in --out."""

@@ -250,7 +250,9 @@ class _BatchWriter:
         pa = self.pa
         n = len(rows)
         start = self.written if row_base is None else row_base
-        arrays = [self._array(col, f.type) for col, f in zip(zip(*rows, strict=True), self.schema, strict=False)]
+        arrays = [
+            self._array(col, f.type) for col, f in zip(zip(*rows, strict=True), self.schema, strict=False)
+        ]
         arrays.append(pa.nulls(n, pa.int32()).fill_null(self.file_idx))
         arrays.append(pa.array(range(start, start + n), type=pa.int64()))
         if self.writer is None:
@@ -286,12 +288,16 @@ def decode_file(task: FileTask) -> FileStats:
         reader = _HashingReader(fh, digest)
         if fmt in ("empty", "not_zstd"):
             stats.status = "empty_file" if fmt == "empty" else "not_zstd"
-            stats.error = "file is empty" if fmt == "empty" else "file name says zstd but it has no zstd frame header"
+            stats.error = (
+                "file is empty" if fmt == "empty" else "file name says zstd but it has no zstd frame header"
+            )
         else:
             if fmt == "parquet":
                 items = _parquet_rows(path, reader)
             else:
-                items = _lines({"zstd": _zstd_chunks, "gzip": _gzip_chunks, "text": _plain_chunks}[fmt](reader))
+                items = _lines(
+                    {"zstd": _zstd_chunks, "gzip": _gzip_chunks, "text": _plain_chunks}[fmt](reader)
+                )
             try:
                 _parse_lines(items, task, writer, stats, skipped)
             except TruncatedStream as exc:
@@ -316,7 +322,12 @@ def decode_file(task: FileTask) -> FileStats:
 
 
 def _parse_lines(
-    lines: Iterator, task: FileTask, writer: _BatchWriter, stats: FileStats, skipped: Counter, row_base: int | None = None
+    lines: Iterator,
+    task: FileTask,
+    writer: _BatchWriter,
+    stats: FileStats,
+    skipped: Counter,
+    row_base: int | None = None,
 ) -> None:
     """The hot loop: parse each line and hand the object to the kind's per-record function.
 
@@ -411,7 +422,9 @@ def decode_files(tasks: list[FileTask], workers: int = 1) -> list[FileStats]:
     by_index = {t.index: t for t in tasks}
     in_q = ctx.Queue(maxsize=2 * workers)
     out_q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(by_index, in_q, out_q, w), daemon=True) for w in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(by_index, in_q, out_q, w), daemon=True) for w in range(workers)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -520,7 +533,9 @@ def _worker(tasks: dict[int, FileTask], in_q, out_q, wid: int) -> None:
             _, idx, block_idx, data = msg
             task = tasks[idx]
             if idx not in writers:
-                columns = {"comments": COMMENT_COLUMNS, "submissions": POST_COLUMNS, "shp": SHP_COLUMNS}[task.kind]
+                columns = {"comments": COMMENT_COLUMNS, "submissions": POST_COLUMNS, "shp": SHP_COLUMNS}[
+                    task.kind
+                ]
                 writers[idx] = _BatchWriter(f"{task.out_path}.w{wid}", columns, idx)
                 partial[idx] = [FileStats(path=task.path, kind=task.kind, index=idx), Counter()]
             st, skipped = partial[idx]

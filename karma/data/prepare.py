@@ -73,7 +73,9 @@ class PrepareConfig:
         if not (self.comments or self.submissions or self.shp):
             raise ValueError("no input: give --comments, --submissions and/or --shp")
         if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {self.normalize!r}")
+            raise ValueError(
+                f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {self.normalize!r}"
+            )
         if self.split_by not in SPLIT_BY_CHOICES:
             raise ValueError(f"split_by must be one of {', '.join(SPLIT_BY_CHOICES)}, got {self.split_by!r}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
@@ -83,7 +85,9 @@ class PrepareConfig:
         if self.min_score_ratio < 1:
             raise ValueError(f"min_score_ratio must be >= 1, got {self.min_score_ratio}")
         if self.min_pair_score < 1:
-            raise ValueError(f"min_pair_score must be >= 1 (a score ratio needs positive scores), got {self.min_pair_score}")
+            raise ValueError(
+                f"min_pair_score must be >= 1 (a score ratio needs positive scores), got {self.min_pair_score}"
+            )
         if self.max_pairs_per_parent < 0:
             raise ValueError(f"max_pairs_per_parent must be >= 0, got {self.max_pairs_per_parent}")
         if self.max_depth < 0:
@@ -123,7 +127,10 @@ def _check_inputs(cfg: PrepareConfig) -> list[tuple[str, str]]:
     from karma.data.shp import expand_shp_inputs
 
     inputs: list[tuple[str, str]] = []
-    for kind, flag, paths in (("comments", "--comments", cfg.comments), ("submissions", "--submissions", cfg.submissions)):
+    for kind, flag, paths in (
+        ("comments", "--comments", cfg.comments),
+        ("submissions", "--submissions", cfg.submissions),
+    ):
         for p in paths:
             path = Path(p).expanduser()
             if not path.is_file():
@@ -179,6 +186,13 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         file_stats = decode_files(tasks, workers=cfg.workers)
         timings["decode"] = round(time.perf_counter() - t0, 3)
+        log.info(
+            "decoded %d file(s): %d records, %d kept in %.1f s",
+            len(file_stats),
+            sum(s.lines_read for s in file_stats),
+            sum(s.kept for s in file_stats),
+            timings["decode"],
+        )
 
         rcfg = RelationalConfig(
             normalize=cfg.normalize,
@@ -194,14 +208,23 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
             memory_limit=cfg.memory_limit,
             threads=cfg.workers,
         )
+        paths = {
+            k: [p for s in file_stats if s.kind == k for p in s.out_paths]
+            for k in ("comments", "submissions", "shp")
+        }
         rel = Relational(tmp, rcfg)
         try:
-            summary = _relational(rel, file_stats, has_comments, posts_are_examples, out, tmp)
+            summary = rel.run(
+                paths, has_comments=has_comments, posts_are_examples=posts_are_examples, out_dir=tmp
+            )
         finally:
             rel.close()
         timings.update(rel.result.timings)
         for s in file_stats:
-            for reason, counts in (("duplicate_id", rel.result.duplicates), ("context_missing", rel.result.missing_context_dropped)):
+            for reason, counts in (
+                ("duplicate_id", rel.result.duplicates),
+                ("context_missing", rel.result.missing_context_dropped),
+            ):
                 n = counts.get(s.index, 0)
                 if n:
                     s.kept -= n
@@ -215,46 +238,11 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
             os.replace(tmp / name, out / name)
         for w in card["warnings"]:
             log.warning("%s", w)
+        log.info("wrote %d examples and %d pairs to %s in %.1f s", card["examples"], card["pairs"]["total"], out,
+                 timings["total"])  # fmt: skip
         return card
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _relational(rel, file_stats, has_comments: bool, posts_are_examples: bool, out: Path, tmp: Path):
-    from karma.data.records import COMMENT_COLUMNS, POST_COLUMNS, SHP_COLUMNS
-
-    import pyarrow as pa
-
-    def schema(cols):
-        return pa.schema([(n, getattr(pa, t)()) for n, t in cols] + [("file_idx", pa.int32()), ("row_no", pa.int64())])
-
-    paths = {k: [p for s in file_stats if s.kind == k for p in s.out_paths] for k in ("comments", "submissions", "shp")}
-    if not any(paths.values()):
-        return None
-    rel.register("raw_comments", paths["comments"], schema(COMMENT_COLUMNS))
-    rel.register("raw_posts", paths["submissions"], schema(POST_COLUMNS))
-    rel.register("raw_shp", paths["shp"], schema(SHP_COLUMNS))
-    rel._timed("dedupe", rel.dedupe)
-    made = False
-    if has_comments:
-        rel._timed("contexts", rel.contexts)
-        rel._timed("depth", rel.depth)
-        rel._timed("comment_examples", rel.comment_examples)
-        made = True
-    elif posts_are_examples and paths["submissions"]:
-        rel._timed("post_examples", rel.post_examples)
-        made = True
-    if paths["shp"]:
-        rel._timed("shp_examples", lambda: rel.shp_examples(append=made))
-        made = True
-    if not made:
-        return None
-    rel._timed("finish_examples", rel.finish_examples)
-    if rel.result.examples == 0:
-        return {"examples": 0}
-    rel._timed("pairs", rel.pairs)
-    rel._timed("write", lambda: rel.write(tmp))
-    return rel._timed("summary", rel.summary)
 
 
 def _nothing_usable(file_stats) -> str:
@@ -263,7 +251,9 @@ def _nothing_usable(file_stats) -> str:
     for s in file_stats:
         for k, v in s.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
-    bad_files = [f"{Path(s.path).name}: {s.status}" for s in file_stats if s.status in ("empty_file", "not_zstd")]
+    bad_files = [
+        f"{Path(s.path).name}: {s.status}" for s in file_stats if s.status in ("empty_file", "not_zstd")
+    ]
     top = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])[:4])
     parts = [f"no usable examples: {len(file_stats)} file(s), {lines} record(s) read"]
     if top:

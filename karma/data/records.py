@@ -187,8 +187,7 @@ def comment_record_checked(obj: Any, filters: Filters) -> tuple[tuple | None, st
     cid = obj.get("id")
     if not isinstance(cid, str) or not cid:
         return None, "missing_field:id"
-    if cid.startswith("t1_"):
-        cid = cid[3:]
+    cid = cid.removeprefix("t1_")
     parent = obj.get("parent_id")
     if not isinstance(parent, str) or not parent.startswith(_PARENT_PREFIXES):
         return None, "missing_field:parent_id"
@@ -246,8 +245,7 @@ def post_record(obj: Any, filters: Filters, as_example: bool) -> tuple[tuple | N
     pid = obj.get("id")
     if not isinstance(pid, str) or not pid:
         return None, "missing_field:id"
-    if pid.startswith("t3_"):
-        pid = pid[3:]
+    pid = pid.removeprefix("t3_")
     title = obj.get("title")
     if not isinstance(title, str):
         return None, "missing_field:title"
@@ -321,5 +319,7 @@ def shp_record(obj: Any, split_hint: str | None = None) -> tuple[list[tuple] | N
         body, deleted = _text(obj[f"human_ref_{side}"])
         if deleted or not body:
             return None, "deleted_body" if deleted else "empty_body"
-        rows.append((str(obj["post_id"]), sub, split, history, str(obj[f"c_root_id_{side}"]), body, score, created))
+        rows.append(
+            (str(obj["post_id"]), sub, split, history, str(obj[f"c_root_id_{side}"]), body, score, created)
+        )
     return rows, None

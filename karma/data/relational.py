@@ -6,8 +6,8 @@ disk instead of failing.
 
 Steps (each a named, timed phase in the card):
 
-1. ``dedupe``     — one row per comment / post id (the first seen wins); usable duplicates are counted
-                    against their file as ``duplicate_id``.
+1. ``dedupe``     — one row per comment / post id (the first usable copy wins); the usable copies that
+                    lose are counted against their file as ``duplicate_id``.
 2. ``contexts``   — for every distinct parent comment, walk up the parent chain ``max_depth`` hops with
                     repeated joins (siblings share a context, so the walk is per parent, not per example);
                     deleted or unknown ancestors are left out and mark the context as missing.
@@ -126,6 +126,43 @@ class Relational:
         self.result = RelationalResult()
         self._datasets: list[Any] = []  # keep the registered pyarrow datasets alive
 
+    def run(
+        self, paths: dict[str, list[str]], *, has_comments: bool, posts_are_examples: bool, out_dir: Path
+    ) -> dict[str, Any] | None:
+        """All phases, timed; writes examples.parquet and pairs.parquet to out_dir and returns the summary.
+
+        ``paths`` maps comments / submissions / shp to the decode stage's Arrow files. Returns None when
+        there is nothing to make examples from, and {"examples": 0} when every candidate was dropped.
+        """
+        from karma.data.records import COMMENT_COLUMNS, POST_COLUMNS, SHP_COLUMNS
+
+        if not any(paths.values()):
+            return None
+        for name, kind, cols in (("raw_comments", "comments", COMMENT_COLUMNS), ("raw_posts", "submissions", POST_COLUMNS),
+                                 ("raw_shp", "shp", SHP_COLUMNS)):  # fmt: skip
+            self.register(name, paths.get(kind, []), cols)
+        self._timed("dedupe", self.dedupe)
+        made = False
+        if has_comments:
+            self._timed("contexts", self.contexts)
+            self._timed("depth", self.depth)
+            self._timed("comment_examples", self.comment_examples)
+            made = True
+        elif posts_are_examples and paths.get("submissions"):
+            self._timed("post_examples", self.post_examples)
+            made = True
+        if paths.get("shp"):
+            self._timed("shp_examples", lambda: self.shp_examples(append=made))
+            made = True
+        if not made:
+            return None
+        self._timed("finish_examples", self.finish_examples)
+        if self.result.examples == 0:
+            return {"examples": 0}
+        self._timed("pairs", self.pairs)
+        self._timed("write", lambda: self.write(out_dir))
+        return self._timed("summary", self.summary)
+
     # -- helpers -------------------------------------------------------------------------------------------
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -139,11 +176,14 @@ class Relational:
     def scalar(self, query: str) -> Any:
         return self.con.execute(query).fetchone()[0]
 
-    def register(self, name: str, paths: list[str], schema) -> None:
+    def register(self, name: str, paths: list[str], columns: tuple[tuple[str, str], ...]) -> None:
         """Expose Arrow IPC files as a view (an empty table of the right schema when there are none)."""
         import pyarrow as pa
         import pyarrow.dataset as ds
 
+        schema = pa.schema(
+            [(n, getattr(pa, t)()) for n, t in columns] + [("file_idx", pa.int32()), ("row_no", pa.int64())]
+        )
         data = ds.dataset(paths, format="ipc", schema=schema) if paths else pa.table(schema.empty_table())
         self._datasets.append(data)
         self.con.register(name, data)
@@ -411,8 +451,10 @@ class Relational:
                        e.context_missing, s.history AS context, s.body AS response, {meta}
                 FROM ex e JOIN s ON s.id = e.example_id WHERE e.source = 'shp' AND ({where})""",
         ]
-        present = set(r[0] for r in self.sql("SELECT DISTINCT source FROM ex").fetchall())
-        chosen = [q for q, src in zip(parts, ("pushshift", "submissions", "shp"), strict=True) if src in present]
+        present = {r[0] for r in self.sql("SELECT DISTINCT source FROM ex").fetchall()}
+        chosen = [
+            q for q, src in zip(parts, ("pushshift", "submissions", "shp"), strict=True) if src in present
+        ]
         return " UNION ALL ".join(chosen)
 
     def _to_parquet(self, query: str, path: Path) -> None:
@@ -433,12 +475,11 @@ class Relational:
             out_dir / "examples.parquet",
         )
         self.sql(
-            "CREATE TEMP TABLE pt AS " + self._with_text(
-                "e.example_id IN (SELECT chosen_id FROM pr UNION SELECT rejected_id FROM pr)"
-            )
+            "CREATE TEMP TABLE pt AS "
+            + self._with_text("e.example_id IN (SELECT chosen_id FROM pr UNION SELECT rejected_id FROM pr)")
         )
         self._to_parquet(
-            f"""
+            """
                 SELECT r.pair_id, a.split, a.subreddit, a.thread_id, a.parent_id, a.context,
                        (a.context_missing OR b.context_missing) AS context_missing, r.chosen_id, r.rejected_id,
                        a.response AS chosen, b.response AS rejected, r.chosen_score, r.rejected_score, r.score_ratio,
@@ -460,8 +501,13 @@ class Relational:
         names = ("n", "min", "max", "mean", "median", "std", "p10", "p90")
         score = {k: (float(v) if v is not None else None) for k, v in zip(names, q[:8], strict=True)}
         score["n"] = int(q[0])
-        karma = {k: (float(v) if v is not None else None) for k, v in zip(("min", "max", "mean", "std"), q[8:12], strict=True)}
-        splits: dict[str, dict[str, int]] = {s: {"examples": 0, "threads": 0, "pairs": 0} for s in ("train", "val", "test")}
+        karma = {
+            k: (float(v) if v is not None else None)
+            for k, v in zip(("min", "max", "mean", "std"), q[8:12], strict=True)
+        }
+        splits: dict[str, dict[str, int]] = {
+            s: {"examples": 0, "threads": 0, "pairs": 0} for s in ("train", "val", "test")
+        }
         for split, n, threads in self.sql(
             "SELECT split, count(*), count(DISTINCT thread_id) FROM ex GROUP BY split"
         ).fetchall():

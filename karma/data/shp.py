@@ -44,7 +44,7 @@ def _from_hub(dataset_id: str) -> list[Path]:
         import datasets
 
         dd = datasets.load_dataset(dataset_id)
-    except Exception as exc:  # noqa: BLE001 - any hub / network failure becomes one clear error
+    except Exception as exc:
         raise ShpHubError(
             f"could not load SHP dataset {dataset_id!r} from the Hugging Face hub "
             f"(this needs internet; give local JSONL/parquet files instead): {type(exc).__name__}: {exc}"
