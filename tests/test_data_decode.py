@@ -170,6 +170,8 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
             FileTask(path=str(comments), kind="comments", index=0, out_path=str(tmp_path / f"c-{tag}.arrow")),
             FileTask(path=str(posts), kind="submissions", index=1, out_path=str(tmp_path / f"p-{tag}.arrow"),
                      as_example=False),
+            # --limit files go to a worker whole
+            FileTask(path=str(comments), kind="comments", index=2, out_path=str(tmp_path / f"l-{tag}.arrow"), limit=10),
         ]  # fmt: skip
 
     seq = decode_files(tasks("seq"), workers=1)
@@ -185,6 +187,7 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
             s.status,
         )
     assert seq[0].skipped == {"deleted_body": 176, "not_json": 1}
+    assert (par[2].lines_read, par[2].kept) == (10, 10)
     a = read_rows(seq[0]).sort_by("id").drop_columns(["row_no"])
     b = read_rows(par[0]).sort_by("id").drop_columns(["row_no"])
     assert a.equals(b)

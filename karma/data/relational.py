@@ -216,7 +216,7 @@ class Relational:
             self.sql("DROP TABLE ranked")
         self.sql(
             "CREATE TABLE cn AS SELECT id, parent_id, thread_id, subreddit, score, created_utc, depth_field, usable, "
-            "file_idx, (body IS NULL OR body IN ('[deleted]', '[removed]')) AS body_missing FROM c"
+            "file_idx FROM c"
         )
         self.sql(
             "CREATE TABLE pn AS SELECT id, subreddit, score, created_utc, flair, usable, file_idx, "
