@@ -45,17 +45,31 @@ def reference_loglik(lm: CausalLM, context: str, continuation: str) -> float:
     return float(logprobs[len(ctx) - 1 :].gather(-1, ids[0, len(ctx) :, None]).sum())
 
 
+def reference_loglik_of_ids(lm: CausalLM, pair: tuple[list[int], list[int]], max_length: int) -> float:
+    """The same, for a (context ids, continuation ids) pair cut from the left to max_length + 1 tokens."""
+    import torch
+
+    ctx, cont = pair
+    ids = torch.tensor([(ctx + cont)[-(max_length + 1):]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(lm.model(ids[:, :-1]).logits[0].float(), dim=-1)
+    return float(logprobs[-len(cont):].gather(-1, ids[0, -len(cont):, None]).sum())
+
+
 # ------------------------------------------------------------------------------------ scorer
 def test_batched_scorer_equals_unbatched_and_a_plain_forward(lm):
     tasks = load_tasks(SMALL, limit=2, data_dir=DATA)
     reqs = requests(tasks)
     lengths = [len(c) + len(o) for c, o in reqs]
     assert max(lengths) > 3 * min(lengths)  # a mix of short and long rows in the same batches
-    batched = lm.loglikelihood(reqs, batch_size=16, progress=False)
-    single = lm.loglikelihood(reqs, batch_size=1, progress=False)
-    b, s = (np.array([x[0] for x in r]) for r in (batched, single))
+    batched = lm.loglikelihood(reqs, batch_size=16, progress=False)  # shared prefix (KV cache), batched
+    pairs = lm.loglikelihood(reqs, batch_size=7, share_prefix=False, progress=False)  # one padded row per pair
+    single = lm.loglikelihood(reqs, batch_size=1, share_prefix=False, progress=False)  # unbatched
+    b, p, s = (np.array([x[0] for x in r]) for r in (batched, pairs, single))
     assert b == pytest.approx(s, rel=1e-5, abs=1e-4)  # float32 sums of up to ~100 token log-probs
-    assert [x[1] for x in batched] == [x[1] for x in single]
+    assert p == pytest.approx(s, rel=1e-5, abs=1e-4)
+    assert [x[1] for x in batched] == [x[1] for x in single] == [x[1] for x in pairs]
+    assert min(x[1] for x in batched) == 1 and max(x[1] for x in batched) > 20  # one-token and long options
     ref = np.array([reference_loglik(lm, c, o) for c, o in reqs[:12]])
     assert b[:12] == pytest.approx(ref, rel=1e-5, abs=1e-4)
     assert len(set(np.round(b, 3))) > len(b) // 2  # the options really get different scores
@@ -72,8 +86,10 @@ def test_encode_pair_moves_trailing_whitespace_into_the_continuation(lm):
 def test_long_contexts_are_cut_from_the_left(models):
     short = CausalLM.load(str(models["base"]))
     short.max_length = 16
-    ((ll, n),) = short.loglikelihood([("word " * 100, "end")], progress=False)
-    assert n == len(short.encode_pair("word " * 100, "end")[1]) and np.isfinite(ll)
+    for share in (True, False):
+        ((ll, n),) = short.loglikelihood([("word " * 100, "end")], share_prefix=share, progress=False)
+        assert n == len(short.encode_pair("word " * 100, "end")[1]) and np.isfinite(ll)
+        assert ll == pytest.approx(reference_loglik_of_ids(short, short.encode_pair("word " * 100, "end"), 16))
 
 
 # ------------------------------------------------------------------------------------ model checks
@@ -127,9 +143,11 @@ def test_bad_input_fails_before_any_model_loads(models, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def runs(models, lm, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    common = dict(limit=4, data_dir=DATA, n_prompts=4, max_new_tokens=6, n_boot=200, progress=False, batch_size=8)
-    run_eval(str(models["base"]), SMALL + ",generation", out=root / "base", lm=lm, **common)
-    run_eval(str(models["lora"]), SMALL + ",generation", out=root / "lora", **common)
+    common = {"limit": 4, "data_dir": DATA, "n_prompts": 4, "max_new_tokens": 6, "n_boot": 200, "progress": False,
+              "batch_size": 8}
+    suites = "implicatures,metaphor_understanding,generation,truthfulqa_mc,known_unknowns"
+    run_eval(str(models["base"]), suites, out=root / "base", lm=lm, **common)
+    run_eval(str(models["lora"]), suites, out=root / "lora", **common)
     return {"base": root / "base", "lora": root / "lora"}
 
 
@@ -137,8 +155,8 @@ def test_results_json_holds_items_metrics_and_cis(runs):
     res = json.loads((runs["base"] / "results.json").read_text())
     tasks = res["tasks"]
     assert list(tasks) == ["implicatures", "metaphor_understanding/lit2met", "metaphor_understanding/met2lit",
-                           "hhh_alignment/harmless", "generation", "truthfulqa_mc", "known_unknowns"]
-    for name, t in tasks.items():
+                           "generation", "truthfulqa_mc", "known_unknowns"]
+    for t in tasks.values():
         assert t["n"] == 4 and len(t["items"]) == 4
         for m, v in t["metrics"].items():
             assert v["n"] == 4 and v["ci_low"] <= v["value"] <= v["ci_high"]

@@ -47,7 +47,7 @@ def test_every_shipped_bigbench_task_parses_with_the_published_counts(family):
         for item in t.items:
             assert len(item.options) >= 2 and len(item.correct) == 1
             assert len(set(item.options)) == len(item.options)
-            assert item.prompt and item.prompt.endswith(tuple(["\nA: ", "\nAssistant:", ": ", "? ", "\n"]))
+            assert item.prompt and item.prompt.endswith(("\nA: ", "\nAssistant:", ": ", "? ", "\n"))
 
 
 def test_truthfulqa_mc_task_parses():

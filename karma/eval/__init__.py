@@ -13,4 +13,4 @@ from karma.eval.comparison import compare
 from karma.eval.prompts import is_heldout
 from karma.eval.run import run_eval
 
-__all__ = ["run_eval", "compare", "is_heldout"]
+__all__ = ["compare", "is_heldout", "run_eval"]

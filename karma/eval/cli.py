@@ -47,6 +47,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    gen_batch_size: Annotated[int, typer.Option(min=1, help="prompts per generate() call")] = 16,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
     chat_template: Annotated[bool | None, typer.Option(
@@ -72,7 +73,8 @@ def evaluate(
         results = run_eval(
             model, suite, limit, out, reward_url, prompts,
             data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype, n_prompts=n_prompts,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, chat_template=chat_template,
+            max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, temperature=temperature, top_p=top_p,
+            chat_template=chat_template,
             reward_api_key=reward_api_key, reward_model=reward_model, reward_normalize=reward_normalize,
             seed=seed, n_boot=n_boot, progress=progress,
         )

@@ -168,9 +168,11 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Base `{result['base']['name']}` vs {', '.join(f'`{lab}`' for lab in labels)}",
         "",
-        "Values on the items both runs scored: `mean [95% bootstrap CI]`; Δ = trained − base with a paired "
-        "bootstrap CI; p: exact McNemar for 0/1 scores (acc, acc_norm, mc1), paired permutation otherwise; "
-        "`*` marks p < 0.05 (uncorrected for the number of rows).",
+        (
+            "Values on the items both runs scored: `mean [95% bootstrap CI]`; Δ = trained − base with a paired "
+            "bootstrap CI; p: exact McNemar for 0/1 scores (acc, acc_norm, mc1), paired permutation otherwise; "
+            "`*` marks p < 0.05 (uncorrected for the number of rows)."
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

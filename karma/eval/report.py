@@ -40,12 +40,19 @@ def markdown(results: dict) -> str:
         f"# Evaluation of `{model['name']}`",
         "",
         f"- model folder: `{model['path']}`" + (f" (LoRA adapter on `{model['base']}`)" if model.get("base") else ""),
-        f"- device {s['device']}, dtype {s['dtype']}, batch size {s['batch_size']}, "
-        f"limit {s['limit'] if s['limit'] else 'none (full tasks)'}",
-        f"- {t.get('options_scored', 0)} (prompt, option) pairs scored in {t.get('score_s', 0):.0f} s "
-        f"({t.get('options_per_s', float('nan')):.1f}/s); total {t.get('total_s', 0):.0f} s",
-        "- multiple choice: log-likelihood of each option given the prompt, no chat template "
-        "(lm-evaluation-harness's default); values are `mean [95% bootstrap CI]`, n = items",
+        (
+            f"- device {s['device']}, dtype {s['dtype']}, batch size {s['batch_size']}, "
+            f"limit {s['limit'] if s['limit'] else 'none (full tasks)'}"
+        ),
+        (
+            f"- {t.get('options_scored', 0)} (prompt, option) pairs scored in {t.get('score_s', 0):.0f} s "
+            f"({t.get('options_per_s', float('nan')):.1f}/s); total {t.get('total_s', 0):.0f} s"
+        ),
+        (
+            "- multiple choice: log-likelihood of each option given the prompt, no chat template "
+            "(lm-evaluation-harness's default); values are `mean [95% bootstrap CI]`, n = items; "
+            "chance: acc (mc1 / mc2 for TruthfulQA) of a uniform guess"
+        ),
         "",
     ]
     summary = results["summary"]

@@ -233,9 +233,12 @@ def generation_metrics(items: list[dict], *, n_boot: int = 1000, seed: int = 0) 
         if items and all(m in it["scores"] for it in items):
             out[m] = M.mean_ci([it["scores"][m] for it in items], n_boot=n_boot, seed=seed)
     for m in M.CORPUS_METRICS:
-        fn = M.corpus_metric(m)
-        out[m] = M.statistic_ci(lambda idx: fn([replies[i] for i in idx]), len(replies), n_boot=n_boot, seed=seed)
+        out[m] = _corpus_ci(M.corpus_metric(m), replies, n_boot, seed)
     return out
+
+
+def _corpus_ci(fn, replies: list[str], n_boot: int, seed: int) -> dict:
+    return M.statistic_ci(lambda idx: fn([replies[i] for i in idx]), len(replies), n_boot=n_boot, seed=seed)
 
 
 async def score_replies(
