@@ -155,6 +155,8 @@ def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_p
     assert b["spearman"]["diff"] == pytest.approx(full["spearman"] - ctx["spearman"])
     assert b["pairwise_accuracy"]["diff"] == pytest.approx(full["pairwise_accuracy"] - ctx["pairwise_accuracy"])
     assert f"Spearman {full['spearman']:.3f} vs {ctx['spearman']:.3f}" in ev["statement"]
+    early = ev["systems"]["earliness"]["overall"]["pairwise_accuracy"]
+    assert f"Timing alone (`earliness`) reaches pairwise accuracy {early:.3f}" in ev["statement"]
     assert ev["statement"].split(":")[0] in ("Yes", "No", "Mixed", "Not distinguishable on this sample")
     assert (tmp_path / "cmp" / "rm_full" / "karma_rm.json").exists()
     md = (tmp_path / "cmp" / "compare.md").read_text()

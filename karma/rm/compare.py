@@ -85,6 +85,11 @@ def statement(systems: Mapping[str, Any], boots: Mapping[str, Any], a: str = "fu
         tail = (f" The length baseline's pairwise accuracy is {length_acc:.3f}; "
                 + (f"{' and '.join(f'`{v}`' for v in beat)} beat{'s' if len(beat) == 1 else ''} it."
                    if beat else "neither beats it."))
+    early = systems.get("earliness", {}).get("overall", {})
+    if early.get("pairwise_accuracy") is not None:
+        tail += (f" Timing alone (`earliness`) reaches pairwise accuracy {early['pairwise_accuracy']:.3f}"
+                 + (f" and Spearman {early['spearman']:.3f}" if early.get("spearman") is not None else "")
+                 + ", the part of karma that metadata can explain without reading the reply.")
     return f"{answer} ({'; '.join(parts)}).{tail}"
 
 
