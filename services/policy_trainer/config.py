@@ -243,7 +243,9 @@ class RunConfig:
     steps: int = field(default=100, metadata={"help": "rollout + update steps"})
     output_dir: str = field(default="runs/karma-ppo", metadata={"help": "output folder (final policy, metrics)"})
     seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and minibatch order"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end / stop)"})
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every N steps and at the end (0: only on a stop or reward failure)"}
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
     report_to: list[str] = field(
