@@ -242,7 +242,7 @@ def test_dockerfiles_share_their_dependency_layers():
         text = path.read_text()
         body = text[text.index("ARG BASE_IMAGE") : text.index("# Project code.")]
         prefixes.append(
-            [line for line in instructions(body) if not line.startswith("RUN pip install --no-deps llm")]
+            [line for line in instructions(body) if not line.startswith("RUN python -m pip install --no-deps llm")]
         )
     assert prefixes[0] == prefixes[1]
     assert any("pip install -r /tmp/req.txt" in line for line in prefixes[0])
