@@ -192,7 +192,10 @@ def test_storage_is_volumes(compose, services):
     assert mounts["reward-api"]["/models"].endswith(":ro")
     assert not mounts["trainer"]["/runs"].endswith(":ro")
     assert mounts["trainer"]["/config"].endswith(":ro")
-    named = {v.split(":")[0] for svc in resolved.values() for v in svc["volumes"]} - {"./raw", "./services/policy_trainer/configs"}
+    named = {v.split(":")[0] for svc in resolved.values() for v in svc["volumes"]} - {
+        "./raw",
+        "./services/policy_trainer/configs",
+    }
     assert named == set(compose["volumes"]) == {"karma-data", "karma-models", "karma-runs", "karma-cache"}
 
 
@@ -242,7 +245,11 @@ def test_dockerfiles_share_their_dependency_layers():
         text = path.read_text()
         body = text[text.index("ARG BASE_IMAGE") : text.index("# Project code.")]
         prefixes.append(
-            [line for line in instructions(body) if not line.startswith("RUN python -m pip install --no-deps llm")]
+            [
+                line
+                for line in instructions(body)
+                if not line.startswith("RUN python -m pip install --no-deps llm")
+            ]
         )
     assert prefixes[0] == prefixes[1]
     assert any("pip install -r /tmp/req.txt" in line for line in prefixes[0])
