@@ -93,6 +93,7 @@ def test_claims_are_stated_from_the_numbers():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_experiment_end_to_end_tiny(tmp_path):
     """Every stage for real at a tiny size: prepare → 2 RMs → `karma serve` process → PPO over HTTP ×2 → eval → report."""
     if not (SHARED / "reddit").exists():
@@ -104,12 +105,13 @@ def test_experiment_end_to_end_tiny(tmp_path):
         out=str(tmp_path / "exp"),
         data={"comments": [str(SHARED / "reddit/college_2011_2022/RC_college.zst")],
               "submissions": [str(SHARED / "reddit/college_2011_2022/RS_college.zst")], "limit": 20000},
-        rm={"variants": ["full", "context"], "max_train": 64, "max_length": 64, "batch_size": 16, "epochs": 1},
+        rm={"variants": ["full", "context"], "max_train": 64, "max_eval": 64, "max_length": 64, "batch_size": 16,
+            "epochs": 1},
         rm_eval={"max_examples": 200, "max_pairs": 100},
         conditions={"reddit": "reddit", "nonreddit": "politeness"},
         train={"model": {"policy": "smollm2"}, "rollout": {"engine": "hf", "max_new_tokens": 8},
                "ppo": {"prompts_per_step": 2, "mini_batch_size": 2, "micro_batch_size": 2, "epochs": 1},
-               "data": {"max_prompt_length": 96}, "run": {"steps": 1, "save_every": 0}},
+               "data": {"max_prompt_length": 96, "max_prompts": 16}, "run": {"steps": 1, "save_every": 0}},
         eval={"suites": "implicatures,truthfulqa_mc,hhh_alignment,generation", "limit": 4, "n_prompts": 2,
               "max_new_tokens": 8},
     )
