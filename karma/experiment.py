@@ -390,6 +390,9 @@ def _rows(comparison: dict[str, Any], *, suite: str | None = None, kind: str | N
             and (row is None or r["row"] == row)]
 
 
+NO_CHANGE = 1e-6  # |Δ| below this counts as "no change", not as a rise or a fall
+
+
 def _verdict(flags: list[bool], what: str) -> str:
     if flags and all(flags):
         return f"**Reproduced** ({what} in all {len(flags)} runs)"
@@ -410,17 +413,22 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
 
     # 1. Karma prediction: full vs context
     lines.append("### 1. The best karma predictor: `full` (context + metadata) vs `context` (text only)")
-    model_m = {v: (m.get("systems") or {}).get("model", m) for v, m in rm_metrics.items()}
+    def overall(v: str, system: str | None = None) -> dict[str, Any]:
+        systems = rm_metrics[v].get("systems", {})
+        return (systems.get(system or f"rm:{v}") or {}).get("overall", {})
 
     def metric(v: str, key: str) -> float | None:
-        m = model_m[v]
-        return (m.get("overall") or m).get(key) if isinstance(m, dict) else None
+        return overall(v).get(key)
 
-    table = ["| RM | Spearman | Pearson | pairwise acc |", "|---|---|---|---|"]
-    for v in cfg.variants:
-        table.append(f"| {v} | {_fmt(metric(v, 'spearman'))} | {_fmt(metric(v, 'pearson'))} | "
-                     f"{_fmt(metric(v, 'pairwise_accuracy'))} |")
-    lines += table + [""]
+    table = ["| system | Spearman | Pearson | pairwise acc | NDCG@5 |", "|---|---|---|---|---|"]
+    rows = [(f"RM `{v}`", overall(v)) for v in cfg.variants]
+    first = cfg.variants[0]
+    rows += [(f"baseline: {b}", overall(first, b)) for b in ("length", "bow_ridge")]
+    for label, o in rows:
+        table.append(f"| {label} | {_fmt(o.get('spearman'))} | {_fmt(o.get('pearson'))} | "
+                     f"{_fmt(o.get('pairwise_accuracy'))} | {_fmt(o.get('ndcg@5'))} |")
+    n = rm_metrics[first]
+    lines += table + ["", f"Test split: {n.get('n_examples')} replies, {n.get('n_pairs')} pairs.", ""]
     if {"full", "context"} <= set(cfg.variants):
         sf, sc = metric("full", "spearman"), metric("context", "spearman")
         if sf is not None and sc is not None:
@@ -440,7 +448,7 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
         for run in runs:
             if run in r["models"]:
                 c = r["models"][run]
-                flags.append(c["delta"] > 0)
+                flags.append(c["delta"] > NO_CHANGE)
                 lines.append(f"- `{run}`: Δ pragmatics accuracy (mean over tasks) {_delta_cell(c)}")
     lines.append(_verdict(flags, "pragmatics accuracy went up") if prag else "No pragmatics suite row to test.")
     lines.append("")
@@ -483,7 +491,7 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
             for run in runs:
                 if run in r["models"]:
                     c = r["models"][run]
-                    flags.append(c["delta"] < 0)
+                    flags.append(c["delta"] < -NO_CHANGE)
                     lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
     lines.append(_verdict(flags, "TruthfulQA went down") if flags else "No TruthfulQA rows to test.")
     lines.append("")

@@ -75,21 +75,31 @@ def test_claims_are_stated_from_the_numbers():
             _cmp_row("factuality", "truthfulqa_mc", "task", "mc2", {r: -0.02 for r in runs}),
         ],
     }
-    rm = {"full": {"overall": {"spearman": 0.30, "pearson": 0.2, "pairwise_accuracy": 0.6}},
-          "context": {"overall": {"spearman": 0.20, "pearson": 0.1, "pairwise_accuracy": 0.58}}}
+    def rm_eval(variant, spearman):
+        return {"n_examples": 100, "n_pairs": 40, "systems": {
+            f"rm:{variant}": {"overall": {"spearman": spearman, "pearson": 0.2, "pairwise_accuracy": 0.6}},
+            "length": {"overall": {"spearman": 0.05, "pearson": 0.04, "pairwise_accuracy": 0.52}}}}
+
+    rm = {"full": rm_eval("full", 0.30), "context": rm_eval("context", 0.20)}
     text = "\n".join(claims(cfg, rm, comparison))
     assert "**Reproduced**: `full` predicts karma better than `context` (Spearman 0.300 vs 0.200)" in text
     assert "**Partly reproduced** (pragmatics accuracy went up in 3 of 4 runs)" in text
     assert "**Reproduced** (`context` beat `full` in all 2 runs)" in text
     assert "**Reproduced** (TruthfulQA went down in all 8 runs)" in text
 
-    rm["full"]["overall"]["spearman"] = 0.1
+    assert "| baseline: length | 0.050 | 0.040 | 0.520 |" in text
+    rm["full"]["systems"]["rm:full"]["overall"]["spearman"] = 0.1
     for r in comparison["rows"]:
         for c in r["models"].values():
             c["delta"] = -abs(c["delta"]) if r["suite"] == "pragmatics" else abs(c["delta"])
     text = "\n".join(claims(cfg, rm, comparison))
     assert "**Not reproduced at this scale**: `full` does not predict karma better" in text
     assert text.count("**Not reproduced at this scale**") >= 3
+    for r in comparison["rows"]:  # |Δ| ~ 0 is "no change", neither a rise nor a fall
+        for c in r["models"].values():
+            c["delta"] = -1e-9
+    text = "\n".join(claims(cfg, rm, comparison))
+    assert "TruthfulQA went down" not in text
 
 
 @pytest.mark.slow
