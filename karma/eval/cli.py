@@ -54,6 +54,7 @@ def evaluate(
         "--chat-template/--no-chat-template", help="wrap generation prompts in the chat template (default: if any)"
     )] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
     n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples per CI")] = 1000,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -64,6 +65,10 @@ def evaluate(
         raise _fail("--out DIR is required (or use `karma eval compare ...`)")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise _fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from karma.eval.run import run_eval
     from karma.eval.scoring import NotACausalLMError
     from karma.eval.tasks import TaskSchemaError, UnknownSuiteError

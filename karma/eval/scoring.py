@@ -277,7 +277,8 @@ class CausalLM:
                 ctx_len = mask.sum(-1)
                 rows = [(g, i) for g, (_, members) in enumerate(chunk) for i in members]
                 first = {i: self._sum_logprobs(last[g : g + 1], conts[i][:1]) for g, i in rows}
-                multi = [(g, i) for g, i in rows if len(conts[i]) > 1]
+                # options longest first, so each option batch pads to similar lengths
+                multi = sorted(((g, i) for g, i in rows if len(conts[i]) > 1), key=lambda r: -len(conts[r[1]]))
                 for i in (i for _, i in rows if len(conts[i]) == 1):
                     out[i] = (first[i], 1)
                 for r0 in range(0, len(multi), batch_size):
