@@ -18,7 +18,8 @@ import time
 
 
 def _texts(n: int, seq_len: int, tokenizer) -> list[str]:
-    words = "the college essay was helpful and my professor said the campus is great for a major".split()
+    words = ["the", "college", "essay", "was", "helpful", "and", "my", "professor", "said", "the", "campus", "is",
+             "great", "for", "a", "major"]
     out = []
     for i in range(n):
         text = " ".join(words[(i + j) % len(words)] for j in range(seq_len))

@@ -178,6 +178,13 @@ def test_statement_follows_the_intervals():
     assert statement(systems, worse).startswith("No: `context` predicts karma better than `full`")
     tied = {"rm:full - rm:context": {"spearman": {"diff": 0.1, "lo": -0.2, "hi": 0.3}}}
     assert statement(systems, tied).startswith("Not distinguishable")
+    systems["length"]["overall"]["spearman"] = 0.2
+    single = {"rm:context - length": {"spearman": {"diff": 0.1, "lo": 0.02, "hi": 0.2},
+                                      "pairwise_accuracy": {"diff": -0.05, "lo": -0.1, "hi": 0.01}}}
+    del systems["rm:full"]
+    assert statement(systems, single) == (
+        "`full` and `context` were not both trained. `context` vs the length baseline: Spearman 0.300 vs 0.200 "
+        "(Δ +0.100, 95% CI [+0.020, +0.200]); pairwise accuracy 0.600 vs 0.650 (Δ -0.050, 95% CI [-0.100, +0.010]).")
 
 
 def test_compare_transfer_evaluates_in_domain_and_other_subreddits(backbone, data, tmp_path):

@@ -32,21 +32,21 @@ def test_minilm_on_real_college_data_reports_against_the_length_baseline(prepare
     from karma.rm.model import RewardModel
     from karma.rm.train import train_rm
 
-    rm_dir = train_rm(prepared, tmp_path / "rm", variant="context", objective="pairwise", max_train=256,
+    rm_dir = train_rm(prepared, tmp_path / "rm", variant="context", objective="pairwise", max_train=128,
                       max_eval=100, progress=False)
     cfg = json.loads((rm_dir / "karma_rm.json").read_text())
     assert cfg["backbone"] == "minilm" and cfg["metrics"]["train"]["subsampled"]
-    assert cfg["metrics"]["train"]["items"] == 256 and cfg["metrics"]["train"]["steps"] == 16
+    assert cfg["metrics"]["train"]["items"] == 128 and cfg["metrics"]["train"]["steps"] == 8
     assert cfg["data_card_sha256"] and cfg["karma_normalization"] == "log1p"
     assert RewardModel.load(rm_dir).config.version == cfg["version"]
 
-    r = evaluate_rm(rm_dir, prepared, "test", tmp_path / "eval", max_examples=300, max_pairs=300)
+    r = evaluate_rm(rm_dir, prepared, "test", tmp_path / "eval", max_examples=200, max_pairs=200)
     assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness"}
     for name, m in r["systems"].items():
         o = m["overall"]
         for key in ("spearman", "pearson"):
             assert math.isfinite(o[key]) and -1 <= o[key] <= 1, (name, key)
-        assert 0 <= o["pairwise_accuracy"] <= 1 and o["n_pairs"] == 300
+        assert 0 <= o["pairwise_accuracy"] <= 1 and o["n_pairs"] == 200
         assert 0 <= o["ndcg@1"] <= 1 and 0 <= o["ndcg@5"] <= 1
         assert len(m["by_subreddit"]) >= 2
     report = (tmp_path / "eval" / "report.md").read_text()

@@ -58,8 +58,14 @@ def bootstrap_pair(es: ev.EvalSet, a: ev.SystemScores, b: ev.SystemScores, n_boo
 def statement(systems: Mapping[str, Any], boots: Mapping[str, Any], a: str = "full", b: str = "context") -> str:
     """One sentence answering 'does `a` predict karma better than `b`?' from the numbers."""
     key = f"rm:{a} - rm:{b}"
-    if key not in boots:
-        return f"`{a}` and `{b}` were not both trained; no comparison."
+    if key not in boots:  # a single variant (e.g. a transfer run): state it against the length baseline
+        lines = []
+        for name in (n for n in systems if n.startswith("rm:")):
+            bs, o, base = boots.get(f"{name} - length", {}), systems[name]["overall"], systems["length"]["overall"]
+            parts = [_fmt_diff(label, o[m], base[m], bs[m])
+                     for m, label in (("spearman", "Spearman"), ("pairwise_accuracy", "pairwise accuracy")) if m in bs]
+            lines.append(f"`{name[3:]}` vs the length baseline: {'; '.join(parts)}.")
+        return f"`{a}` and `{b}` were not both trained. " + " ".join(lines)
     oa, ob = systems[f"rm:{a}"]["overall"], systems[f"rm:{b}"]["overall"]
     bs = boots[key]
     verdicts = {m: _verdict(v) for m, v in bs.items()}

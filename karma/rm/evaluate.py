@@ -183,7 +183,7 @@ def _subset_metrics(es: EvalSet, s: SystemScores, ex_mask=None, pair_mask=None) 
     c, r = (s.chosen, s.rejected) if pair_mask is None else (s.chosen[pair_mask], s.rejected[pair_mask])
     out: dict[str, Any] = dict(correlations(e_scores, ex["karma"].to_numpy()))
     out["pairwise_accuracy"] = pairwise_accuracy(c, r)
-    out["n_pairs"] = int(len(c))
+    out["n_pairs"] = len(c)
     for k in NDCG_KS:
         nd = ndcg_within_groups(e_scores, ex["karma"].to_numpy(), ex["thread_id"].to_numpy(), k)
         out[f"ndcg@{k}"] = nd["value"]

@@ -92,7 +92,7 @@ def write_prepared_data(
             text, signal = _comment(rng)
             since_post = float(rng.randint(60, 20 * 3600))
             early = 1.0 if since_post < 3 * 3600 else 0.0
-            score = int(round(2 ** (signal + early + rng.gauss(0, 0.5)))) + rng.randint(-1, 1)
+            score = round(2 ** (signal + early + rng.gauss(0, 0.5))) + rng.randint(-1, 1)
             comments.append({
                 "example_id": f"c{t:04d}{c:02d}", "source": "pushshift", "subreddit": sub, "thread_id": thread_id,
                 "parent_id": f"t3_{thread_id}", "post_title": title, "post_body": body, "context_comments": [],

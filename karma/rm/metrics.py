@@ -6,6 +6,7 @@ written from it is valid and a reader cannot mistake "undefined" for a number.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -24,11 +25,11 @@ def correlations(pred: Sequence[float], target: Sequence[float]) -> dict[str, fl
 
     p, t = np.asarray(pred, dtype=float), np.asarray(target, dtype=float)
     if len(p) < 3 or np.ptp(p) == 0 or np.ptp(t) == 0:
-        return {"spearman": None, "pearson": None, "n": int(len(p))}
+        return {"spearman": None, "pearson": None, "n": len(p)}
     return {
         "spearman": _finite(spearmanr(p, t).statistic),
         "pearson": _finite(pearsonr(p, t).statistic),
-        "n": int(len(p)),
+        "n": len(p),
     }
 
 
@@ -57,7 +58,7 @@ def accuracy_by_ratio(
 
     wins, r = pairwise_wins(chosen, rejected), np.asarray(ratios, dtype=float)
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         m = (r >= lo) & (r < hi)
         n = int(m.sum())
         out.append({"bucket": bucket_label(lo, hi), "lo": lo, "hi": None if math.isinf(hi) else hi, "n": n,
