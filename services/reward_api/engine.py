@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,13 +269,15 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class ModelHandle:
-    """A loaded reward model, its batching worker, and the leases of the requests using it."""
+    """A loaded reward model, its batching worker, its tokenising thread, and the leases of the requests
+    using it. The model's tokenizer is serialised by a lock, so one tokenising thread per model is enough."""
 
     def __init__(self, name: str, path: Path, model: RewardModel, worker: BatchingWorker):
         self.name = name
         self.path = path
         self.model = model
         self.worker = worker
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"karma-encode-{name}")
         self.version = model.version
         self.loaded_at = time.time()
         self._leases = 0
@@ -311,6 +313,7 @@ class ModelHandle:
         """Wait for in-flight requests, drain the worker, free the weights."""
         self.retire()
         self._drained.wait(timeout)
+        self.encoder.shutdown(wait=True)
         self.worker.close()
         device = str(self.model.device)
         self.worker.model = None  # type: ignore[assignment]

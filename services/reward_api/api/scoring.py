@@ -52,7 +52,8 @@ async def score(
     normalize: bool = False,
 ) -> Scored:
     check_count(len(items), settings)
-    encoded = await asyncio.to_thread(_encode_all, handle, items, truncate)
+    loop = asyncio.get_running_loop()
+    encoded = await loop.run_in_executor(handle.encoder, _encode_all, handle, items, truncate)
     scores = await asyncio.wrap_future(handle.worker.submit(encoded))
     truncated = [e.truncated for e in encoded]
     if any(truncated):
