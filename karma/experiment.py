@@ -284,7 +284,9 @@ def _prepare(cfg: ExperimentConfig, out: Path) -> Path:
     from karma.data import prepare
 
     card = prepare(out=str(d), seed=cfg.seed, **cfg.data)
-    log.info("prepared %s examples, %s pairs", card.get("splits"), card.get("pairs"))
+    splits = card.get("splits", {})
+    log.info("prepared %s", ", ".join(f"{name}: {v.get('examples')} examples / {v.get('pairs')} pairs"
+                                     for name, v in splits.items() if isinstance(v, dict)))
     return d
 
 

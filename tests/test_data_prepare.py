@@ -76,7 +76,8 @@ def dumps(tmp_path_factory):
 def prepared(dumps, tmp_path_factory):
     rc, rs = dumps
     out = tmp_path_factory.mktemp("prepared")
-    card = prepare(comments=[rc], submissions=[rs], out=out, min_pair_score=1, workers=1, seed=3)
+    # the hand-checked pair expectations below use the reverse ("earlier") rule; the default is tested apart
+    card = prepare(comments=[rc], submissions=[rs], out=out, min_pair_score=1, workers=1, seed=3, pair_order="earlier")
     ex = pq.read_table(out / "examples.parquet")
     pairs = pq.read_table(out / "pairs.parquet")
     return out, card, {r["example_id"]: r for r in ex.to_pylist()}, pairs.to_pylist(), ex, pairs
@@ -187,14 +188,14 @@ def test_splits_by_thread_are_seeded_hashes(prepared):
         assert p["split"] == ex[p["chosen_id"]]["split"] == ex[p["rejected_id"]]["split"]
 
 
-def reference_pairs(ex, min_ratio, min_score, k=None):
+def reference_pairs(ex, min_ratio, min_score, k=None, order="later"):
     out = set()
     for a in ex.values():
         for b in ex.values():
             if (
                 a is not b
                 and a["parent_id"] == b["parent_id"]
-                and a["created_utc"] <= b["created_utc"]
+                and (a["created_utc"] >= b["created_utc"] if order == "later" else a["created_utc"] <= b["created_utc"])
                 and a["score"] > b["score"]
                 and b["score"] >= min_score
                 and a["score"] >= min_ratio * b["score"]
@@ -206,7 +207,7 @@ def reference_pairs(ex, min_ratio, min_score, k=None):
 def test_pairs_obey_the_rule_and_match_a_reference(prepared):
     _, card, ex, pairs, _, _ = prepared
     got = {(p["chosen_id"], p["rejected_id"]) for p in pairs}
-    ref = reference_pairs(ex, 2.0, 1)
+    ref = reference_pairs(ex, 2.0, 1, order="earlier")
     assert got <= ref
     assert card["pairs"]["candidates_before_cap"] == len(ref)
     # a(40, t100) beats cc(12, t200) and e(2, t300); b(3, t50) is not twice e(2), a(40) came after b(3)
@@ -222,6 +223,20 @@ def test_pairs_obey_the_rule_and_match_a_reference(prepared):
     assert max(per_parent.values()) <= 5
     # t3_p1 has 11 candidate pairs; the cap keeps 5
     assert sum(1 for x in ref if ex[x[0]]["parent_id"] == "t3_p1") == 11 and per_parent["t3_p1"] == 5
+
+
+def test_default_pair_rule_is_shps_chosen_written_no_earlier(dumps, tmp_path):
+    rc, rs = dumps
+    card = prepare(comments=[rc], submissions=[rs], out=tmp_path / "shp", workers=1, min_pair_score=1)
+    assert card["config"]["pair_order"] == "later"
+    ex = {r["example_id"]: r for r in pq.read_table(tmp_path / "shp" / "examples.parquet").to_pylist()}
+    pairs = pq.read_table(tmp_path / "shp" / "pairs.parquet").to_pylist()
+    ref = reference_pairs(ex, 2.0, 1, order="later")
+    assert pairs and {(p["chosen_id"], p["rejected_id"]) for p in pairs} <= ref
+    assert card["pairs"]["candidates_before_cap"] == len(ref)
+    assert all(ex[p["chosen_id"]]["created_utc"] >= ex[p["rejected_id"]]["created_utc"] for p in pairs)
+    with pytest.raises(ValueError, match="pair_order must be 'later' or 'earlier'"):
+        prepare(comments=[rc], out=tmp_path / "bad", pair_order="first")
 
 
 def test_pair_options(dumps, tmp_path):
@@ -311,7 +326,7 @@ def test_filters_limit_and_drop_missing_context(dumps, tmp_path):
 def test_output_is_deterministic(dumps, prepared, tmp_path):
     rc, rs = dumps
     out, *_ = prepared
-    prepare(comments=[rc], submissions=[rs], out=tmp_path, min_pair_score=1, workers=2, seed=3)
+    prepare(comments=[rc], submissions=[rs], out=tmp_path, min_pair_score=1, workers=2, seed=3, pair_order="earlier")
     for name in ("examples.parquet", "pairs.parquet"):
         a = pq.read_table(out / name)
         b = pq.read_table(tmp_path / name)
@@ -341,18 +356,18 @@ def test_submissions_only_mode(tmp_path):
         a, b = ex[p["chosen_id"]], ex[p["rejected_id"]]
         assert a["context"] == b["context"] == p["context"] and a["split"] == b["split"]
         assert abs(a["created_utc"] // 3600 - b["created_utc"] // 3600) == 0
-        assert a["created_utc"] <= b["created_utc"] and a["score"] >= 2 * b["score"] >= 4
+        assert a["created_utc"] >= b["created_utc"] and a["score"] >= 2 * b["score"] >= 4
 
 
 def shp_rows(post, domain, comments):
     rows = []
     for i, (ida, ta, sa, ra) in enumerate(comments):
         for idb, tb, sb, rb in comments[i + 1 :]:
-            if ta <= tb and sa >= 2 * sb:
+            if ta >= tb and sa >= 2 * sb:  # SHP: the preferred comment A was written after B
                 rows.append({"post_id": post, "domain": domain, "upvote_ratio": 0.9, "history": f"Post {post}?",
                              "c_root_id_A": ida, "c_root_id_B": idb, "created_at_utc_A": ta, "created_at_utc_B": tb,
                              "score_A": sa, "score_B": sb, "human_ref_A": ra, "human_ref_B": rb, "labels": 1,
-                             "seconds_difference": tb - ta, "score_ratio": sa / sb})  # fmt: skip
+                             "seconds_difference": ta - tb, "score_ratio": sa / sb})  # fmt: skip
     return rows
 
 
@@ -360,9 +375,9 @@ def test_shp_jsonl_and_parquet(tmp_path):
     rows = shp_rows(
         "q1",
         "askculinary_train",
-        [("k1", 10, 40, "Boil it."), ("k2", 20, 10, "Fry it."), ("k3", 30, 4, "No.")],
+        [("k1", 30, 40, "Boil it."), ("k2", 20, 10, "Fry it."), ("k3", 10, 4, "No.")],
     )
-    rows += shp_rows("q2", "askculinary_test", [("m1", 10, 9, "Yes."), ("m2", 50, 3, "Maybe.")])
+    rows += shp_rows("q2", "askculinary_test", [("m1", 50, 9, "Yes."), ("m2", 10, 3, "Maybe.")])
     jl = tmp_path / "train.json"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "{bad\n")
     pqf = tmp_path / "more.parquet"
@@ -468,7 +483,7 @@ def test_shp_hub_id_goes_through_datasets(tmp_path, monkeypatch):
 
     from karma.data.shp import ShpHubError
 
-    rows = shp_rows("h1", "askscience_train", [("n1", 10, 30, "Because."), ("n2", 20, 5, "Magic.")])
+    rows = shp_rows("h1", "askscience_train", [("n1", 20, 30, "Because."), ("n2", 10, 5, "Magic.")])
     monkeypatch.setenv("KARMA_CACHE", str(tmp_path / "cache"))
     seen = []
 

@@ -72,7 +72,7 @@ def test_college_threads_splits_pairs_contexts(college):
     bad = con.execute(
         f"""SELECT count(*) FROM '{pairs}' p JOIN '{ex}' a ON a.example_id = p.chosen_id
             JOIN '{ex}' b ON b.example_id = p.rejected_id
-            WHERE NOT (a.parent_id = b.parent_id AND a.created_utc <= b.created_utc AND a.score > b.score
+            WHERE NOT (a.parent_id = b.parent_id AND a.created_utc >= b.created_utc AND a.score > b.score
                        AND b.score >= 2 AND a.score >= 2 * b.score AND p.split = a.split AND p.split = b.split
                        AND p.context = a.context AND p.chosen = a.response AND p.rejected = b.response)"""
     ).fetchone()[0]

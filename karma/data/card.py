@@ -60,6 +60,7 @@ def build_card(
         "min_score_ratio": cfg.min_score_ratio,
         "min_pair_score": cfg.min_pair_score,
         "max_pairs_per_parent": cfg.max_pairs_per_parent,
+        "pair_order": cfg.pair_order,
         "limit": cfg.limit,
     }
     return {

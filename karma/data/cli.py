@@ -49,6 +49,14 @@ def prepare_cmd(
     max_pairs_per_parent: Annotated[
         int, typer.Option("--max-pairs-per-parent", help="pairs: at most K per parent (seeded pick)")
     ] = 5,
+    pair_order: Annotated[
+        str,
+        typer.Option(
+            "--pair-order",
+            help="pairs: 'later' = chosen written no earlier than rejected (SHP: its higher score is not explained "
+            "by visibility); 'earlier' = the reverse (confounded with posting time)",
+        ),
+    ] = "later",
     normalize: Annotated[
         str, typer.Option("--normalize", help="karma: log1p (signed) | percentile | zscore (within thread)")
     ] = "log1p",
@@ -114,6 +122,7 @@ def prepare_cmd(
             min_score_ratio=min_score_ratio,
             min_pair_score=min_pair_score,
             max_pairs_per_parent=max_pairs_per_parent,
+            pair_order=pair_order,
             normalize=normalize,
             split_by=split_by,
             val_frac=val_frac,

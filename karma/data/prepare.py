@@ -49,6 +49,9 @@ class PrepareConfig:
     min_score_ratio: float = 2.0
     min_pair_score: int = 2
     max_pairs_per_parent: int = 5
+    # SHP's rule: the chosen reply was written no earlier than the rejected one, so its higher score is not
+    # explained by having been visible longer. "earlier" gives the opposite rule (timing-confounded).
+    pair_order: str = "later"
     normalize: str = "log1p"
     split_by: str = "thread"
     val_frac: float = 0.05
@@ -88,6 +91,8 @@ class PrepareConfig:
             raise ValueError(
                 f"min_pair_score must be >= 1 (a score ratio needs positive scores), got {self.min_pair_score}"
             )
+        if self.pair_order not in ("later", "earlier"):
+            raise ValueError(f"pair_order must be 'later' or 'earlier', got {self.pair_order!r}")
         if self.max_pairs_per_parent < 0:
             raise ValueError(f"max_pairs_per_parent must be >= 0, got {self.max_pairs_per_parent}")
         if self.max_depth < 0:
@@ -204,6 +209,7 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
             min_score_ratio=cfg.min_score_ratio,
             min_pair_score=cfg.min_pair_score,
             max_pairs_per_parent=cfg.max_pairs_per_parent,
+            pair_order=cfg.pair_order,
             drop_missing_context=cfg.drop_missing_context,
             memory_limit=cfg.memory_limit,
             threads=cfg.workers,

@@ -15,7 +15,8 @@ Steps (each a named, timed phase in the card):
                     the parent links (log2(max depth) joins) — exact when the chain reaches the post, a lower
                     bound when it stops at a comment that is not in the input.
 4. ``examples``   — join post, context, siblings, parent times; normalise karma; assign splits.
-5. ``pairs``      — SHP-style pairs per parent (chosen no later and scored higher, ratio ≥ min), at most K
+5. ``pairs``      — SHP-style pairs per parent (chosen written no earlier — SHP's rule, `pair_order`
+   — and scored higher, ratio ≥ min), at most K
                     per parent, chosen by a seeded hash.
 """
 
@@ -57,6 +58,7 @@ class RelationalConfig:
     min_score_ratio: float = 2.0
     min_pair_score: int = 2
     max_pairs_per_parent: int = 5
+    pair_order: str = "later"
     drop_missing_context: bool = False
     memory_limit: str = "4GB"
     threads: int = 2
@@ -395,7 +397,7 @@ class Relational:
             SELECT a.example_id AS chosen_id, b.example_id AS rejected_id, a.group_key, a.split,
                    a.score AS chosen_score, b.score AS rejected_score
             FROM ex a JOIN ex b ON a.group_key = b.group_key AND a.example_id <> b.example_id
-            WHERE a.created_utc <= b.created_utc AND a.score > b.score
+            WHERE a.created_utc {'>=' if cfg.pair_order == 'later' else '<='} b.created_utc AND a.score > b.score
               AND b.score >= {int(cfg.min_pair_score)} AND a.score >= {float(cfg.min_score_ratio)} * b.score
             """
         )
