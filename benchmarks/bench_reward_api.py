@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--padding-tolerance", type=float, default=0.1)
     p.add_argument("--client", choices=["raw", "httpx"], default="raw")
     p.add_argument(
         "--torch-threads", type=int, help="intra-op threads for (a), (b) and (c) alike (default: torch's)"
@@ -235,7 +236,7 @@ def main() -> None:
     t0 = time.perf_counter()
     enc = [rm.encode(x) for x in inputs]
     tokenize_s = time.perf_counter() - t0
-    plan = plan_batches([len(e) for e in enc], args.max_batch_tokens)
+    plan = plan_batches([len(e) for e in enc], args.max_batch_tokens, args.padding_tolerance)
     rm.forward([enc[i] for i in plan[0]])  # warm-up
     offline = [0.0] * len(enc)
 
@@ -319,6 +320,8 @@ def main() -> None:
         str(args.max_batch_tokens),
         "--max-wait-ms",
         str(args.max_wait_ms),
+        "--padding-tolerance",
+        str(args.padding_tolerance),
         "--max-queue-items",
         "100000",
         "--log-level",

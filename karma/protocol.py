@@ -213,6 +213,7 @@ class Limits(BaseModel):
     max_queue_items: int
     max_batch_tokens: int
     max_wait_ms: float
+    padding_tolerance: float
 
 
 class InfoResponse(BaseModel):

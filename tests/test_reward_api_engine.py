@@ -65,6 +65,15 @@ def test_plan_batches_sorts_by_length_and_respects_the_padded_budget():
     assert [[lengths[i] for i in b] for b in batches] == [[2, 3, 7, 7], [40, 50], [60], [200]]
 
 
+def test_plan_batches_keeps_lengths_within_the_padding_tolerance():
+    lengths = [100, 104, 109, 111, 130, 140, 143, 300]
+    batches = plan_batches(lengths, max_batch_tokens=10_000, padding_tolerance=0.1)
+    assert [[lengths[i] for i in b] for b in batches] == [[100, 104, 109], [111], [130, 140, 143], [300]]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded / sum(lengths) < 1.03  # vs 2.1x with the budget alone
+    assert len(plan_batches(lengths, max_batch_tokens=10_000)) == 1
+
+
 def test_worker_batches_across_requests_and_returns_each_request_its_scores():
     model = FakeModel()
     worker = BatchingWorker(model, name="m", max_batch_tokens=10_000, max_wait_ms=1000)

@@ -71,6 +71,12 @@ def serve(
     max_wait_ms: Annotated[
         float | None, typer.Option(help="how long a batch waits to fill [KARMA_MAX_WAIT_MS]")
     ] = None,
+    padding_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="a batch's longest item may be this fraction longer than its shortest [KARMA_PADDING_TOLERANCE]"
+        ),
+    ] = None,
     retry_after_s: Annotated[
         int | None, typer.Option(help="Retry-After with 429 [KARMA_RETRY_AFTER_S]")
     ] = None,
@@ -97,6 +103,7 @@ def serve(
         max_queue_items=max_queue_items,
         max_batch_tokens=max_batch_tokens,
         max_wait_ms=max_wait_ms,
+        padding_tolerance=padding_tolerance,
         retry_after_s=retry_after_s,
         torch_threads=torch_threads,
         log_level=log_level,

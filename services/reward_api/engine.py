@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -102,8 +103,11 @@ class _Slot:
     enqueued: float
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Split items (by index) into length-sorted batches whose padded size (n × longest) fits the budget.
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, padding_tolerance: float = math.inf
+) -> list[list[int]]:
+    """Split items (by index) into length-sorted batches whose padded size (n × longest) fits the budget and
+    whose longest item is at most `padding_tolerance` × longer than its shortest (little compute on padding).
 
     An item longer than the budget on its own still gets a batch of one.
     """
@@ -111,7 +115,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:  # ascending: the newest item is the longest of its batch
-        if current and (len(current) + 1) * lengths[i] > max_batch_tokens:
+        too_big = (len(current) + 1) * lengths[i] > max_batch_tokens
+        too_uneven = lengths[i] > (1 + padding_tolerance) * lengths[current[0]] if current else False
+        if current and (too_big or too_uneven):
             batches.append(current)
             current = []
         current.append(i)
@@ -131,9 +137,11 @@ class BatchingWorker:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 2.0,
         max_queue_items: int = 4096,
+        padding_tolerance: float = math.inf,
         observer: Observer | None = None,
     ):
         self.model = model
+        self.padding_tolerance = padding_tolerance
         self.name = name
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
@@ -214,7 +222,9 @@ class BatchingWorker:
             now = time.perf_counter()
             for slot in taken:
                 self.observer.observe_queue_wait(self.name, now - slot.enqueued)
-            for idx in plan_batches([len(s.item) for s in taken], self.max_batch_tokens):
+            for idx in plan_batches(
+                [len(s.item) for s in taken], self.max_batch_tokens, self.padding_tolerance
+            ):
                 self._forward([taken[i] for i in idx])
 
     def _forward(self, batch: list[_Slot]) -> None:
@@ -341,6 +351,7 @@ class ModelRegistry:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 2.0,
         max_queue_items: int = 4096,
+        padding_tolerance: float = math.inf,
         observer: Observer | None = None,
     ):
         self.device = resolve_device(device)
@@ -349,6 +360,7 @@ class ModelRegistry:
             "max_batch_tokens": max_batch_tokens,
             "max_wait_ms": max_wait_ms,
             "max_queue_items": max_queue_items,
+            "padding_tolerance": padding_tolerance,
         }
         self.observer = observer or _NullObserver()
         self.default: str | None = None

@@ -30,6 +30,7 @@ def build_registry(settings: Settings, metrics: Metrics | None = None) -> ModelR
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
         max_queue_items=settings.max_queue_items,
+        padding_tolerance=settings.padding_tolerance,
         observer=metrics,
     )
     registry.default = settings.default_model
