@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--padding-tolerance", type=float, default=0.1)
+    p.add_argument("--padding-tolerance", type=float, default=0.25)
     p.add_argument("--client", choices=["raw", "httpx"], default="raw")
     p.add_argument(
         "--torch-threads", type=int, help="intra-op threads for (a), (b) and (c) alike (default: torch's)"

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward batch")
     max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits to fill")
     padding_tolerance: float = Field(
-        0.1, ge=0, description="a batch's longest item may be this fraction longer than its shortest"
+        0.25, ge=0, description="a batch's longest item may be this fraction longer than its shortest"
     )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 429")
     torch_threads: int | None = Field(
