@@ -79,11 +79,18 @@ def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time():
     assert 0.89 <= hits / 300 <= 0.99
 
 
-def test_statistic_ci_of_a_corpus_metric():
+def test_jackknife_ci_equals_the_classical_interval_for_a_mean_and_brackets_distinct_n():
+    v = np.random.default_rng(0).normal(size=40)
+    ci = M.jackknife_ci(lambda idx: float(v[idx].mean()), 40)
+    half = 1.959964 * v.std(ddof=1) / math.sqrt(40)  # jackknife SE of a mean = s / sqrt(n)
+    assert ci["value"] == pytest.approx(v.mean()) and ci["ci_high"] - ci["value"] == pytest.approx(half, rel=1e-5)
     replies = ["a b", "a b", "c d", "e f"]
-    ci = M.statistic_ci(lambda idx: M.distinct_n([replies[i] for i in idx], 1), len(replies), n_boot=300)
-    assert ci["value"] == pytest.approx(6 / 8)
-    assert ci["ci_low"] <= ci["value"] <= ci["ci_high"] and ci["n"] == 4
+    ci = M.jackknife_ci(lambda idx: M.distinct_n([replies[i] for i in idx], 1), len(replies))
+    assert ci["value"] == pytest.approx(6 / 8) and ci["n"] == 4
+    assert ci["ci_low"] < ci["value"] < ci["ci_high"]
+    # leave-one-out values: 1 without either "a b", 4/6 without "c d" or "e f" -> deviations +-1/6 from their
+    # mean, SE = sqrt(3/4 * 4/36)
+    assert ci["ci_high"] - ci["value"] == pytest.approx(1.959964 * math.sqrt(0.75 * 4 / 36), rel=1e-5)
 
 
 def test_mean_of_means_weighs_tasks_equally():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from karma.eval import metrics as M
-from karma.eval.report import GEN_METRICS, MC_METRICS, fmt_ci
+from karma.eval.report import GEN_METRICS, MC_METRICS, error_bars, fmt_ci
 from karma.eval.run import row_groups
 
 
@@ -140,8 +140,8 @@ def _compare_row(base: dict, new: dict, row: dict, metric: str, n_boot: int, n_p
         if corpus is None:
             base_v, new_v = M.mean_ci(bv, n_boot=n_boot, seed=seed), M.mean_ci(nv, n_boot=n_boot, seed=seed)
         else:
-            base_v = M.statistic_ci(lambda idx: corpus([bv[i] for i in idx]), len(bv), n_boot=n_boot, seed=seed)
-            new_v = M.statistic_ci(lambda idx: corpus([nv[i] for i in idx]), len(nv), n_boot=n_boot, seed=seed)
+            base_v = M.jackknife_ci(lambda idx: corpus([bv[i] for i in idx]), len(bv))
+            new_v = M.jackknife_ci(lambda idx: corpus([nv[i] for i in idx]), len(nv))
     return {"base": base_v, "trained": new_v, **d, "mismatched_items": mismatched}
 
 
@@ -211,9 +211,9 @@ def plot_compare(result: dict, path: Path) -> Path:
                 continue
             scale = _scale(r, c)
             y = len(rows) - 1 - i + (j - (len(labels) - 1) / 2) * step
-            ax.errorbar(c["delta"] / scale, y, xerr=[[(c["delta"] - c["ci_low"]) / scale],
-                        [(c["ci_high"] - c["delta"]) / scale]], fmt="o", ms=3, color=colors[j % len(colors)],
-                        capsize=2, lw=1, label=lab if i == 0 else None)
+            ax.errorbar(c["delta"] / scale, y, xerr=error_bars({"value": c["delta"], "ci_low": c["ci_low"],
+                                                           "ci_high": c["ci_high"]}, scale),
+                        fmt="o", ms=3, color=colors[j % len(colors)], capsize=2, lw=1, label=lab if i == 0 else None)
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(range(len(rows))[::-1], [f"{r['row']} · {r['metric']}" + ("" if _scale(r, None) == 1 else " (rel.)")
                                           for r in rows], fontsize=7)

@@ -11,7 +11,8 @@ Multiple choice (lm-evaluation-harness definitions):
 Generated replies (words = lower-cased `\\w+` runs and single punctuation marks):
 * `length_words`, `length_tokens`: per reply.
 * `distinct_1`, `distinct_2`: distinct n-grams / all n-grams over the whole set of replies (Li et al. 2016);
-  corpus-level, so a policy that answers every prompt the same way scores low.
+  corpus-level, so a policy that answers every prompt the same way scores low. Their CIs are jackknife
+  intervals (a bootstrap resample repeats replies, which biases distinct-n down).
 * `rep_4`: per reply, the share of its 4-grams that repeat an earlier 4-gram of the same reply (seq-rep-4,
   Welleck et al. 2019); 0 for replies shorter than 5 words.
 * `reward`: the reward service's score of (prompt, reply).
@@ -96,15 +97,23 @@ def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, alpha
     return {"value": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(v.size)}
 
 
-def statistic_ci(
-    stat: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> dict:
-    """Bootstrap interval of any statistic of the items, `stat(indices)` (e.g. corpus-level distinct-n)."""
+def jackknife_ci(stat: Callable[[np.ndarray], float], n: int, *, alpha: float = 0.05) -> dict:
+    """Normal interval from the delete-one jackknife standard error of a statistic of the items, `stat(indices)`.
+
+    Used for corpus-level distinct-n: a bootstrap resample repeats replies, and repeated replies repeat their
+    n-grams, so bootstrap distributions of distinct-n sit well below the observed value.
+    """
+    from scipy.stats import norm
+
     if n == 0:
         return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    boots = [stat(idx) for idx in _indices(n, n_boot, seed)]
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return {"value": float(stat(np.arange(n))), "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
+    value = float(stat(np.arange(n)))
+    if n < 2:
+        return {"value": value, "ci_low": value, "ci_high": value, "n": 1}
+    loo = np.array([stat(np.delete(np.arange(n), i)) for i in range(n)])
+    se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    z = float(norm.ppf(1 - alpha / 2))
+    return {"value": value, "ci_low": value - z * se, "ci_high": value + z * se, "n": int(n)}
 
 
 # ------------------------------------------------------------------------------------ paired comparison
@@ -174,7 +183,8 @@ def paired_delta(
     """new - base on paired items: {delta, ci_low, ci_high, p, test, n}.
 
     The interval is a paired bootstrap (items resampled jointly); the test is exact McNemar for 0/1 scores,
-    else a paired permutation test. With `corpus`, the metric is `corpus(items)` rather than a mean.
+    else a paired permutation test. With `corpus`, the metric is `corpus(items)` rather than a mean and the
+    interval is a delete-one-pair jackknife (see `jackknife_ci`).
     """
     n = len(base)
     if n != len(new):
@@ -194,7 +204,7 @@ def paired_delta(
         def diff(idx: np.ndarray) -> float:
             return corpus([new_l[i] for i in idx]) - corpus([base_l[i] for i in idx])
 
-        ci = statistic_ci(diff, n, n_boot=n_boot, seed=seed, alpha=alpha)
+        ci = jackknife_ci(diff, n, alpha=alpha)
         p = paired_permutation(lambda b, t: corpus(t) - corpus(b), base_l, new_l, n_perm=min(n_perm, 2000), seed=seed)
         test = "paired permutation"
     return {"delta": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "p": p, "test": test, "n": n}

@@ -15,8 +15,8 @@ METRIC_DOC = {
     "reward": "reward service score of (prompt, reply)",
     "length_words": "reply length in words",
     "length_tokens": "reply length in tokens (EOS excluded)",
-    "distinct_1": "distinct unigrams / all unigrams over all replies",
-    "distinct_2": "distinct bigrams / all bigrams over all replies",
+    "distinct_1": "distinct unigrams / all unigrams over all replies (CI: delete-one jackknife)",
+    "distinct_2": "distinct bigrams / all bigrams over all replies (CI: delete-one jackknife)",
     "rep_4": "share of a reply's 4-grams repeating an earlier one (seq-rep-4)",
 }
 
@@ -111,6 +111,11 @@ def write_report(results: dict, out: Path, *, plots: bool = True) -> list[Path]:
     return written
 
 
+def error_bars(v: dict, scale: float = 1.0) -> list[list[float]]:
+    """Error-bar lengths below/above the value (never negative, whatever interval method made the CI)."""
+    return [[max(v["value"] - v["ci_low"], 0.0) / scale], [max(v["ci_high"] - v["value"], 0.0) / scale]]
+
+
 def plot_results(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -128,7 +133,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
         for yi, (r, m) in zip(y, bars):
             v = r["metrics"][m]
             ax.barh(yi, v["value"], color=colors[m], alpha=0.85)
-            ax.errorbar(v["value"], yi, xerr=[[v["value"] - v["ci_low"]], [v["ci_high"] - v["value"]]],
+            ax.errorbar(v["value"], yi, xerr=error_bars(v),
                         color="black", capsize=2, lw=1)
             if m in r["chance"]:
                 ax.plot([r["chance"][m]] * 2, [yi - 0.4, yi + 0.4], color="gray", ls=":", lw=1)
@@ -147,7 +152,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
         for ax, m in zip(axes if len(ms) > 1 else [axes], ms):
             v = gen[0]["metrics"][m]
             ax.bar([0], [v["value"]], color="tab:green", alpha=0.85)
-            ax.errorbar([0], [v["value"]], yerr=[[v["value"] - v["ci_low"]], [v["ci_high"] - v["value"]]],
+            ax.errorbar([0], [v["value"]], yerr=error_bars(v),
                         color="black", capsize=3)
             ax.set_xticks([])
             ax.set_title(m, fontsize=8)

@@ -107,7 +107,7 @@ def run_eval(
         "format_version": RESULTS_FORMAT_VERSION,
         "prompt_format_version": PROMPT_FORMAT_VERSION,
         "model": {
-            "name": model if spec is not None else lm.name,
+            "name": model,
             "path": spec.path if spec is not None else lm.name,
             "base": spec.base if spec is not None else None,
             "architectures": list(spec.architectures) if spec is not None else [],
@@ -233,12 +233,12 @@ def generation_metrics(items: list[dict], *, n_boot: int = 1000, seed: int = 0) 
         if items and all(m in it["scores"] for it in items):
             out[m] = M.mean_ci([it["scores"][m] for it in items], n_boot=n_boot, seed=seed)
     for m in M.CORPUS_METRICS:
-        out[m] = _corpus_ci(M.corpus_metric(m), replies, n_boot, seed)
+        out[m] = _corpus_ci(M.corpus_metric(m), replies)
     return out
 
 
-def _corpus_ci(fn, replies: list[str], n_boot: int, seed: int) -> dict:
-    return M.statistic_ci(lambda idx: fn([replies[i] for i in idx]), len(replies), n_boot=n_boot, seed=seed)
+def _corpus_ci(fn, replies: list[str]) -> dict:
+    return M.jackknife_ci(lambda idx: fn([replies[i] for i in idx]), len(replies))
 
 
 async def score_replies(
