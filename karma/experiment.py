@@ -232,6 +232,8 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     (out / "experiment.yaml").write_text(cfg.to_yaml())
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    # a resumed run keeps the times of the stages an earlier run finished (they are skipped now)
+    previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
 
     with Stage("prepare data", timings):
         data_dir = _prepare(cfg, out)
@@ -265,7 +267,12 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         comparison = compare(eval_dir / "base", *(eval_dir / r for r in policies), out=out / "compare",
                              names=list(policies), seed=cfg.seed)
     training = {run: _training_summary(path) for run, path in policies.items()}
+    for stage, seconds in previous.items():
+        if stage != "total" and timings.get(stage, 0.0) < 1.0 and seconds >= 1.0:
+            timings[stage] = seconds
     timings["total"] = round(time.perf_counter() - t_start, 1)
+    if previous:
+        timings["total (this run, resumed)"] = timings.pop("total")
     report = write_report(cfg, out, rm_metrics, comparison, training, timings)
     log.info("experiment report: %s", report)
     return report
