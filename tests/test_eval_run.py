@@ -4,6 +4,7 @@ service's score of generated replies, `compare`, and the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from karma.eval import compare, run_eval
 from karma.eval import metrics as M
+from karma.eval.run import check_reward_service
 from karma.eval.scoring import CausalLM, NotACausalLMError, inspect_model
 from karma.eval.tasks import TaskSchemaError, UnknownSuiteError, load_tasks, requests
 from karma.eval.testing import make_tiny_causal_lm
@@ -119,6 +121,10 @@ def test_lora_folder_resolves_to_its_base(models):
     assert spec.architectures == ("LlamaForCausalLM",)
 
 
+async def _fast_ready(url, api_key, model):
+    await check_reward_service(url, api_key, model, deadline_s=1.0)
+
+
 def test_bad_input_fails_before_any_model_loads(models, tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
@@ -136,6 +142,15 @@ def test_bad_input_fails_before_any_model_loads(models, tmp_path, monkeypatch):
     (tmp_path / "rm" / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(NotACausalLMError, match="is not a causal LM"):
         run_eval(str(tmp_path / "rm"), "implicatures", out=tmp_path / "o", data_dir=DATA)
+    from karma.client import RewardServiceError
+    from services.reward_api.testing import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RewardServiceError, match="not ready before the deadline"):
+        asyncio.run(check_reward_service(dead, None, None, deadline_s=1.0))
+    monkeypatch.setattr("karma.eval.run.check_reward_service", _fast_ready)
+    with pytest.raises(RewardServiceError, match=f"not ready before the deadline: {dead}"):
+        run_eval(str(models["base"]), "generation", out=tmp_path / "o", data_dir=DATA, reward_url=dead)
     assert not (tmp_path / "o" / "results.json").exists()
 
 

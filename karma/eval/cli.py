@@ -69,6 +69,7 @@ def evaluate(
         import torch
 
         torch.set_num_threads(threads)
+    from karma.client import RewardServiceError
     from karma.eval.run import run_eval
     from karma.eval.scoring import NotACausalLMError
     from karma.eval.tasks import TaskSchemaError, UnknownSuiteError
@@ -83,7 +84,8 @@ def evaluate(
             reward_api_key=reward_api_key, reward_model=reward_model, reward_normalize=reward_normalize,
             seed=seed, n_boot=n_boot, progress=progress,
         )
-    except (TaskSchemaError, UnknownSuiteError, NotACausalLMError, ModelNotFoundError, FileNotFoundError) as e:
+    except (TaskSchemaError, UnknownSuiteError, NotACausalLMError, ModelNotFoundError, FileNotFoundError,
+            RewardServiceError) as e:
         raise _fail(str(e)) from e
     _print_summary(results, out)
 

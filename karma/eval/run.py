@@ -66,6 +66,9 @@ def run_eval(
     t0 = time.perf_counter()
     tasks = load_tasks(suites, limit=limit, data_dir=data_dir, prompts=prompts, n_prompts=n_prompts)
     spec = inspect_model(model) if lm is None else None
+    if reward_url and any(t.kind == "generation" for t in tasks):
+        # fail now, not after an hour of scoring, if the reward service is not there
+        asyncio.run(check_reward_service(reward_url, reward_api_key, reward_model))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
@@ -241,6 +244,13 @@ def _corpus_ci(fn, replies: list[str]) -> dict:
     return M.jackknife_ci(lambda idx: fn([replies[i] for i in idx]), len(replies))
 
 
+async def check_reward_service(url: str, api_key: str | None, model: str | None, deadline_s: float = 60.0) -> None:
+    from karma.client import RewardClient
+
+    async with RewardClient(url, api_key=api_key, model=model) as client:
+        await client.wait_ready(deadline_s)
+
+
 async def score_replies(
     url: str, prompts: Sequence[str], replies: Sequence[str], api_key: str | None, model: str | None, normalize: bool
 ) -> tuple[list[float], dict]:
@@ -248,7 +258,6 @@ async def score_replies(
     from karma.client import RewardClient
 
     async with RewardClient(url, api_key=api_key, model=model) as client:
-        await client.wait_ready(60)
         result = await client.score(
             [{"context": p, "response": r} for p, r in zip(prompts, replies)], normalize=normalize
         )
