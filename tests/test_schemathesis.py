@@ -10,6 +10,8 @@ answers to positive data; they must still be documented and carry the error body
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,27 +37,33 @@ expected-statuses = ["400", "401", "403", "404", "405", "409", "413", "415", "42
 )
 
 
-def _app():
-    root = Path(tempfile.mkdtemp(prefix="karma-schemathesis-"))
-    make_tiny_rm(root / "a", "full", seed=0, max_length=48)
-    make_tiny_rm(root / "b", "context", seed=1, max_length=48)
-    cfg = Settings(
-        models={"a": str(root / "a"), "b": str(root / "b")},
-        admin_token="admin-secret",
-        model_roots=[str(root)],
-        max_client_batch_size=16,
-        max_queue_items=4096,
-        max_body_bytes=64_000,
-        max_wait_ms=0,
-    )
-    registry = build_registry(cfg)
-    for name, path in cfg.models.items():
-        registry.load(name, path)
-    return create_app(cfg, registry=registry)
+# The app and its OpenAPI document are built at collection without models (cheap: nothing is loaded for a
+# default `pytest -m "not slow"` run); the tiny models are made and loaded only when the tests run.
+ROOT = Path(tempfile.mkdtemp(prefix="karma-schemathesis-"))
+atexit.register(shutil.rmtree, ROOT, ignore_errors=True)
+SETTINGS = Settings(
+    admin_token="admin-secret",
+    model_roots=[str(ROOT)],
+    max_client_batch_size=16,
+    max_queue_items=4096,
+    max_body_bytes=64_000,
+    max_wait_ms=0,
+)
+REGISTRY = build_registry(SETTINGS)
+REGISTRY.default = "a"
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(SETTINGS, registry=REGISTRY), config=CONFIG
+)
 
 
-APP = _app()
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models():
+    for name, variant, seed in (("a", "full", 0), ("b", "context", 1)):
+        REGISTRY.load(name, make_tiny_rm(ROOT / name, variant, seed=seed, max_length=48))
+    yield
+    REGISTRY.close()
+
+
 SEEN: dict[str, int] = {}
 
 
