@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import typer
 
@@ -214,12 +214,12 @@ class Stage:
     name: str
     timings: dict[str, float]
 
-    def __enter__(self) -> Stage:
+    def __enter__(self) -> Self:
         log.info("── %s", self.name)
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.timings[self.name] = round(time.perf_counter() - self._t0, 1)
 
 
@@ -266,6 +266,13 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     with Stage("compare", timings):
         comparison = compare(eval_dir / "base", *(eval_dir / r for r in policies), out=out / "compare",
                              names=list(policies), seed=cfg.seed)
+        head_to_head = {}  # claim 3: the `context` policy against the `full` one, paired on the same items
+        for cond in cfg.conditions:
+            full_run, context_run = f"full-{cond}", f"context-{cond}"
+            if full_run in policies and context_run in policies:
+                head_to_head[cond] = compare(eval_dir / full_run, eval_dir / context_run, names=[context_run],
+                                             out=out / "compare" / f"{context_run}_vs_{full_run}", seed=cfg.seed,
+                                             plots=False)
     training = {run: _training_summary(path) for run, path in policies.items()}
     for stage, seconds in previous.items():
         if stage != "total" and timings.get(stage, 0.0) < 1.0 and seconds >= 1.0:
@@ -273,7 +280,9 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     timings["total"] = round(time.perf_counter() - t_start, 1)
     if previous:
         timings["total (this run, resumed)"] = timings.pop("total")
-    report = write_report(cfg, out, rm_metrics, comparison, training, timings)
+        if "total" in previous:  # the run that did the work
+            timings = {"total": previous["total"], **timings}
+    report = write_report(cfg, out, rm_metrics, comparison, training, timings, head_to_head)
     log.info("experiment report: %s", report)
     return report
 
@@ -400,14 +409,27 @@ def _rows(comparison: dict[str, Any], *, suite: str | None = None, kind: str | N
 
 
 NO_CHANGE = 1e-6  # |Δ| below this counts as "no change", not as a rise or a fall
+ALPHA = 0.05  # a run supports a claim when its Δ points the claimed way *and* its paired test has p < ALPHA
 
 
-def _verdict(flags: list[bool], what: str) -> str:
-    if flags and all(flags):
-        return f"**Reproduced** ({what} in all {len(flags)} runs)"
-    if any(flags):
-        return f"**Partly reproduced** ({what} in {sum(flags)} of {len(flags)} runs)"
+def _verdict(flags: list[tuple[bool, bool]], what: str) -> str:
+    """`flags`: per run, (Δ points the claimed way, and that is significant at p < ALPHA)."""
+    n = len(flags)
+    significant = sum(d and s for d, s in flags)
+    direction = sum(d for d, _ in flags)
+    if n and significant == n:
+        return f"**Reproduced** ({what}, p < {ALPHA:g}, in all {n} runs)"
+    if significant:
+        return f"**Partly reproduced** ({what}, p < {ALPHA:g}, in {significant} of {n} runs)"
+    if direction:
+        return (f"**Not reproduced at this scale** ({what} in {direction} of {n} runs, "
+                f"none significant at p < {ALPHA:g})")
     return "**Not reproduced at this scale**"
+
+
+def _supports(c: dict[str, Any], sign: int) -> tuple[bool, bool]:
+    direction = c["delta"] * sign > NO_CHANGE
+    return direction, direction and c.get("p", 1.0) < ALPHA
 
 
 def _delta_cell(c: dict[str, Any]) -> str:
@@ -415,8 +437,14 @@ def _delta_cell(c: dict[str, Any]) -> str:
     return f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{star} (p={c['p']:.3g}, n={c['n']})"
 
 
-def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[str, Any]) -> list[str]:
-    """The paper's claims, each stated from the numbers ("not reproduced" where that is what happened)."""
+def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[str, Any],
+           head_to_head: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The paper's claims, each stated from the numbers ("not reproduced" where that is what happened).
+
+    `comparison`: every trained policy against the base (`karma eval compare`). `head_to_head`: per exposure
+    condition, the `context` policy compared against the `full` one (the `full` policy as the "base"), for
+    claim 3. A claim counts as reproduced in a run only where the paired test is significant at p < ALPHA.
+    """
     lines: list[str] = []
     runs = [t["label"] for t in comparison["trained"]]
 
@@ -437,7 +465,9 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
         table.append(f"| {label} | {_fmt(o.get('spearman'))} | {_fmt(o.get('pearson'))} | "
                      f"{_fmt(o.get('pairwise_accuracy'))} | {_fmt(o.get('ndcg@5'))} |")
     n = rm_metrics[first]
-    lines += table + ["", f"Test split: {n.get('n_examples')} replies, {n.get('n_pairs')} pairs.", ""]
+    n_ex = n.get("n_examples")
+    se = f" (a Spearman's standard error at this n is about 1/√n = {n_ex ** -0.5:.3f})" if n_ex else ""
+    lines += table + ["", f"Test split: {n_ex} replies, {n.get('n_pairs')} pairs{se}.", ""]
     if {"full", "context"} <= set(cfg.variants):
         sf, sc = metric("full", "spearman"), metric("context", "spearman")
         if sf is not None and sc is not None:
@@ -457,22 +487,25 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
         for run in runs:
             if run in r["models"]:
                 c = r["models"][run]
-                flags.append(c["delta"] > NO_CHANGE)
+                flags.append(_supports(c, +1))
                 lines.append(f"- `{run}`: Δ pragmatics accuracy (mean over tasks) {_delta_cell(c)}")
     lines.append(_verdict(flags, "pragmatics accuracy went up") if prag else "No pragmatics suite row to test.")
     lines.append("")
 
     # 3. Context RM trains better policies
     lines.append("### 3. The text-only `context` RM trains better policies than the `full` RM")
-    if {"full", "context"} <= set(cfg.variants) and prag:
-        r = prag[0]
+    if {"full", "context"} <= set(cfg.variants):
         flags = []
         for cond in cfg.conditions:
-            cf, cc = r["models"].get(f"full-{cond}"), r["models"].get(f"context-{cond}")
-            if cf and cc:
-                flags.append(cc["delta"] > cf["delta"])
-                lines.append(f"- {cond} prompts: Δ pragmatics `context` {cc['delta']:+.3f} vs `full` {cf['delta']:+.3f}")
-        lines.append(_verdict(flags, "`context` beat `full`"))
+            h2h = (head_to_head or {}).get(cond)
+            rows = _rows(h2h, suite="pragmatics", kind="suite", metric="acc") if h2h else []
+            c = rows[0]["models"].get(f"context-{cond}") if rows else None
+            if c is None:
+                lines.append(f"- {cond} prompts: no head-to-head comparison of `context-{cond}` with `full-{cond}`")
+                continue
+            flags.append(_supports(c, +1))
+            lines.append(f"- {cond} prompts: pragmatics accuracy, `context-{cond}` − `full-{cond}`: {_delta_cell(c)}")
+        lines.append(_verdict(flags, "`context` beat `full`") if flags else "Not tested (no head-to-head rows).")
     else:
         lines.append("Not tested (needs both `full` and `context` variants).")
     lines.append("")
@@ -500,7 +533,7 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
             for run in runs:
                 if run in r["models"]:
                     c = r["models"][run]
-                    flags.append(c["delta"] < -NO_CHANGE)
+                    flags.append(_supports(c, -1))
                     lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
     lines.append(_verdict(flags, "TruthfulQA went down") if flags else "No TruthfulQA rows to test.")
     lines.append("")
@@ -508,7 +541,8 @@ def claims(cfg: ExperimentConfig, rm_metrics: dict[str, Any], comparison: dict[s
 
 
 def write_report(cfg: ExperimentConfig, out: Path, rm_metrics: dict[str, Any], comparison: dict[str, Any],
-                 training: dict[str, Any], timings: dict[str, float]) -> Path:
+                 training: dict[str, Any], timings: dict[str, float],
+                 head_to_head: dict[str, dict[str, Any]] | None = None) -> Path:
     lines = [
         f"# KARMA experiment `{cfg.name}`",
         "",
@@ -518,7 +552,11 @@ def write_report(cfg: ExperimentConfig, out: Path, rm_metrics: dict[str, Any], c
         "",
         "## Claims",
         "",
-        *claims(cfg, rm_metrics, comparison),
+        f"A run supports a claim only where its Δ points the claimed way *and* the paired test has p < {ALPHA:g} "
+        "(exact McNemar for 0/1 scores, paired permutation otherwise; items paired by id). "
+        "95 % CIs are paired bootstrap.",
+        "",
+        *claims(cfg, rm_metrics, comparison, head_to_head),
         "## PPO runs (reward from each run's own RM, over HTTP)",
         "",
         "| run | steps | reward first | reward last | KL last |",
@@ -527,8 +565,9 @@ def write_report(cfg: ExperimentConfig, out: Path, rm_metrics: dict[str, Any], c
     for run, t in training.items():
         lines.append(f"| {run} | {t.get('steps', '—')} | {_fmt(t.get('reward_first'))} | {_fmt(t.get('reward_last'))} | "
                      f"{_fmt(t.get('kl_last'), 4)} |")
-    lines += ["", "## Full comparison table", "", "See `compare/compare.md` and `compare/compare.png`; reward-model "
-              "reports in `rm/<variant>/eval/`.", "", "## Time per stage (s)", ""]
+    lines += ["", "## Full comparison table", "",
+              ("See `compare/compare.md` and `compare/compare.png`; reward-model reports in `rm/<variant>/eval/`."),
+              "", "## Time per stage (s)", ""]
     lines += [f"- {k}: {v}" for k, v in timings.items()]
     path = out / "experiment.md"
     path.write_text("\n".join(lines) + "\n")

@@ -57,10 +57,17 @@ def test_data_spec_from_path(tmp_path):
         data_spec_from_path(empty)
 
 
-def _cmp_row(suite, row, kind, metric, deltas):
+def _cmp_row(suite, row, kind, metric, deltas, p=0.01):
     return {"suite": suite, "row": row, "kind": kind, "metric": metric,
-            "models": {run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": 0.5, "n": 40}
+            "models": {run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": p, "n": 40}
                        for run, d in deltas.items()}}
+
+
+def _set_p(tables, p):
+    for table in tables:
+        for r in table["rows"]:
+            for c in r["models"].values():
+                c["p"] = p
 
 
 def test_claims_are_stated_from_the_numbers():
@@ -75,30 +82,52 @@ def test_claims_are_stated_from_the_numbers():
             _cmp_row("factuality", "truthfulqa_mc", "task", "mc2", {r: -0.02 for r in runs}),
         ],
     }
+    # claim 3 reads the head-to-head comparisons (context policy vs full policy on the same items)
+    head_to_head = {cond: {"trained": [{"label": f"context-{cond}"}], "rows": [
+        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", {f"context-{cond}": d})]}
+        for cond, d in (("reddit", 0.02), ("nonreddit", 0.04))}
+
     def rm_eval(variant, spearman):
         return {"n_examples": 100, "n_pairs": 40, "systems": {
             f"rm:{variant}": {"overall": {"spearman": spearman, "pearson": 0.2, "pairwise_accuracy": 0.6}},
             "length": {"overall": {"spearman": 0.05, "pearson": 0.04, "pairwise_accuracy": 0.52}}}}
 
     rm = {"full": rm_eval("full", 0.30), "context": rm_eval("context", 0.20)}
-    text = "\n".join(claims(cfg, rm, comparison))
+    text = "\n".join(claims(cfg, rm, comparison, head_to_head))
     assert "**Reproduced**: `full` predicts karma better than `context` (Spearman 0.300 vs 0.200)" in text
-    assert "**Partly reproduced** (pragmatics accuracy went up in 3 of 4 runs)" in text
-    assert "**Reproduced** (`context` beat `full` in all 2 runs)" in text
-    assert "**Reproduced** (TruthfulQA went down in all 8 runs)" in text
-
+    assert "Test split: 100 replies, 40 pairs (a Spearman's standard error at this n is about 1/√n = 0.100)." in text
+    assert "**Partly reproduced** (pragmatics accuracy went up, p < 0.05, in 3 of 4 runs)" in text
+    assert "- reddit prompts: pragmatics accuracy, `context-reddit` − `full-reddit`: +0.020 [-0.080, +0.120]*" in text
+    assert "**Reproduced** (`context` beat `full`, p < 0.05, in all 2 runs)" in text
+    assert "**Reproduced** (TruthfulQA went down, p < 0.05, in all 8 runs)" in text
     assert "| baseline: length | 0.050 | 0.040 | 0.520 |" in text
+
+    # the same directions without significance are not a reproduction
+    _set_p([comparison, *head_to_head.values()], 0.5)
+    text = "\n".join(claims(cfg, rm, comparison, head_to_head))
+    assert ("**Not reproduced at this scale** (pragmatics accuracy went up in 3 of 4 runs, "
+            "none significant at p < 0.05)") in text
+    assert "**Not reproduced at this scale** (`context` beat `full` in 2 of 2 runs, none significant" in text
+    assert "**Not reproduced at this scale** (TruthfulQA went down in 8 of 8 runs, none significant" in text
+    _set_p([head_to_head["reddit"]], 0.01)
+    text = "\n".join(claims(cfg, rm, comparison, head_to_head))
+    assert "**Partly reproduced** (`context` beat `full`, p < 0.05, in 1 of 2 runs)" in text
+    text = "\n".join(claims(cfg, rm, comparison))  # no head-to-head comparisons: claim 3 is not tested
+    assert "- reddit prompts: no head-to-head comparison of `context-reddit` with `full-reddit`" in text
+    assert "Not tested (no head-to-head rows)." in text
+
+    _set_p([comparison], 0.01)
     rm["full"]["systems"]["rm:full"]["overall"]["spearman"] = 0.1
     for r in comparison["rows"]:
         for c in r["models"].values():
             c["delta"] = -abs(c["delta"]) if r["suite"] == "pragmatics" else abs(c["delta"])
-    text = "\n".join(claims(cfg, rm, comparison))
+    text = "\n".join(claims(cfg, rm, comparison, head_to_head))
     assert "**Not reproduced at this scale**: `full` does not predict karma better" in text
-    assert text.count("**Not reproduced at this scale**") >= 3
+    assert "pragmatics accuracy went up" not in text and "TruthfulQA went down" not in text
     for r in comparison["rows"]:  # |Δ| ~ 0 is "no change", neither a rise nor a fall
         for c in r["models"].values():
             c["delta"] = -1e-9
-    text = "\n".join(claims(cfg, rm, comparison))
+    text = "\n".join(claims(cfg, rm, comparison, head_to_head))
     assert "TruthfulQA went down" not in text
 
 

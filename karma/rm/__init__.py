@@ -3,4 +3,4 @@
 from karma.rm.model import KarmaRMConfig, RewardModel, RMInput
 from karma.rm.template import VARIANTS, render
 
-__all__ = ["KarmaRMConfig", "RMInput", "RewardModel", "VARIANTS", "render"]
+__all__ = ["VARIANTS", "KarmaRMConfig", "RMInput", "RewardModel", "render"]

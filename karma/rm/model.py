@@ -151,8 +151,8 @@ class RewardModel:
         seg_a, seg_b = render(self.config.variant, item.context, item.response, item.metadata)
         tok, limit = self.tokenizer, self.max_length
         with self._tok_lock:
-            n_a = len(tok(seg_a, add_special_tokens=False)["input_ids"]) if seg_a else 0
-            n_b = len(tok(seg_b, add_special_tokens=False)["input_ids"])
+            n_a = len(tok(seg_a, add_special_tokens=False, verbose=False)["input_ids"]) if seg_a else 0
+            n_b = len(tok(seg_b, add_special_tokens=False, verbose=False)["input_ids"])
             n_special = tok.num_special_tokens_to_add(pair=bool(seg_a))
             truncated = n_a + n_b + n_special > limit
             if truncated and not truncate:
@@ -160,7 +160,7 @@ class RewardModel:
                     f"input is {n_a + n_b + n_special} tokens, longer than the model's max_length {limit}"
                 )
             if not truncated:
-                enc = tok(seg_a, seg_b) if seg_a else tok(seg_b)
+                enc = tok(seg_a, seg_b, verbose=False) if seg_a else tok(seg_b, verbose=False)
             elif n_b + n_special >= limit or not seg_a:  # no room left for even one context token
                 tok.truncation_side = "right"
                 enc = tok(seg_b, truncation=True, max_length=limit)
