@@ -552,9 +552,9 @@ def write_report(cfg: ExperimentConfig, out: Path, rm_metrics: dict[str, Any], c
         "",
         "## Claims",
         "",
-        f"A run supports a claim only where its Δ points the claimed way *and* the paired test has p < {ALPHA:g} "
-        "(exact McNemar for 0/1 scores, paired permutation otherwise; items paired by id). "
-        "95 % CIs are paired bootstrap.",
+        (f"A run supports a claim only where its Δ points the claimed way *and* the paired test has p < {ALPHA:g} "
+         "(exact McNemar for 0/1 scores, paired permutation otherwise; items paired by id). "
+         "95 % CIs are paired bootstrap."),
         "",
         *claims(cfg, rm_metrics, comparison, head_to_head),
         "## PPO runs (reward from each run's own RM, over HTTP)",
