@@ -77,29 +77,39 @@ def _request_bytes(port: int, item: dict) -> bytes:
     return head + body
 
 
+async def _drain(queue: asyncio.Queue, lat: list, scores: dict, send) -> None:
+    """One client: take request indices off the shared queue until it is empty; `send(i)` returns the score."""
+    while True:
+        try:
+            i = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return
+        t0 = time.perf_counter()
+        score = await send(i)
+        lat.append(time.perf_counter() - t0)
+        scores[i] = score
+
+
 async def _raw_client(
     port: int, requests: list[bytes], queue: asyncio.Queue, lat: list, scores: dict
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send(i: int) -> float:
+        writer.write(requests[i])
+        await writer.drain()
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        if b" 200 " not in status_line:
+            raise RuntimeError(f"request {i}: {status_line!r} {body[:200]!r}")
+        return json.loads(body)["scores"][0]
+
     try:
-        while True:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            t0 = time.perf_counter()
-            writer.write(requests[i])
-            await writer.drain()
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            body = await reader.readexactly(length)
-            lat.append(time.perf_counter() - t0)
-            if b" 200 " not in status_line:
-                raise RuntimeError(f"request {i}: {status_line!r} {body[:200]!r}")
-            scores[i] = json.loads(body)["scores"][0]
+        await _drain(queue, lat, scores, send)
     finally:
         writer.close()
 
@@ -107,16 +117,12 @@ async def _raw_client(
 async def _httpx_client(
     url: str, items: list[dict], queue: asyncio.Queue, lat: list, scores: dict, http
 ) -> None:
-    while True:
-        try:
-            i = queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return
-        t0 = time.perf_counter()
+    async def send(i: int) -> float:
         resp = await http.post(f"{url}/v1/score", json={"items": [items[i]]})
-        lat.append(time.perf_counter() - t0)
         resp.raise_for_status()
-        scores[i] = resp.json()["scores"][0]
+        return resp.json()["scores"][0]
+
+    await _drain(queue, lat, scores, send)
 
 
 async def load(port: int, items: list[dict], concurrency: int, client: str) -> dict:

@@ -144,12 +144,9 @@ class VLLMEngine:
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)  # default would be 92 % of RAM
             # vLLM 0.32 on CPU writes an AOT compile artifact it cannot load back ("'function' object has no
-            # attribute 'finalize_loading'"), so every start recompiled: 58-78 s here; with the older
+            # attribute 'finalize_loading'"), so every start recompiled: 57-78 s here; with the older
             # torch.compile cache a warm start takes 25 s.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-            # vLLM would drop torch to 1 intra-op thread for "serving" -- in this process that is the trainer's
-            # torch too; an explicit OMP_NUM_THREADS makes it leave the count alone.
-            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
         self.llm = LLM(
