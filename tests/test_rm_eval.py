@@ -86,7 +86,7 @@ def test_evaluate_rm_writes_reports_and_baselines_match_hand_computation(rm_dir,
     pairs = pd.read_parquet(data / "pairs.parquet")
     pairs = pairs[pairs["split"] == "test"]
     assert r["n_examples"] == len(ex) and r["n_pairs"] == len(pairs) and not r["subsampled"]
-    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness"}
+    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness", "lateness"}
 
     length = r["systems"]["length"]["overall"]
     assert length["spearman"] == pytest.approx(spearmanr(ex["response"].str.len(), ex["karma"]).statistic)
@@ -114,6 +114,55 @@ def test_evaluate_rm_writes_reports_and_baselines_match_hand_computation(rm_dir,
     assert "| rm:context |" in report and "| r/College |" in report
     assert "the length baseline on pairwise accuracy" in report
     assert (tmp_path / "ev" / "accuracy_vs_score_ratio.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pair_sets_are_built_from_the_split_in_both_orders(rm_dir, data, tmp_path):
+    from karma.rm.pairsets import LENGTH_RATIO
+
+    r = evaluate_rm(rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=None)
+    ex = pd.read_parquet(data / "examples.parquet")
+    ex = ex[(ex["split"] == "test") & (ex["score"] >= 2)]
+    m = ex.merge(ex, on="parent_id", suffixes=("_a", "_b"))
+    m = m[(m["score_a"] > m["score_b"]) & (m["score_a"] >= 2 * m["score_b"])]
+    la, lb = m["response_a"].str.len(), m["response_b"].str.len()
+    sets = r["pair_sets"]["sets"]
+    assert sets["natural"]["n"] == len(m) > 0
+    assert sets["natural"]["chosen_later"] == pytest.approx((m["created_utc_a"] > m["created_utc_b"]).mean())
+    # the prepared (rule) pairs have the chosen reply never earlier; the natural ones have both orders
+    assert 0 < sets["natural"]["chosen_later"] < 1 and sets["balanced"]["chosen_later"] == pytest.approx(0.5)
+    ctl = (la.clip(lower=lb) / lb.clip(upper=la).clip(lower=1)) <= LENGTH_RATIO
+    assert sets["length_controlled"]["n"] == int(ctl.sum())
+    wins = ((la > lb) + 0.5 * (la == lb))[ctl]
+    assert sets["length_controlled"]["systems"]["length"]["accuracy"] == pytest.approx(wins.mean())
+    late = sets["natural"]["systems"]["lateness"]["accuracy"]
+    assert late == pytest.approx(1 - sets["natural"]["systems"]["earliness"]["accuracy"])
+    for name, d in sets.items():
+        for system, a in d["systems"].items():
+            assert a["lo"] <= a["accuracy"] <= a["hi"], (name, system)
+        p = d["paired"]["rm:context - length"]
+        assert p["diff"] == pytest.approx(d["systems"]["rm:context"]["accuracy"] - d["systems"]["length"]["accuracy"])
+        assert 0 < p["p"] <= 1 and p["mde"] > 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "## Pair sets" in report and "`length_controlled`" in report and "on `length_controlled` pairs" in report
+
+
+def test_paired_wins_test_interval_p_and_mde():
+    rng = np.random.default_rng(1)
+    a = (rng.random(2000) < 0.62).astype(float)
+    b = (rng.random(2000) < 0.50).astype(float)
+    t = metrics.paired_wins_test(a, b, n_boot=500, n_perm=999, seed=0)
+    assert t["diff"] == pytest.approx(a.mean() - b.mean()) and t["lo"] < t["diff"] < t["hi"] and t["lo"] > 0
+    assert t["p"] == pytest.approx(1 / 1000)  # no sign flip reaches a 12-point difference at n = 2000
+    assert t["mde"] == pytest.approx(2.8015852 * np.std(a - b, ddof=1) / np.sqrt(2000), rel=1e-6)
+    same = metrics.paired_wins_test(a, a, n_boot=100, n_perm=99)
+    assert same["diff"] == 0 and same["p"] == 1.0 and same["discordant"] == 0
+
+
+def test_evaluate_two_models_on_the_same_rows_gives_paired_differences(rm_dir, data):
+    r = evaluate_rm([rm_dir, rm_dir], data, "test", baselines=False, n_boot=100)
+    assert list(r["systems"]) == ["rm:context", "rm:context'"]
+    d = r["pair_sets"]["sets"]["natural"]["paired"]["rm:context - rm:context'"]
+    assert d["diff"] == 0 and d["lo"] == 0 and d["hi"] == 0
 
 
 def test_evaluate_rm_model_scores_equal_reward_model_scores(rm_dir, data):
@@ -149,7 +198,11 @@ def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_p
     r = compare_rm(data, tmp_path / "cmp", ["full", "context"], backbone=backbone, max_steps=20, eval_steps=20,
                    n_boot=100, **FAST)
     ev = r["evaluations"]["test"]
-    assert list(ev["systems"]) == ["rm:full", "rm:context", "length", "bow_ridge", "earliness"]
+    assert list(ev["systems"]) == ["rm:full", "rm:context", "length", "bow_ridge", "earliness", "lateness"]
+    paired = ev["pair_sets"]["sets"]["natural"]["paired"]["rm:full - rm:context"]
+    accs = ev["pair_sets"]["sets"]["natural"]["systems"]
+    assert paired["diff"] == pytest.approx(accs["rm:full"]["accuracy"] - accs["rm:context"]["accuracy"])
+    assert "Paired differences" in (tmp_path / "cmp" / "compare.md").read_text()
     b = ev["bootstrap"]["rm:full - rm:context"]
     full, ctx = ev["systems"]["rm:full"]["overall"], ev["systems"]["rm:context"]["overall"]
     assert b["spearman"]["diff"] == pytest.approx(full["spearman"] - ctx["spearman"])

@@ -54,7 +54,8 @@ def prepare_cmd(
         typer.Option(
             "--pair-order",
             help="pairs: 'later' = chosen written no earlier than rejected (SHP: its higher score is not explained "
-            "by visibility); 'earlier' = the reverse (confounded with posting time)",
+            "by visibility); 'earlier' = the reverse (confounded with posting time); 'any' = both orders (the "
+            "natural pairs: no timing rule a variant can read)",
         ),
     ] = "later",
     normalize: Annotated[

@@ -91,8 +91,8 @@ class PrepareConfig:
             raise ValueError(
                 f"min_pair_score must be >= 1 (a score ratio needs positive scores), got {self.min_pair_score}"
             )
-        if self.pair_order not in ("later", "earlier"):
-            raise ValueError(f"pair_order must be 'later' or 'earlier', got {self.pair_order!r}")
+        if self.pair_order not in ("later", "earlier", "any"):
+            raise ValueError(f"pair_order must be 'later', 'earlier' or 'any', got {self.pair_order!r}")
         if self.max_pairs_per_parent < 0:
             raise ValueError(f"max_pairs_per_parent must be >= 0, got {self.max_pairs_per_parent}")
         if self.max_depth < 0:

@@ -44,6 +44,9 @@ PAIR_COLUMNS = (
     "rejected_karma",
 )  # fmt: skip
 
+#: the time condition on (chosen a, rejected b) per `pair_order`
+_ORDER_RULE = {"later": "a.created_utc >= b.created_utc", "earlier": "a.created_utc <= b.created_utc", "any": "TRUE"}
+
 MAX_JUMPS = 64  # pointer-jumping rounds: covers chains of 2**64 comments; a parent cycle ends as "unknown"
 
 
@@ -397,7 +400,7 @@ class Relational:
             SELECT a.example_id AS chosen_id, b.example_id AS rejected_id, a.group_key, a.split,
                    a.score AS chosen_score, b.score AS rejected_score
             FROM ex a JOIN ex b ON a.group_key = b.group_key AND a.example_id <> b.example_id
-            WHERE a.created_utc {'>=' if cfg.pair_order == 'later' else '<='} b.created_utc AND a.score > b.score
+            WHERE {_ORDER_RULE[cfg.pair_order]} AND a.score > b.score
               AND b.score >= {int(cfg.min_pair_score)} AND a.score >= {float(cfg.min_score_ratio)} * b.score
             """
         )

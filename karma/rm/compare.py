@@ -110,6 +110,7 @@ def _evaluate_set(es: ev.EvalSet, scores: Sequence[ev.SystemScores], n_boot: int
     for x in rms:
         boots[f"{x} - length"] = bootstrap_pair(es, by_name[x], by_name["length"], n_boot, seed)
     return {**ev._eval_header(es), "systems": systems, "bootstrap": boots,
+            "pair_sets": ev.pair_set_metrics(es, scores, n_boot=n_boot, seed=seed),
             "statement": statement(systems, boots)}
 
 
@@ -196,6 +197,7 @@ def compare_rm(
                   if r["subsampled"] else "") + ".", "",
                f"**{r['statement']}**", "", ev.overall_table(r["systems"]), "",
                "Paired bootstrap of the differences (same rows resampled):", "", _bootstrap_table(r["bootstrap"]), "",
+               *ev._pair_set_section(r["pair_sets"]),
                ev.ratio_table(r["systems"]), "", f"![accuracy vs score ratio]({png})", "",
                "Per subreddit (ρ = Spearman, acc = pairwise accuracy):", "", ev.subreddit_table(r["systems"]), ""]
     (out / "compare.md").write_text("\n".join(md))

@@ -187,3 +187,26 @@ def pair_inputs(df, metadata: dict[str, dict[str, Any]] | None = None) -> tuple[
         chosen.append(RMInput(r["context"], r["chosen"], metadata.get(r["chosen_id"])))
         rejected.append(RMInput(r["context"], r["rejected"], metadata.get(r["rejected_id"])))
     return chosen, rejected
+
+
+def read_sibling_rows(
+    data: str | Path,
+    split: str | None,
+    *,
+    subreddits: Sequence[str] | None = None,
+    exclude_subreddits: Sequence[str] | None = None,
+):
+    """Every comment of a split with what sibling pairs need (parent_id, score, created_utc, texts, karma).
+
+    Columns the folder lacks are left out (a caller checks for parent_id / score).
+    """
+    import pandas as pd
+
+    path = Path(data) / EXAMPLES
+    names = set(_schema_names(path))
+    want = ["example_id", "parent_id", "subreddit", "thread_id", "context", "response", "score", "karma",
+            "created_utc"]
+    df = pd.read_parquet(path, columns=[c for c in want if c in names], filters=_filters(split, subreddits))
+    if exclude_subreddits:
+        df = df[~df["subreddit"].isin(list(exclude_subreddits))]
+    return df.reset_index(drop=True)

@@ -20,45 +20,75 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from karma.rm import data as rmdata
+from karma.rm import pairsets
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_MAX_PAIRS = 1000
 NDCG_KS = (1, 5)
-BASELINES = ("length", "bow_ridge", "earliness")
+BASELINES = ("length", "bow_ridge", "earliness", "lateness")
 
 
 @dataclass
 class EvalSet:
-    """The rows every system is scored on: comments (whole threads) and pairs of one split."""
+    """The rows every system is scored on: comments (whole threads), the prepared pairs of one split, and
+    the evaluation pair sets built from the split's comments (`karma.rm.pairsets`)."""
 
     data: Path
     split: str
     examples: Any  # DataFrame: examples.parquet columns (+ metadata)
-    pairs: Any  # DataFrame: pairs.parquet columns
+    pairs: Any  # DataFrame: pairs.parquet columns (the `rule` pair set)
     pair_metadata: dict[str, dict[str, Any]]
     n_examples_available: int
     n_pairs_available: int
+    pair_sets: dict[str, Any] = field(default_factory=dict)  # set name -> pairs DataFrame
+    pair_sets_available: dict[str, int] = field(default_factory=dict)
 
     @property
     def subsampled(self) -> bool:
         return len(self.examples) < self.n_examples_available or len(self.pairs) < self.n_pairs_available
 
+    def inputs(self) -> dict[str, Any]:
+        """Every distinct reply the systems score, by example id: {id: RMInput} (comments, then pair members)."""
+        from karma.rm.model import RMInput
+
+        out: dict[str, RMInput] = {}
+        for r in self.examples.to_dict("records"):
+            out[r["example_id"]] = RMInput(r["context"], r["response"], rmdata.example_metadata(r))
+        for df in [self.pairs, *self.pair_sets.values()]:
+            for r in df[["context", "chosen", "rejected", "chosen_id", "rejected_id"]].to_dict("records"):
+                for side in ("chosen", "rejected"):
+                    i = r[f"{side}_id"]
+                    if i not in out:
+                        out[i] = RMInput(r["context"], r[side], self.pair_metadata.get(i))
+        return out
+
 
 @dataclass
 class SystemScores:
-    """One system's scores aligned with EvalSet.examples rows and EvalSet.pairs rows."""
+    """One system's scores aligned with EvalSet.examples rows, EvalSet.pairs rows and each pair set's rows."""
 
     name: str
     examples: Any  # np.ndarray (n_examples,)
     chosen: Any  # np.ndarray (n_pairs,)
     rejected: Any  # np.ndarray (n_pairs,)
+    sets: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # set -> (chosen, rejected) arrays
+
+    @classmethod
+    def from_ids(cls, name: str, es: EvalSet, score: Mapping[str, float]) -> SystemScores:
+        import numpy as np
+
+        def arr(ids) -> Any:
+            return np.array([score[i] for i in ids], dtype=float)
+
+        return cls(name, arr(es.examples["example_id"]), arr(es.pairs["chosen_id"]), arr(es.pairs["rejected_id"]),
+                   {k: (arr(df["chosen_id"]), arr(df["rejected_id"])) for k, df in es.pair_sets.items()})
 
 
 def load_eval_set(
@@ -70,8 +100,11 @@ def load_eval_set(
     seed: int = 0,
     subreddits: Sequence[str] | None = None,
     exclude_subreddits: Sequence[str] | None = None,
+    pair_sets: Sequence[str] | None = pairsets.PAIR_SETS,
+    max_set_pairs: int | None = DEFAULT_MAX_PAIRS,
 ) -> EvalSet:
-    """Read (and subsample: whole threads for comments, random pairs) one split of a prepared folder."""
+    """Read (and subsample: whole threads for comments, random pairs) one split of a prepared folder, and
+    build the evaluation pair sets (`pair_sets`, each capped at `max_set_pairs`) from all its comments."""
     import pandas as pd
 
     data = Path(data)
@@ -88,46 +121,58 @@ def load_eval_set(
     if len(examples) == 0 and len(pairs) == 0:
         raise rmdata.DataError(f"{data} has no {split!r} rows" + (f" for r/{', r/'.join(subreddits)}" if subreddits
                                                                    else ""))
+    sets, available = {}, {}
+    names = [n for n in (pair_sets or ()) if n != "rule" or len(pairs)]
+    siblings = rmdata.read_sibling_rows(data, split, **kw) if set(names) - {"rule"} else None
+    if siblings is not None and ("parent_id" not in siblings or "score" not in siblings):
+        names = [n for n in names if n == "rule"]  # a folder without parent_id/score: only the rule pairs
+    if names:
+        ratio, min_score = pairsets.score_rule(data)
+        full = pairsets.build_pair_sets(siblings, pairs, names=names, max_pairs=None, seed=seed,
+                                        min_score_ratio=ratio, min_pair_score=min_score)
+        available = {k: (n_pairs if k == "rule" else len(v)) for k, v in full.items()}
+        sets = {k: (v if k == "rule" else pairsets.cap(v, max_set_pairs, seed)) for k, v in full.items()}
+        if "balanced" in sets and max_set_pairs and len(sets["balanced"]) > max_set_pairs:
+            sets["balanced"] = pairsets.build_pair_sets(siblings, pairs, names=["balanced"], max_pairs=max_set_pairs,
+                                                        seed=seed, min_score_ratio=ratio,
+                                                        min_pair_score=min_score)["balanced"]
     ids = list(pairs["chosen_id"]) + list(pairs["rejected_id"])
+    for df in sets.values():
+        ids += list(df["chosen_id"]) + list(df["rejected_id"])
     meta = rmdata.metadata_by_id(data, ids) if ids else {}
-    return EvalSet(data, split, examples, pairs, meta, n_ex, n_pairs)
+    if "rule" in sets and len(pairs) and meta:
+        later = [(meta.get(c, {}).get("created_utc") or 0) > (meta.get(r, {}).get("created_utc") or 0)
+                 for c, r in zip(pairs["chosen_id"], pairs["rejected_id"])]
+        sets["rule"] = pairs.assign(chosen_later=later)
+    return EvalSet(data, split, examples, pairs, meta, n_ex, n_pairs, sets, available)
 
 
 # ------------------------------------------------------------------------------------------- systems
 def model_scores(rm, es: EvalSet, name: str = "model", batch_size: int = 32) -> SystemScores:
-    """Score every distinct comment once (eval comments and pair members share ids) through RewardModel."""
-    import numpy as np
-
-    from karma.rm.model import RMInput
-
-    inputs: dict[str, RMInput] = {}
-    for r in es.examples.to_dict("records"):
-        inputs[r["example_id"]] = RMInput(r["context"], r["response"], rmdata.example_metadata(r))
-    for r in es.pairs[["context", "chosen", "rejected", "chosen_id", "rejected_id"]].to_dict("records"):
-        for side in ("chosen", "rejected"):
-            i = r[f"{side}_id"]
-            if i not in inputs:
-                inputs[i] = RMInput(r["context"], r[side], es.pair_metadata.get(i))
+    """Score every distinct reply once (comments, pairs and pair sets share ids) through RewardModel."""
+    inputs = es.inputs()
     ids = list(inputs)
     t = time.perf_counter()
     scores = dict(zip(ids, rm.score([inputs[i] for i in ids], batch_size=batch_size)))
     log.info("scored %d texts with %s in %.1fs", len(ids), name, time.perf_counter() - t)
-    return SystemScores(
-        name,
-        np.array([scores[i] for i in es.examples["example_id"]], dtype=float),
-        np.array([scores[i] for i in es.pairs["chosen_id"]], dtype=float),
-        np.array([scores[i] for i in es.pairs["rejected_id"]], dtype=float),
-    )
+    return SystemScores.from_ids(name, es, scores)
 
 
 def length_scores(es: EvalSet) -> SystemScores:
     """Baseline: longer replies score higher (characters of the response)."""
+    return SystemScores.from_ids("length", es, {i: float(len(x.response or "")) for i, x in es.inputs().items()})
+
+
+def _timing(es: EvalSet) -> dict[str, float] | None:
+    """seconds_since_post per reply id (missing values: the latest time seen); None without the column."""
     import numpy as np
 
-    def n(texts) -> Any:
-        return np.array([len(t or "") for t in texts], dtype=float)
-
-    return SystemScores("length", n(es.examples["response"]), n(es.pairs["chosen"]), n(es.pairs["rejected"]))
+    if "seconds_since_post" not in es.examples.columns or es.examples["seconds_since_post"].isna().all():
+        return None
+    raw = {i: (x.metadata or {}).get("seconds_since_post") for i, x in es.inputs().items()}
+    vals = np.array([np.nan if v is None else v for v in raw.values()], dtype=float)
+    fill = float(np.nanmax(vals)) if np.isfinite(vals).any() else 0.0
+    return {i: (fill if v is None or not np.isfinite(v) else float(v)) for i, v in raw.items()}
 
 
 def earliness_scores(es: EvalSet) -> SystemScores | None:
@@ -136,20 +181,15 @@ def earliness_scores(es: EvalSet) -> SystemScores | None:
     Not a text model: it measures how much of karma (and of the pair labels) timing alone explains, which is
     what the `full` variant can read from its metadata header.
     """
-    import numpy as np
+    t = _timing(es)
+    return None if t is None else SystemScores.from_ids("earliness", es, {i: -v for i, v in t.items()})
 
-    if "seconds_since_post" not in es.examples.columns or es.examples["seconds_since_post"].isna().all():
-        return None
 
-    def neg(values) -> Any:
-        v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
-        return -np.nan_to_num(v, nan=np.nanmax(v) if np.isfinite(v).any() else 0.0)
-
-    def member(ids) -> list:
-        return [es.pair_metadata.get(i, {}).get("seconds_since_post") for i in ids]
-
-    return SystemScores("earliness", neg(es.examples["seconds_since_post"]), neg(member(es.pairs["chosen_id"])),
-                        neg(member(es.pairs["rejected_id"])))
+def lateness_scores(es: EvalSet) -> SystemScores | None:
+    """Diagnostic baseline: later replies score higher (+seconds since the post) — what a model learns from
+    pairs whose chosen reply is always the later one (`--pair-order later`)."""
+    t = _timing(es)
+    return None if t is None else SystemScores.from_ids("lateness", es, t)
 
 
 def bow_ridge_scores(
@@ -166,12 +206,9 @@ def bow_ridge_scores(
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=100_000, sublinear_tf=True)
     x = vec.fit_transform(train["response"].fillna(""))
     ridge = Ridge(alpha=1.0).fit(x, train["karma"].to_numpy())
-
-    def predict(texts) -> Any:
-        return ridge.predict(vec.transform(texts.fillna("")))
-
-    return SystemScores("bow_ridge", predict(es.examples["response"]), predict(es.pairs["chosen"]),
-                        predict(es.pairs["rejected"]))
+    inputs = es.inputs()
+    pred = ridge.predict(vec.transform([x.response or "" for x in inputs.values()]))
+    return SystemScores.from_ids("bow_ridge", es, dict(zip(inputs, pred.tolist())))
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -205,6 +242,50 @@ def system_metrics(es: EvalSet, s: SystemScores) -> dict[str, Any]:
             for sub in subs
         },
     }
+
+
+COMPARED_BASELINES = ("length", "bow_ridge")  # an RM is compared, paired, against each of these
+
+
+def comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs compared paired: every RM against each text baseline, and every two RMs (in order)."""
+    rms = [n for n in names if n.startswith("rm:")]
+    out = [(a, b) for a in rms for b in COMPARED_BASELINES if b in names]
+    return out + [(a, b) for i, a in enumerate(rms) for b in rms[i + 1:]]
+
+
+def pair_set_metrics(es: EvalSet, scores: Sequence[SystemScores], *, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Per pair set: its make-up, every system's accuracy [95 % CI], and the paired tests of `comparisons`;
+    plus every system's Spearman [95 % CI] and the paired Spearman differences over the comments."""
+    from karma.rm.metrics import (
+        accuracy_ci,
+        bootstrap_diff,
+        correlations,
+        paired_wins_test,
+        pairwise_wins,
+        spearman_ci,
+    )
+
+    by = {s.name: s for s in scores}
+    pairs_cmp = comparisons(list(by))
+    out: dict[str, Any] = {"sets": {}, "spearman": {}, "spearman_paired": {}}
+    for name, df in es.pair_sets.items():
+        wins = {k: pairwise_wins(*s.sets[name]) for k, s in by.items()}
+        out["sets"][name] = {
+            **pairsets.describe(name, df),
+            "available": es.pair_sets_available.get(name, len(df)),
+            "systems": {k: accuracy_ci(w, n_boot, seed) for k, w in wins.items()},
+            "paired": {f"{a} - {b}": paired_wins_test(wins[a], wins[b], n_boot, seed=seed) for a, b in pairs_cmp},
+        }
+    karma = es.examples["karma"].to_numpy(dtype=float)
+    if len(karma) >= 3:
+        out["spearman"] = {k: spearman_ci(s.examples, karma, n_boot, seed) for k, s in by.items()}
+        out["spearman_paired"] = {
+            f"{a} - {b}": bootstrap_diff((by[a].examples, karma), (by[b].examples, karma),
+                                         lambda p, t: correlations(p, t)["spearman"], n_boot, seed)
+            for a, b in pairs_cmp}
+    return out
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -276,6 +357,76 @@ def plot_ratio_curves(systems: Mapping[str, Mapping[str, Any]], path: str | Path
     return path
 
 
+def _ci(d: Mapping[str, Any] | None, key: str = "accuracy", signed: bool = False) -> str:
+    if not d or d.get(key) is None:
+        return "—"
+    fmt = "+.3f" if signed else ".3f"
+    ci = f" [{d['lo']:{fmt}}, {d['hi']:{fmt}}]" if d.get("lo") is not None else ""
+    return f"{d[key]:{fmt}}{ci}"
+
+
+def pair_set_table(ps: Mapping[str, Any]) -> str:
+    """Systems × pair sets: accuracy [95 % CI]; a header row with each set's n and chosen-later/longer shares."""
+    sets = ps["sets"]
+    names = list(sets)
+    if not names:
+        return ""
+    lines = ["| system | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
+
+    def share(d: Mapping[str, Any], k: str) -> str:
+        return f"{d[k]:.0%}" if d.get(k) is not None else "—"
+
+    lines.append("| *pairs (chosen later / longer)* | " + " | ".join(
+        f"{sets[n]['n']} ({share(sets[n], 'chosen_later')} / {share(sets[n], 'chosen_longer')})" for n in names) + " |")
+    for system in next(iter(sets.values()))["systems"]:
+        lines.append(f"| {system} | " + " | ".join(_ci(sets[n]["systems"].get(system)) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(ps: Mapping[str, Any]) -> str:
+    """Paired differences per pair set: Δ accuracy [95 % CI], p, MDE (80 % power)."""
+    sets = ps["sets"]
+    keys = list(next(iter(sets.values()))["paired"]) if sets else []
+    if not keys:
+        return ""
+    lines = ["| difference | " + " | ".join(f"`{n}`" for n in sets) + " | Δ Spearman |",
+             "|---|" + "---:|" * (len(sets) + 1)]
+    for k in keys:
+        cells = []
+        for n in sets:
+            d = sets[n]["paired"][k]
+            cells.append("—" if d["diff"] is None else
+                         f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p']:.3g} MDE {d['mde']:.3f}")
+        sp = ps.get("spearman_paired", {}).get(k)
+        sp_cell = "—" if not sp or sp.get("diff") is None else (
+            f"{sp['diff']:+.3f}" + (f" [{sp['lo']:+.3f}, {sp['hi']:+.3f}]" if sp.get("lo") is not None else ""))
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {sp_cell} |")
+    return "\n".join(lines)
+
+
+def verdicts(ps: Mapping[str, Any], main: str = "length_controlled", also: str = "natural") -> list[str]:
+    """One line per RM: does it beat each text baseline on `main` pairs (paired CI above 0), and is it not
+    below the length baseline on `also` pairs?"""
+    sets = ps.get("sets", {})
+    if main not in sets:
+        return []
+    lines = []
+    for k, d in sets[main]["paired"].items():
+        a, b = k.split(" - ")
+        if not a.startswith("rm:") or b.startswith("rm:") or d["diff"] is None:
+            continue
+        word = ("BEATS" if d["lo"] > 0 else "is BELOW" if d["hi"] < 0 else "is not distinguishable from")
+        lines.append(f"- `{a}` {word} `{b}` on `{main}` pairs: Δ {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+                     f"(paired bootstrap; p = {d['p']:.3g}, n = {d['n']}, MDE {d['mde']:.3f}).")
+        if b == "length" and also in sets:
+            e = sets[also]["paired"][k]
+            if e["diff"] is not None:
+                word = "not below" if e["hi"] >= 0 else "BELOW"
+                lines.append(f"  On `{also}` pairs it is {word} `length`: Δ {e['diff']:+.3f} "
+                             f"[{e['lo']:+.3f}, {e['hi']:+.3f}] (n = {e['n']}).")
+    return lines
+
+
 def versus_length(systems: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One line per reward model: does it beat the response-length baseline on pairwise accuracy?"""
     base = systems.get("length", {}).get("overall", {}).get("pairwise_accuracy")
@@ -301,7 +452,9 @@ def write_report(result: Mapping[str, Any], out: str | Path, title: str) -> None
         f"{result['n_threads']} threads, {result['n_pairs']} pairs"
         + (f" (subsampled from {result['n_examples_available']} / {result['n_pairs_available']})"
            if result["subsampled"] else "") + ".", "",
-        "## Overall", "", overall_table(systems), "", *versus_length(systems), "",
+        "## Overall (comments; `pairwise acc` on the prepared pairs)", "", overall_table(systems), "",
+        *versus_length(systems), "",
+        *_pair_set_section(result.get("pair_sets") or {}),
         "## Pairwise accuracy by score ratio", "", ratio_table(systems), "",
         "![accuracy vs score ratio](accuracy_vs_score_ratio.png)", "",
         "## Per subreddit (ρ = Spearman with karma, acc = pairwise accuracy)", "", subreddit_table(systems), "",
@@ -309,6 +462,17 @@ def write_report(result: Mapping[str, Any], out: str | Path, title: str) -> None
     (out / "report.md").write_text("\n".join(md))
     if len(result.get("systems", {})) and result["n_pairs"]:
         plot_ratio_curves(systems, out / "accuracy_vs_score_ratio.png", title)
+
+
+def _pair_set_section(ps: Mapping[str, Any]) -> list[str]:
+    if not ps.get("sets"):
+        return []
+    legend = "; ".join(f"`{n}`: {d['description']}" for n, d in ps["sets"].items())
+    return ["## Pair sets (pairwise accuracy [95 % bootstrap CI])", "", legend + ".", "", pair_set_table(ps), "",
+            *verdicts(ps), "", ("### Paired differences (same pairs; p: sign-flip permutation; MDE: 80 % power, "
+            "α = 0.05)"), "", paired_table(ps), "",
+            "Spearman with karma [95 % CI]: " + ", ".join(f"{k} {_ci(v, 'spearman')}"
+                                                          for k, v in ps.get("spearman", {}).items()) + ".", ""]
 
 
 def _eval_header(es: EvalSet) -> dict[str, Any]:
@@ -321,10 +485,9 @@ def _eval_header(es: EvalSet) -> dict[str, Any]:
 
 
 def baseline_scores(es: EvalSet, *, train_subreddits: Sequence[str] | None = None, seed: int = 0) -> list[SystemScores]:
-    """length, bow_ridge and (where the data has timing metadata) earliness."""
+    """length, bow_ridge and (where the data has timing metadata) earliness and lateness."""
     out = [length_scores(es), bow_ridge_scores(es, train_subreddits=train_subreddits, seed=seed)]
-    early = earliness_scores(es)
-    return out + [early] if early is not None else out
+    return out + [s for s in (earliness_scores(es), lateness_scores(es)) if s is not None]
 
 
 def evaluate_rm(
@@ -341,36 +504,48 @@ def evaluate_rm(
     exclude_subreddits: Sequence[str] | None = None,
     train_subreddits: Sequence[str] | None = None,
     batch_size: int = 32,
+    pair_sets: Sequence[str] | None = pairsets.PAIR_SETS,
+    max_set_pairs: int | None = DEFAULT_MAX_PAIRS,
+    n_boot: int = 1000,
 ) -> dict[str, Any]:
-    """Evaluate one reward model (a folder or a loaded RewardModel) on a split; write reports if `out`.
+    """Evaluate reward model(s) (a folder, a loaded RewardModel, or a list of them — scored on the same rows,
+    so their differences are paired) on a split; write reports if `out`.
 
     `train_subreddits` restricts the bag-of-words baseline's training rows (use the RM's own training
     subreddits for a transfer evaluation). Returns the metrics dict that metrics.json holds.
     """
     from karma.rm.model import RewardModel, load_config
 
-    if isinstance(model, RewardModel):
-        rm, model_path = model, None
-    else:
-        load_config(model)  # refuses a folder without karma_rm.json before reading data
-        model_path = str(model)
-        rm = None
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    for m in models:
+        if not isinstance(m, RewardModel):
+            load_config(m)  # refuses a folder without karma_rm.json before reading data
     es = load_eval_set(data, split, max_examples=max_examples, max_pairs=max_pairs, seed=seed,
-                       subreddits=subreddits, exclude_subreddits=exclude_subreddits)
-    if rm is None:
-        rm = RewardModel.load(model_path)
-    if rm.config.variant == "full":
-        rmdata.check_data(data, "full", "pairwise", need_pairs=False)
-    name = f"rm:{rm.config.variant}"
-    scores = [model_scores(rm, es, name, batch_size=batch_size)]
+                       subreddits=subreddits, exclude_subreddits=exclude_subreddits, pair_sets=pair_sets,
+                       max_set_pairs=max_set_pairs)
+    rms = [m if isinstance(m, RewardModel) else RewardModel.load(m) for m in models]
+    paths = [None if isinstance(m, RewardModel) else str(m) for m in models]
+    scores = []
+    for rm in rms:
+        if rm.config.variant == "full":
+            rmdata.check_data(data, "full", "pairwise", need_pairs=False)
+        name = f"rm:{rm.config.variant}"
+        while any(s.name == name for s in scores):
+            name += "'"
+        scores.append(model_scores(rm, es, name, batch_size=batch_size))
     if baselines:
         scores += baseline_scores(es, train_subreddits=train_subreddits, seed=seed)
+    first = rms[0]
     result = {
-        **_eval_header(es), "model": model_path, "variant": rm.config.variant, "objective": rm.config.objective,
-        "model_version": rm.version, "subreddits": list(subreddits) if subreddits else None,
+        **_eval_header(es), "model": paths[0] if len(paths) == 1 else paths,
+        "variant": first.config.variant if len(rms) == 1 else [r.config.variant for r in rms],
+        "objective": first.config.objective, "model_version": first.version if len(rms) == 1 else
+        [r.version for r in rms], "subreddits": list(subreddits) if subreddits else None,
         "exclude_subreddits": list(exclude_subreddits) if exclude_subreddits else None,
         "systems": {s.name: system_metrics(es, s) for s in scores},
+        "pair_sets": pair_set_metrics(es, scores, n_boot=n_boot, seed=seed),
     }
     if out is not None:
-        write_report(result, out, f"KARMA RM `{rm.config.variant}` on {split}")
+        label = ", ".join(f"`{r.config.variant}`" for r in rms)
+        write_report(result, out, f"KARMA RM {label} on {split}")
     return result
