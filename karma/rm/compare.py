@@ -202,3 +202,52 @@ def compare_rm(
                "Per subreddit (ρ = Spearman, acc = pairwise accuracy):", "", ev.subreddit_table(r["systems"]), ""]
     (out / "compare.md").write_text("\n".join(md))
     return result
+
+
+def _mde_from_ci(d: Mapping[str, Any]) -> float | None:
+    """MDE at 80 % power, α = 0.05, from a bootstrap 95 % interval (its half-width / 1.96 as the standard error)."""
+    from karma.rm.metrics import Z_ALPHA, Z_POWER
+
+    if d.get("lo") is None or d.get("hi") is None:
+        return None
+    return (Z_ALPHA + Z_POWER) * (d["hi"] - d["lo"]) / (2 * Z_ALPHA)
+
+
+def karma_prediction_claim(result: Mapping[str, Any], a: str = "rm:full", b: str = "rm:context",
+                           alpha: float = 0.05) -> list[str]:
+    """Claim 1 of the paper ("`a` predicts karma better than `b`") from one `evaluate_rm([a, b], ...)` result:
+    a table of every system with 95 % CIs, then the verdict from the *paired* tests on the same rows —
+    Spearman over comments (paired bootstrap CI) and pairwise accuracy on the `natural` pairs (sign-flip p) —
+    with n and the minimum detectable effect of each."""
+    ps = result.get("pair_sets") or {}
+    sets = ps.get("sets", {})
+    spear = ps.get("spearman", {})
+    shown = [s for s in ("natural", "length_controlled", "close_in_time", "rule") if s in sets]
+    head = "| system | Spearman [95 % CI] | " + " | ".join(f"acc `{s}` [95 % CI]" for s in shown) + " |"
+    lines = [head, "|---|" + "---:|" * (1 + len(shown))]
+    for name in result.get("systems", {}):
+        cells = [ev._ci(spear.get(name), "spearman")] + [ev._ci(sets[s]["systems"].get(name)) for s in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Comments: {result.get('n_examples')}; pairs: "
+              + ", ".join(f"`{s}` {sets[s]['n']} ({sets[s]['description']})" for s in shown) + ".", ""]
+    lines += ev.verdicts(ps)
+    key = f"{a} - {b}"
+    sp = ps.get("spearman_paired", {}).get(key)
+    acc = sets.get("natural", {}).get("paired", {}).get(key)
+    if not sp or sp.get("diff") is None:
+        return lines + ["", f"Not tested: `{a[3:]}` and `{b[3:]}` were not both evaluated on the same rows."]
+    sp_mde = _mde_from_ci(sp)
+    sp_sig = sp["lo"] > 0 or sp["hi"] < 0
+    parts = [(f"paired Δ Spearman ({a[3:]} − {b[3:]}) {sp['diff']:+.3f} [{sp['lo']:+.3f}, {sp['hi']:+.3f}] "
+             f"(n = {result.get('n_examples')} comments, MDE {sp_mde:.3f})")]
+    if acc and acc.get("diff") is not None:
+        parts.append(f"paired Δ accuracy on `natural` pairs {acc['diff']:+.3f} [{acc['lo']:+.3f}, {acc['hi']:+.3f}] "
+                     f"(p = {acc['p']:.3g}, n = {acc['n']}, MDE {acc['mde']:.3f})")
+    if sp_sig and sp["diff"] > 0:
+        verdict = f"**Reproduced**: `{a[3:]}` predicts karma better than `{b[3:]}`"
+    elif sp_sig:
+        verdict = f"**Not reproduced (reversed)**: `{b[3:]}` predicts karma better than `{a[3:]}`"
+    else:
+        verdict = (f"**Not reproduced at this scale**: no Spearman difference larger than {sp_mde:.3f} "
+                   f"(MDE at 80 % power) between `{a[3:]}` and `{b[3:]}`")
+    return lines + ["", verdict + " — " + "; ".join(parts) + "."]
