@@ -165,6 +165,21 @@ def test_evaluate_two_models_on_the_same_rows_gives_paired_differences(rm_dir, d
     assert d["diff"] == 0 and d["lo"] == 0 and d["hi"] == 0
 
 
+def test_claim_one_is_decided_by_the_paired_tests(rm_dir, data):
+    from karma.rm.compare import karma_prediction_claim
+
+    r = evaluate_rm([rm_dir, rm_dir], data, "test", n_boot=200)
+    text = "\n".join(karma_prediction_claim(r, a="rm:context", b="rm:context'"))
+    # the same model twice: a zero paired difference, stated with the effect the run could have detected
+    assert "**Not reproduced at this scale**: no Spearman difference larger than 0.000 (MDE at 80 % power)" in text
+    assert "paired Δ Spearman (context − context') +0.000 [+0.000, +0.000]" in text
+    assert "paired Δ accuracy on `natural` pairs +0.000" in text
+    assert "| length |" in text and "acc `length_controlled` [95 % CI]" in text
+    assert "on `length_controlled` pairs: Δ" in text  # each RM against each text baseline, paired
+    missing = karma_prediction_claim(evaluate_rm(rm_dir, data, "test", n_boot=50))
+    assert missing[-1] == "Not tested: `full` and `context` were not both evaluated on the same rows."
+
+
 def test_evaluate_rm_model_scores_equal_reward_model_scores(rm_dir, data):
     from karma.rm.data import example_inputs, read_examples
     from karma.rm.model import RewardModel
