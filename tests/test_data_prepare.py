@@ -195,7 +195,8 @@ def reference_pairs(ex, min_ratio, min_score, k=None, order="later"):
             if (
                 a is not b
                 and a["parent_id"] == b["parent_id"]
-                and (a["created_utc"] >= b["created_utc"] if order == "later" else a["created_utc"] <= b["created_utc"])
+                and (order == "any" or (a["created_utc"] >= b["created_utc"] if order == "later"
+                                        else a["created_utc"] <= b["created_utc"]))
                 and a["score"] > b["score"]
                 and b["score"] >= min_score
                 and a["score"] >= min_ratio * b["score"]
@@ -235,8 +236,22 @@ def test_default_pair_rule_is_shps_chosen_written_no_earlier(dumps, tmp_path):
     assert pairs and {(p["chosen_id"], p["rejected_id"]) for p in pairs} <= ref
     assert card["pairs"]["candidates_before_cap"] == len(ref)
     assert all(ex[p["chosen_id"]]["created_utc"] >= ex[p["rejected_id"]]["created_utc"] for p in pairs)
-    with pytest.raises(ValueError, match="pair_order must be 'later' or 'earlier'"):
+    with pytest.raises(ValueError, match="pair_order must be 'later', 'earlier' or 'any', got 'first'"):
         prepare(comments=[rc], out=tmp_path / "bad", pair_order="first")
+
+
+def test_pair_order_any_keeps_both_orders(dumps, tmp_path):
+    rc, rs = dumps
+    card = prepare(comments=[rc], submissions=[rs], out=tmp_path / "any", workers=1, min_pair_score=1,
+                   pair_order="any")
+    ex = {r["example_id"]: r for r in pq.read_table(tmp_path / "any" / "examples.parquet").to_pylist()}
+    pairs = pq.read_table(tmp_path / "any" / "pairs.parquet").to_pylist()
+    ref = reference_pairs(ex, 2.0, 1, order="any")
+    assert card["pairs"]["candidates_before_cap"] == len(ref)
+    assert {(p["chosen_id"], p["rejected_id"]) for p in pairs} <= ref
+    # both rules' candidates: more than SHP's rule alone keeps
+    assert len(ref) > len(reference_pairs(ex, 2.0, 1, order="later")) and any(
+        ex[a]["created_utc"] < ex[b]["created_utc"] for a, b in ref)
 
 
 def test_pair_options(dumps, tmp_path):
