@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import types
 from pathlib import Path
@@ -64,6 +65,7 @@ def tiny_config(assets, out: Path, **sections) -> TrainConfig:
         "reward": {"reward_model": str(assets.rm)},
         "ppo": {"prompts_per_step": 4, "mini_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-3},
         "run": {"steps": 4, "output_dir": str(out), "save_every": 2, "report_to": ["jsonl"]},
+        "eval": {"heldout_prompts": 4, "heldout_batch_size": 3},
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
@@ -181,6 +183,27 @@ def test_chat_template_prompt_is_cut_from_the_left(assets):
     assert "FINAL QUESTION?" in text and "word0 " not in text
 
 
+def test_prompts_are_rendered_only_when_a_step_draws_them(assets, tmp_path):
+    from services.policy_trainer.prompts import render_prompt
+
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps(f"question {i}: " + "why " * (i % 50)) + "\n" for i in range(300)))
+    trainer = Trainer(tiny_config(assets, tmp_path / "out", data={"prompts": f"file:{many}"}))
+    try:
+        trainer.setup()
+        assert len(trainer.prompts) == 296 and trainer.prompts.rendered == 0  # 4 held out, none rendered yet
+        trainer.train_step()
+        assert trainer.prompts.rendered == 4  # prompts_per_step
+        p = trainer.prompts[-1]
+        assert (p.prompt_text, p.prompt_ids) == render_prompt(trainer.tokenizer, p.context, system_prompt=None,
+                                                              max_length=64)
+        assert [q.context for q in trainer.prompts[:2]] == [r.context for r in trainer.prompts.records[:2]]
+        with pytest.raises(IndexError, match="prompt index 296 out of range for 296 prompts"):
+            trainer.prompts[296]
+    finally:
+        trainer.close()
+
+
 def test_example_config_is_valid():
     from services.policy_trainer.config import vllm_available
 
@@ -191,6 +214,13 @@ def test_example_config_is_valid():
         return
     cfg = TrainConfig.from_sources(example)
     assert cfg.rollout.engine == "vllm" and cfg.data.prompts.startswith("reddit:") and cfg.ppo.kl_target == 6.0
+    assert cfg.ppo.learning_rate == 2e-5 and cfg.ppo.missing_eos_penalty == 0 and cfg.eval.heldout_prompts == 128
+
+
+def test_positive_control_config_is_valid():
+    cfg = TrainConfig.from_sources(Path(__file__).parents[1] / "services/policy_trainer/configs/ppo_positive_control.yaml")
+    assert (cfg.rollout.engine, cfg.ppo.algo, cfg.run.steps, cfg.eval.heldout_prompts) == ("hf", "ppo", 6, 64)
+    assert cfg.data.prompts.startswith("file:") and cfg.ppo.missing_eos_penalty == 0
 
 
 def test_prompt_sampler_resumes_its_order():
@@ -532,6 +562,7 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
                                       "--prompts", f"reddit:{data}"])
     assert result.exit_code == 0, result.output
     assert f"completed at step 1: {out}" in result.output
+    assert re.search(r"held-out reward \(\d prompts\): base -?\d", result.output) and (out / "heldout_reward.json").exists()
     assert (out / "config.json").exists() and len(read_metrics(out)) == 1
     saved = TrainConfig.from_sources(out / "train_config.yaml")
     assert (saved.ppo.algo, saved.run.steps, saved.data.prompts) == ("grpo", 1, f"reddit:{data}")
@@ -543,3 +574,123 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--prompts", f"file:{empty}",
                                       "--output-dir", str(tmp_path / "o2")])
     assert result.exit_code == 1 and f"karma train: PromptSourceError: no prompts in {empty}" in result.output
+
+
+# ----------------------------------------------------------------------------------------------- held-out reward
+def test_paired_statistics_of_the_heldout_reward():
+    import math
+
+    import numpy as np
+
+    from services.policy_trainer.heldout import paired_mde, paired_summary
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.0, 1.0, 200)
+    diff = rng.normal(0.3, 1.0, 200)
+    assert paired_mde(diff) == pytest.approx((1.959964 + 0.841621) * diff.std(ddof=1) / math.sqrt(200), rel=1e-5)
+    s = paired_summary(base, base + diff, seed=1)
+    assert s["delta"] == pytest.approx(diff.mean()) and s["n"] == 200 and s["test"] == "paired permutation"
+    assert s["trained_mean"] - s["base_mean"] == pytest.approx(s["delta"])
+    assert s["ci_low"] < diff.mean() < s["ci_high"]
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(200)  # the bootstrap interval is about the normal one
+    assert s["ci_high"] - s["ci_low"] == pytest.approx(2 * half, rel=0.15)
+    from statistics import NormalDist
+
+    z = diff.sum() / math.sqrt((diff**2).sum())  # the sign-flip null: var(mean) = sum(d^2) / n^2
+    assert s["p"] == pytest.approx(2 * (1 - NormalDist().cdf(z)), abs=0.003) and s["p"] < 0.05
+    assert paired_summary(base, base + diff + 0.5, seed=1)["p"] == pytest.approx(1 / 10001)  # none of 10,000 flips
+    x = np.abs(rng.normal(0, 1, 100))
+    null = paired_summary(base[:200], base[:200] + np.concatenate([x, -x]), seed=1)  # mean difference exactly 0
+    assert null["p"] == 1.0 and null["ci_low"] < 0 < null["ci_high"]
+    assert paired_summary([1.0, 2.0], [1.5, 3.0], seed=0)["p"] >= 0.25  # two pairs cannot be significant
+    with pytest.raises(ValueError, match="paired samples differ in size: 2 vs 1"):
+        paired_summary([1.0, 2.0], [1.0])
+
+
+def test_heldout_prompts_are_never_training_prompts(tmp_path):
+    from karma.rm.fixtures import write_prepared_data
+    from services.policy_trainer.prompts import load_prompt_sets
+
+    lines = [{"prompt": f"prompt {i % 30}"} for i in range(40)]  # 30 distinct texts, 10 repeated
+    file = tmp_path / "p.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    sets = load_prompt_sets(f"file:{file}", heldout=8, heldout_seed=3)
+    held = [r.context for r in sets.heldout]
+    assert len(held) == len(set(held)) == 8
+    assert not set(held) & {r.context for r in sets.train}  # duplicates of a held-out text left training too
+    assert len(sets.train) == 40 - sum(1 for r in lines if r["prompt"] in held)
+    assert "held-out slice (8 of 30 distinct prompts, seed 3)" in sets.heldout_source
+    assert [r.context for r in load_prompt_sets(f"file:{file}", heldout=8, heldout_seed=3).heldout] == held
+    assert [r.context for r in load_prompt_sets(f"file:{file}", heldout=8, heldout_seed=4).heldout] != held
+    assert len(load_prompt_sets(f"file:{file}", heldout=500).heldout) == 15  # at most half the distinct prompts
+    assert len(load_prompt_sets(f"file:{file}", heldout=8, max_prompts=5).train) == 5
+    one = tmp_path / "one.jsonl"
+    one.write_text('"only prompt"\n')
+    with pytest.raises(PromptSourceError, match="holds 1 distinct prompt.*set heldout_prompts: 0"):
+        load_prompt_sets(f"file:{one}", heldout=4)
+
+    data = write_prepared_data(tmp_path / "prep", n_threads=40, comments_per_thread=2)
+    sets = load_prompt_sets(f"reddit:{data}", heldout=5, heldout_seed=0)
+    val = {r.context for r in load_records(f"reddit:{data}", split="val")}
+    assert len(sets.heldout) == 5 and {r.context for r in sets.heldout} <= val
+    assert not {r.context for r in sets.heldout} & {r.context for r in sets.train}
+    assert sets.heldout[0].metadata["subreddit"] in ("College", "ApplyingToCollege")
+    with pytest.raises(ValueError, match="heldout_split must differ from the training split \\('val'\\)"):
+        TrainConfig.from_dict({"data": {"prompts": f"reddit:{data}", "split": "val"},
+                               "reward": {"reward_url": ["http://127.0.0.1:9"]}})
+
+
+def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_path):
+    """heldout_reward.json equals an independent recomputation: the base policy loaded from its folder, the
+    trained one from the run's output, the same generation settings, the RM scored in process."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from karma.rm.model import RewardModel, RMInput
+    from services.policy_trainer.heldout import KEYS, generate_replies
+
+    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2, "save_every": 0},
+                      eval={"heldout_prompts": 5, "heldout_batch_size": 2, "heldout_seed": 7})
+    trainer, result = run(cfg)
+    got = json.loads((tmp_path / "out" / "heldout_reward.json").read_text())
+    assert tuple(got) == KEYS and result["heldout"] == got
+    prompts = [trainer.heldout[i] for i in range(len(trainer.heldout))]
+    assert got["n"] == 5 and got["source"] == trainer.heldout_source
+    assert not {p.context for p in prompts} & {r.context for r in trainer.prompts.records}
+
+    rm = RewardModel.load(assets.rm)
+    tok = trainer.tokenizer
+    recomputed = {}
+    for name, folder in (("base", assets.policy), ("trained", tmp_path / "out")):
+        lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+        gens = generate_replies(lm, tok, trainer.eos_ids, [p.prompt_ids for p in prompts], temperature=1.0,
+                                max_new_tokens=10, batch_size=2, seed=7)
+        texts = [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
+        scores = rm.score([RMInput(p.context, t, p.metadata) for p, t in zip(prompts, texts)], normalize=True)
+        recomputed[name] = (lm, gens, texts, scores)
+    assert got["base_mean"] == pytest.approx(np.mean(recomputed["base"][3]), abs=1e-5)
+    assert got["trained_mean"] == pytest.approx(np.mean(recomputed["trained"][3]), abs=1e-5)
+    assert got["delta"] == pytest.approx(got["trained_mean"] - got["base_mean"], abs=1e-9)
+    assert recomputed["base"][2] != recomputed["trained"][2]  # the two policies really differ
+    for name in ("base", "trained"):
+        _, gens, texts, _ = recomputed[name]
+        assert got[f"{name}_eos_rate"] == pytest.approx(np.mean([g.ended_with_eos for g in gens]))
+        assert got[f"{name}_mean_words"] == pytest.approx(np.mean([len(t.split()) for t in texts]))
+
+    def seq_logprob(lm, prompt, response):  # one unpadded sequence, at temperature 1
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = lm(ids).logits[0, len(prompt) - 1: -1].float()
+        return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).sum())
+
+    base_lm, trained_lm = recomputed["base"][0], recomputed["trained"][0]
+    kl = [seq_logprob(trained_lm, p.prompt_ids, g.response_ids) - seq_logprob(base_lm, p.prompt_ids, g.response_ids)
+          for p, g in zip(prompts, recomputed["trained"][1])]
+    assert got["kl_mean"] == pytest.approx(np.mean(kl), abs=1e-3) and got["kl_mean"] != 0
+    assert 0 <= got["p"] <= 1 and got["ci_low"] <= got["delta"] <= got["ci_high"] and got["mde"] > 0
+
+
+def test_heldout_reward_can_be_turned_off(assets, tmp_path):
+    _, result = run(tiny_config(assets, tmp_path / "out", run={"steps": 1, "save_every": 0},
+                                eval={"heldout_prompts": 0}))
+    assert "heldout" not in result and not (tmp_path / "out" / "heldout_reward.json").exists()

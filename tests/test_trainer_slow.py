@@ -67,6 +67,7 @@ def trained(reward_service, tmp_path_factory):
         "ppo": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 4, "epochs": 1,
                 "learning_rate": 1e-4},
         "run": {"steps": 2, "output_dir": str(out), "save_every": 0, "report_to": ["jsonl", "tensorboard"]},
+        "eval": {"heldout_prompts": 8},
     })
     trainer = Trainer(cfg)
     try:
@@ -106,6 +107,8 @@ def test_ppo_smollm2_vllm_against_real_reward_service(trained):
     changed = [not torch.equal(p, q) for p, q in zip(trained_lm.parameters(), base.parameters(), strict=True)]
     assert all(changed)
     assert list((trained.out / "tensorboard").glob("events.out.tfevents.*"))
+    heldout = json.loads((trained.out / "heldout_reward.json").read_text())  # scored over HTTP after a vLLM run
+    assert heldout["n"] == 8 and heldout["kl_mean"] > 0 and heldout["base_mean"] != heldout["trained_mean"]
 
 
 def test_vllm_weight_sync_matches_the_trainer_policy(trained):

@@ -182,3 +182,34 @@ def compare(
         typer.echo(overall_table(ev["systems"]))
         typer.echo(ev["statement"])
     typer.echo(f"\nwrote {out / 'compare.md'} and {out / 'compare.json'}")
+
+
+@app.command("rule")
+def rule(
+    out: Annotated[Path, typer.Option("--out", help="the rule reward-model folder to write")],
+    kind: Annotated[list[str], typer.Option("--kind", help="length_window | marker (repeat to sum several)")],
+    min_words: Annotated[int | None, typer.Option("--min-words", help="length_window: window start (words)")] = None,
+    max_words: Annotated[int | None, typer.Option("--max-words", help="length_window: window end (words)")] = None,
+    scale: Annotated[float, typer.Option("--scale", help="length_window: words outside per unit of reward lost")] = 10.0,
+    floor: Annotated[float | None, typer.Option("--floor", help="length_window: lowest value (default: none)")] = None,
+    marker: Annotated[list[str], typer.Option("--marker", help="marker: a word start to look for (repeat)")] = [],  # noqa: B006
+    count: Annotated[bool, typer.Option("--count", help="marker: count distinct markers instead of 0/1")] = False,
+) -> None:
+    """Write a rule reward model (a positive control with a known optimum; no weights) that `karma serve` loads."""
+    from karma.rm.rule import RuleSpec, RuleSpecError, write_rule_folder
+
+    rules: list[dict] = []
+    for k in kind:
+        if k == "length_window":
+            rules.append({"kind": k, "min_words": min_words, "max_words": max_words, "scale": scale, "floor": floor})
+        elif k == "marker":
+            rules.append({"kind": k, "count": count, **({"markers": marker} if marker else {})})
+        else:
+            rules.append({"kind": k})  # refused by the spec's validation, with the known kinds
+    try:
+        spec = RuleSpec.parse({"rules": rules}, where="karma rm rule")
+    except RuleSpecError as e:
+        _fail(e)
+    path = write_rule_folder(spec, out)
+    typer.echo(f"wrote {path} (rule {spec.describe()}, version {spec.version}); serve it with "
+               f"`karma serve --model rule={path}`")

@@ -14,11 +14,14 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from karma.rm.template import TEMPLATE_DOC, TEMPLATE_VERSION, VARIANTS, render
+
+if TYPE_CHECKING:
+    from karma.rm.rule import RuleRewardModel
 
 CONFIG_NAME = "karma_rm.json"
 
@@ -100,13 +103,19 @@ class RewardModel:
 
     # ----------------------------------------------------------------------------------- loading / saving
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardModel:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardModel | RuleRewardModel:
+        """Load a reward-model folder. A rule folder (`karma_rule.json`, see `karma.rm.rule`) loads as a
+        `RuleRewardModel`, which has the same scoring interface (encode / forward / score / normalize)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"reward model folder does not exist: {path}")
+        from karma.rm.rule import RULE_CONFIG_NAME, RuleRewardModel
+
+        if (path / RULE_CONFIG_NAME).is_file():
+            return RuleRewardModel.load(path)
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         cfg_file = path / CONFIG_NAME
         if not cfg_file.exists():
             raise MissingRMConfigError(

@@ -55,6 +55,11 @@ def _train(config: Path | None = None, **flags: Any) -> None:
     finally:
         trainer.close()
     typer.echo(f"{result['status']} at step {result['step']}: {result['output_dir']}")
+    if "heldout" in result:
+        h = result["heldout"]
+        typer.echo(f"held-out reward ({h['n']} prompts): base {h['base_mean']:.4f} -> trained {h['trained_mean']:.4f}, "
+                   f"delta {h['delta']:+.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}], p = {h['p']:.4g} "
+                   f"(MDE {h['mde']:.4f}); {Path(result['output_dir']) / 'heldout_reward.json'}")
 
 
 def _build_command():
@@ -62,7 +67,7 @@ def _build_command():
         inspect.Parameter(
             "config", inspect.Parameter.KEYWORD_ONLY, default=None,
             annotation=Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the sections "
-                                                           "model, data, rollout, reward, ppo, run")],
+                                                           "model, data, rollout, reward, ppo, run, eval")],
         )
     ]
     for section, f, tp in flag_fields():

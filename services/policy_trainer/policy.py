@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,33 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class Packed:
+    """B sequences laid out as `[left-padded prompt | right-padded response]`; P = longest prompt,
+    T = longest response."""
+
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    response_mask: torch.Tensor  # (B, T) float, 1 on response tokens
+    prompt_len: int  # P
+
+
+def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Packed:
+    """Token ids of prompts and their responses as one padded batch (the layout `forward_responses` reads)."""
+    P = max(len(p) for p in prompts)
+    T = max(max((len(r) for r in responses), default=0), 1)
+    B = len(prompts)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + T), dtype=torch.long)
+    resp_mask = torch.zeros((B, T))
+    for b, (prompt, resp) in enumerate(zip(prompts, responses, strict=True)):
+        input_ids[b, P - len(prompt): P] = torch.tensor(list(prompt), dtype=torch.long)
+        input_ids[b, P: P + len(resp)] = torch.tensor(list(resp), dtype=torch.long)
+        attention[b, P - len(prompt): P + len(resp)] = 1
+        resp_mask[b, : len(resp)] = 1.0
+    return Packed(input_ids, attention, resp_mask, P)
 
 
 @dataclass
@@ -145,6 +173,15 @@ class Policy(nn.Module):
         logprobs = torch.gather(torch.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
         entropy = entropy_from_logits(logits) if (with_entropy and not reference) else None
         return Forward(logprobs, values, entropy)
+
+    @contextmanager
+    def reference_lm(self) -> Iterator[nn.Module]:
+        """The frozen reference causal LM, e.g. to generate with (LoRA: the base model, adapters disabled)."""
+        if self.ref_lm is not None:
+            yield self.ref_lm
+        else:
+            with self.lm.disable_adapter():
+                yield self.lm
 
     # ------------------------------------------------------------------------------------ parameters
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

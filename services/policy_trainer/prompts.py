@@ -8,16 +8,18 @@
   `prompt, context, Request, question, text`. E.g. the politeness corpus requests (never Reddit).
 
 Each prompt keeps two fields: `context` (what the reward model sees) and the policy prompt rendered with the
-policy tokenizer's chat template (`prompt_text`, `prompt_ids`).
+policy tokenizer's chat template (`prompt_text`, `prompt_ids`), rendered when a step first draws it
+(`PromptPool`). `load_prompt_sets` also sets aside the held-out prompts of the end-of-run evaluation.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 FIELD_CANDIDATES = ("prompt", "context", "Request", "question", "text")
 METADATA_COLUMNS = ("subreddit", "depth", "seconds_since_post", "seconds_since_parent", "created_utc", "sibling_count")
@@ -154,12 +156,102 @@ def render_prompt(tokenizer, context: str, *, system_prompt: str | None, max_len
     raise PromptSourceError(f"could not fit a prompt into {max_length} tokens")
 
 
-def build_prompts(records: list[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int) -> list[Prompt]:
-    out = []
-    for rec in records:
-        text, ids = render_prompt(tokenizer, rec.context, system_prompt=system_prompt, max_length=max_length)
-        out.append(Prompt(rec.context, text, ids, rec.metadata))
-    return out
+class PromptPool(Sequence[Prompt]):
+    """Prompt records rendered into policy prompts on first use, then cached.
+
+    Rendering (chat template + tokenising, and cutting long contexts) costs about a millisecond a prompt;
+    rendering a whole Reddit split eagerly took minutes before step 1, while a run draws only
+    `steps * prompts_per_step` of them.
+    """
+
+    def __init__(self, records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self._cache: dict[int, Prompt] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def rendered(self) -> int:
+        """How many prompts have been rendered so far."""
+        return len(self._cache)
+
+    @overload
+    def __getitem__(self, index: int) -> Prompt: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Prompt]: ...
+
+    def __getitem__(self, index: int | slice) -> Prompt | list[Prompt]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(f"prompt index {index} out of range for {len(self)} prompts")
+        prompt = self._cache.get(i)
+        if prompt is None:
+            rec = self.records[i]
+            text, ids = render_prompt(self.tokenizer, rec.context, system_prompt=self.system_prompt,
+                                      max_length=self.max_length)
+            prompt = self._cache[i] = Prompt(rec.context, text, ids, rec.metadata)
+        return prompt
+
+
+def build_prompts(records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None,
+                  max_length: int) -> PromptPool:
+    """The policy prompts of `records`, rendered lazily (see `PromptPool`)."""
+    return PromptPool(records, tokenizer, system_prompt=system_prompt, max_length=max_length)
+
+
+@dataclass
+class PromptSets:
+    train: list[PromptRecord]
+    heldout: list[PromptRecord]
+    heldout_source: str  # where the held-out prompts come from (heldout_reward.json "source")
+
+
+def load_prompt_sets(spec: str, *, split: str = "train", prompt_field: str | None = None,
+                     max_prompts: int | None = None, heldout: int = 0, heldout_split: str = "val",
+                     heldout_seed: int = 0) -> PromptSets:
+    """Training prompts and up to `heldout` held-out prompts that are never training prompts.
+
+    - `reddit:DIR`: a seeded sample of `heldout_split` (threads never in two splits; a context that also
+      occurs in the training split is left out anyway).
+    - `file:PATH`: a seeded sample of the file (at most half of it), removed from the training prompts
+      together with every duplicate of its texts.
+    """
+    import random
+
+    if not heldout:
+        return PromptSets(load_records(spec, split=split, prompt_field=prompt_field, max_prompts=max_prompts),
+                          [], "")
+    kind = spec.partition(":")[0]
+    rng = random.Random(heldout_seed)
+    if kind == "reddit":
+        train = load_records(spec, split=split, prompt_field=prompt_field)
+        seen = {r.context for r in train}
+        pool = [r for r in load_records(spec, split=heldout_split, prompt_field=prompt_field)
+                if r.context not in seen]
+        if not pool:
+            raise PromptSourceError(f"split {heldout_split!r} of {spec} has no contexts outside split {split!r} "
+                                    "for the held-out reward; set heldout_prompts: 0 to turn it off")
+        held = rng.sample(pool, min(heldout, len(pool)))
+        source = f"{spec} split {heldout_split} ({len(held)} of {len(pool)} contexts, seed {heldout_seed})"
+        return PromptSets(train[:max_prompts] if max_prompts else train, held, source)
+    every = load_records(spec, split=split, prompt_field=prompt_field)
+    distinct = list(dict.fromkeys(r.context for r in every))
+    k = min(heldout, len(distinct) // 2)
+    if k == 0:
+        raise PromptSourceError(f"{spec} holds {len(distinct)} distinct prompt(s): too few to hold any out for the "
+                                "held-out reward; set heldout_prompts: 0 to turn it off")
+    held_texts = rng.sample(distinct, k)
+    held_set = set(held_texts)
+    by_text = {r.context: r for r in every}
+    train = [r for r in every if r.context not in held_set]
+    source = f"{spec} held-out slice ({k} of {len(distinct)} distinct prompts, seed {heldout_seed})"
+    return PromptSets(train[:max_prompts] if max_prompts else train, [by_text[t] for t in held_texts], source)
 
 
 class PromptSampler:

@@ -10,7 +10,8 @@
     sync        load the new weights into the rollout engine
     checkpoint  every `save_every` steps
 
-Each phase's seconds go to `timing/<phase>`; the metrics go to metrics.jsonl and TensorBoard.
+Each phase's seconds go to `timing/<phase>`; the metrics go to metrics.jsonl and TensorBoard. A completed run
+ends with the held-out reward of base vs trained policy (`heldout.evaluate_heldout` → heldout_reward.json).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch
 from services.policy_trainer import ppo_math as pm
 from services.policy_trainer.config import TrainConfig
 from services.policy_trainer.engines import Generation, HFEngine, RolloutEngine
-from services.policy_trainer.policy import Policy, check_policy_path
-from services.policy_trainer.prompts import Prompt, PromptSampler, build_prompts, load_records
+from services.policy_trainer.policy import Policy, check_policy_path, pack_sequences
+from services.policy_trainer.prompts import PromptPool, PromptSampler, build_prompts, load_prompt_sets
 from services.policy_trainer.rewards import (
     HTTPRewardSource,
     LocalRewardSource,
@@ -131,14 +132,19 @@ class Trainer:
         ready = getattr(self.rewards.source, "wait_ready", None)
         if ready is not None:
             self.rewards.call(ready, cfg.reward.reward_ready_timeout_s)
-        records = load_records(cfg.data.prompts, split=cfg.data.split, prompt_field=cfg.data.prompt_field,
-                               max_prompts=cfg.data.max_prompts)
+        t0 = time.perf_counter()
+        sets = load_prompt_sets(cfg.data.prompts, split=cfg.data.split, prompt_field=cfg.data.prompt_field,
+                                max_prompts=cfg.data.max_prompts, heldout=cfg.eval.heldout_prompts,
+                                heldout_split=cfg.eval.heldout_split, heldout_seed=cfg.eval.heldout_seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.prompts: list[Prompt] = build_prompts(
-            records, self.tokenizer, system_prompt=cfg.data.system_prompt, max_length=cfg.data.max_prompt_length
-        )
+        render = {"system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_prompt_length}
+        self.prompts: PromptPool = build_prompts(sets.train, self.tokenizer, **render)  # rendered when drawn
+        self.heldout: PromptPool = build_prompts(sets.heldout, self.tokenizer, **render)
+        self.heldout_source = sets.heldout_source
+        log.info("prompts: %d for training, %d held out (%.1fs)", len(self.prompts), len(self.heldout),
+                 time.perf_counter() - t0)
         self.eos_ids = self._eos_ids()
         if cfg.run.resume and self.latest_checkpoint() is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / CHECKPOINT_DIR}")
@@ -211,7 +217,8 @@ class Trainer:
     # ================================================================================ the loop
     def fit(self) -> dict[str, Any]:
         """Train until `steps`, a stop signal (checkpoint, then return) or a reward failure (checkpoint, then
-        `RewardUnavailableError`). Returns {'status', 'step', 'output_dir', 'last_metrics'}."""
+        `RewardUnavailableError`); a completed run then measures its held-out reward. Returns {'status', 'step',
+        'output_dir', 'last_metrics'} (+ 'heldout', the content of heldout_reward.json)."""
         self.setup()
         last: dict[str, float] = {}
         status = "completed"
@@ -234,6 +241,10 @@ class Trainer:
             self.policy.save_pretrained(self.out, self.tokenizer)
         result = {"status": status, "step": self.step, "output_dir": str(self.out), "last_metrics": last}
         (self.out / "trainer_result.json").write_text(json.dumps(result, indent=2))
+        if status == "completed" and len(self.heldout):
+            from services.policy_trainer.heldout import evaluate_heldout
+
+            result["heldout"] = evaluate_heldout(self)
         return result
 
     def train_step(self) -> dict[str, float]:
@@ -303,24 +314,13 @@ class Trainer:
             max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
             on_finished=on_finished,
         )
-        P = max(len(self.prompts[r].prompt_ids) for r in rows)
-        T = max(len(g.response_ids) for g in gens)
-        pad = self.tokenizer.pad_token_id
-        B = len(rows)
-        input_ids = torch.full((B, P + T), pad, dtype=torch.long)
-        attention = torch.zeros((B, P + T), dtype=torch.long)
-        resp_mask = torch.zeros((B, T))
-        for b, (r, g) in enumerate(zip(rows, gens, strict=True)):
-            prompt = self.prompts[r].prompt_ids
-            input_ids[b, P - len(prompt): P] = torch.tensor(prompt)
-            input_ids[b, P: P + len(g.response_ids)] = torch.tensor(g.response_ids, dtype=torch.long)
-            attention[b, P - len(prompt): P + len(g.response_ids)] = 1
-            resp_mask[b, : len(g.response_ids)] = 1.0
+        packed = pack_sequences([self.prompts[r].prompt_ids for r in rows], [g.response_ids for g in gens],
+                                self.tokenizer.pad_token_id)
         return RolloutBatch(
             prompt_index=rows, contexts=[self.prompts[r].context for r in rows],
-            responses=[texts[i] for i in range(B)], input_ids=input_ids, attention_mask=attention,
-            response_mask=resp_mask, prompt_len=P, ended_with_eos=torch.tensor([g.ended_with_eos for g in gens]),
-            pending=pending,
+            responses=[texts[i] for i in range(len(rows))], input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask, response_mask=packed.response_mask, prompt_len=packed.prompt_len,
+            ended_with_eos=torch.tensor([g.ended_with_eos for g in gens]), pending=pending,
         )
 
     @torch.no_grad()
@@ -359,8 +359,8 @@ class Trainer:
         p = self.cfg.ppo
         mask = batch.response_mask
         scores = batch.scores.clone()
-        if p.missing_eos_penalty:
-            scores[~batch.ended_with_eos] -= p.missing_eos_penalty
+        penalized = ~batch.ended_with_eos if p.missing_eos_penalty else torch.zeros_like(batch.ended_with_eos)
+        scores[penalized] -= p.missing_eos_penalty or 0.0
         if p.score_clip is not None:
             scores = scores.clamp(-p.score_clip, p.score_clip)
         kl = pm.kl_penalty(batch.old_logprobs, batch.ref_logprobs, p.kl_estimator) * mask
@@ -392,6 +392,7 @@ class Trainer:
             "reward/mean": float(raw.mean()), "reward/std": float(raw.std()) if batch.size > 1 else 0.0,
             "reward/min": float(raw.min()), "reward/max": float(raw.max()),
             "reward/penalized_mean": float(scores.mean()),
+            "reward/missing_eos_penalty_frac": float(penalized.float().mean()),
             "objective/kl": float(seq_kl.mean()), "objective/kl_coef": kl_coef,
             "advantages/mean": float(pm.masked_mean(adv, mask)),
             "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),

@@ -1,0 +1,166 @@
+"""Held-out reward of the base vs the trained policy, measured at the end of every completed run.
+
+`evaluate_heldout(trainer)` generates replies to the run's held-out prompts (never training prompts: see
+`prompts.load_prompt_sets`) with the reference (base) policy and with the trained policy — same engine
+(transformers `generate`), same batches, same sampling seed — scores both through the run's own reward
+source (the reward service over HTTP in a normal run), and writes `heldout_reward.json`:
+
+    {"n", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p", "test", "mde",
+     "kl_mean", "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words"}
+
+The statistics are pure functions: `paired_summary` (paired bootstrap CI of the mean difference and a
+two-sided sign-flip permutation test — `karma.eval.metrics.paired_delta`) and `paired_mde` (minimum
+detectable mean difference of a paired test). Scores are the reward source's (normalised when
+`reward_normalize`), without the trainer's missing-EOS penalty: the EOS rates are reported beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from services.policy_trainer.engines import Generation
+    from services.policy_trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "heldout_reward.json"
+N_BOOT = 2000
+N_PERM = 10000
+KEYS = ("n", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p", "test", "mde", "kl_mean",
+        "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words")
+
+
+# ============================================================================================ statistics
+def paired_mde(diff: Sequence[float], *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable mean difference of a two-sided paired test: (z_{1-α/2} + z_power) · sd(d) / √n
+    (= (1.96 + 0.8416) · sd / √n at α = 0.05, power 0.8); sd with n - 1 degrees of freedom."""
+    d = np.asarray(diff, dtype=float)
+    if d.size < 2:
+        return math.nan
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return float(z * d.std(ddof=1) / math.sqrt(d.size))
+
+
+def paired_summary(base: Sequence[float], trained: Sequence[float], *, n_boot: int = N_BOOT,
+                   n_perm: int = N_PERM, seed: int = 0) -> dict[str, Any]:
+    """trained - base on paired items: means, delta, paired-bootstrap 95 % CI (`n_boot` resamples), two-sided
+    sign-flip permutation p (`n_perm` permutations, seeded) and the MDE."""
+    from karma.eval.metrics import paired_delta
+
+    if len(base) != len(trained):
+        raise ValueError(f"paired samples differ in size: {len(base)} vs {len(trained)}")
+    if len(base) == 0:
+        raise ValueError("no held-out items to compare")
+    r = paired_delta(base, trained, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    diff = np.asarray(trained, dtype=float) - np.asarray(base, dtype=float)
+    return {"n": len(base), "base_mean": float(np.mean(base)), "trained_mean": float(np.mean(trained)),
+            "delta": float(r["delta"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]),
+            "p": float(r["p"]), "test": r["test"], "mde": paired_mde(diff)}
+
+
+# ============================================================================================ the run
+def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
+    """Generate, score and compare on the trainer's held-out prompts; write and return heldout_reward.json."""
+    import torch
+
+    from karma.rm.rule import count_words
+    from services.policy_trainer.policy import pack_sequences
+
+    cfg, ev = trainer.cfg, trainer.cfg.eval
+    start = time.perf_counter()
+    prompts = [trainer.heldout[i] for i in range(len(trainer.heldout))]
+    temperature = cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature
+    max_new = ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens
+    policy, tok = trainer.policy, trainer.tokenizer
+    policy.eval()
+
+    def generate(lm) -> list[Generation]:
+        return generate_replies(lm, tok, trainer.eos_ids, [p.prompt_ids for p in prompts], temperature=temperature,
+                                max_new_tokens=max_new, batch_size=ev.heldout_batch_size, seed=ev.heldout_seed)
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    with policy.reference_lm() as ref_lm:
+        base = generate(ref_lm)
+    trained = generate(policy.lm)
+    seconds["generate"] = time.perf_counter() - t
+
+    # sequence KL(trained || base) on the trained replies, k1 summed over tokens, at the sampling temperature
+    kl_temp = temperature if temperature > 0 else 1.0
+    t = time.perf_counter()
+    kls: list[float] = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
+            chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(prompts)))
+            packed = pack_sequences([prompts[i].prompt_ids for i in chunk], [trained[i].response_ids for i in chunk],
+                                    tok.pad_token_id)
+            args = (packed.input_ids, packed.attention_mask, packed.prompt_len, kl_temp)
+            new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
+            ref = policy.forward_responses(*args, reference=True).logprobs
+            kls += ((new - ref) * packed.response_mask).sum(1).tolist()
+    seconds["kl"] = time.perf_counter() - t
+
+    texts = {name: [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
+             for name, gens in (("base", base), ("trained", trained))}
+    contexts = [p.context for p in prompts]
+    metadata = [p.metadata for p in prompts]
+    timeout = cfg.reward.reward_deadline_s + cfg.reward.reward_timeout_s + 30
+    t = time.perf_counter()
+    futures = {name: trainer.rewards.submit(contexts, replies, metadata) for name, replies in texts.items()}
+    scores = {name: f.result(timeout) for name, f in futures.items()}
+    seconds["reward"] = time.perf_counter() - t
+
+    result = {"n": len(prompts), "source": trainer.heldout_source}
+    result |= paired_summary(scores["base"], scores["trained"], seed=ev.heldout_seed)
+    result |= {
+        "kl_mean": float(np.mean(kls)),
+        "base_eos_rate": float(np.mean([g.ended_with_eos for g in base])),
+        "trained_eos_rate": float(np.mean([g.ended_with_eos for g in trained])),
+        "base_mean_words": float(np.mean([count_words(x) for x in texts["base"]])),
+        "trained_mean_words": float(np.mean([count_words(x) for x in texts["trained"]])),
+    }
+    result = {k: result[k] for k in KEYS}
+    write_result(trainer.out, result)
+    log.info("held-out reward (%d prompts, %s, T=%g): base %.4f -> trained %.4f, delta %+.4f [%.4f, %.4f], "
+             "p = %.4g, MDE %.4f, KL %.3f, EOS %.2f -> %.2f, words %.1f -> %.1f (%.0fs: %s)",
+             result["n"], result["source"], temperature, result["base_mean"], result["trained_mean"],
+             result["delta"], result["ci_low"], result["ci_high"], result["p"], result["mde"], result["kl_mean"],
+             result["base_eos_rate"], result["trained_eos_rate"], result["base_mean_words"],
+             result["trained_mean_words"], time.perf_counter() - start,
+             ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
+    return result
+
+
+def generate_replies(lm, tokenizer, eos_ids: set[int], prompt_ids: Sequence[Sequence[int]], *, temperature: float,
+                     max_new_tokens: int, batch_size: int, seed: int) -> list[Generation]:
+    """Replies of a causal LM (transformers `generate`, batches of `batch_size`, batch k seeded with
+    seed * 7919 + k): the base and the trained policy get the same batches and seeds."""
+    from services.policy_trainer.engines import HFEngine
+
+    engine = HFEngine(types.SimpleNamespace(lm=lm), tokenizer, eos_ids)
+    gens: list[Generation] = []
+    for k, s in enumerate(range(0, len(prompt_ids), batch_size)):
+        gens += engine.generate([list(p) for p in prompt_ids[s: s + batch_size]], seed=seed * 7_919 + k,
+                                max_new_tokens=max_new_tokens, temperature=temperature)
+    return gens
+
+
+def write_result(out: Path, result: dict[str, Any]) -> Path:
+    missing = [k for k in KEYS if k not in result]
+    if missing or len(result) != len(KEYS):
+        raise ValueError(f"heldout result must have exactly the keys {KEYS}; missing {missing}")
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    path = Path(out) / RESULT_FILE
+    path.write_text(json.dumps(clean, indent=2) + "\n")
+    return path
