@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from karma.eval import compare, run_eval
 from karma.eval import metrics as M
+from karma.eval import power as P
 from karma.eval.run import check_reward_service
 from karma.eval.scoring import CausalLM, NotACausalLMError, inspect_model
 from karma.eval.tasks import TaskSchemaError, UnknownSuiteError, load_tasks, requests
@@ -227,8 +229,21 @@ def test_compare_pairs_items_and_reports_deltas(runs, tmp_path):
     assert by[("implicatures", "acc")]["test"] == "McNemar exact"
     assert by[("truthfulqa_mc", "mc2")]["test"] == "paired permutation"
     assert ("pragmatics (mean of 2 tasks)", "acc_norm") in by and ("generation", "distinct_2") in by
+    # every cell carries the MDE of its test; 4 paired items can never reach p < 0.05 (∞), 12 in the suite can
+    imp = by[("implicatures", "acc")]
+    b_acc = [it["scores"]["acc"] for it in base["implicatures"]["items"]]
+    l_acc = [it["scores"]["acc"] for it in lora["implicatures"]["items"]]
+    assert imp["discordance"] == P.discordance(b_acc, l_acc) and imp["mde"] == math.inf
+    assert by[("truthfulqa_mc", "mc2")]["mde_basis"] == "paired permutation: 4 pairs can never give p < 0.05"
+    assert by[("generation", "distinct_2")]["mde"] == math.inf
+    suite = by[("pragmatics (mean of 2 tasks)", "acc")]
+    fam = [(it["scores"]["acc"], o["scores"]["acc"]) for t in ("metaphor_understanding/lit2met",
+           "metaphor_understanding/met2lit") for it, o in zip(base[t]["items"], lora[t]["items"])]
+    expected = P.suite_mde([(b_acc, l_acc), ([b for b, _ in fam], [o for _, o in fam])], binary=True)
+    assert suite["mde"] == pytest.approx(expected["mde"]) and suite["mde_basis"].startswith("mean of 2 task means")
     table = (out / "compare.md").read_text()
-    assert "| pragmatics | implicatures | acc | 4 |" in table and "Δ lora [95% CI]" in table
+    assert "| pragmatics | implicatures | acc | 4 |" in table and "Δ lora [95% CI] | p | MDE |" in table
+    assert f"| {imp['p']:.3f} | ∞ |" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "compare.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
 
@@ -283,6 +298,26 @@ def test_cli_eval_and_compare(runs, models, tmp_path):
                             "--out", str(tmp_path / "cli"), "--data-dir", str(DATA), "--no-progress", "--n-boot", "100"])
     assert r.exit_code == 0, r.output
     assert "entailed_polarity" in r.output and (tmp_path / "cli" / "results.json").exists()
+    # --task PATH: a BIG-bench task file / folder by path, alone or beside --suite; --task-limit per task
+    snarks = tmp_path / "snarks"
+    snarks.mkdir()
+    (snarks / "task.json").write_text(json.dumps({"examples": [
+        {"input": f"Q{i}: Oh great, rain again.", "target_scores": {"sarcastic": 1, "sincere": 0}} for i in range(6)]}))
+    r = runner.invoke(app, ["eval", "--model", str(models["base"]), "--task", str(snarks), "--task-limit", "snarks=3",
+                            "--out", str(tmp_path / "snarks_out"), "--no-progress", "--n-boot", "100"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "snarks_out" / "results.json").read_text())
+    assert list(res["tasks"]) == ["snarks"] and res["tasks"]["snarks"]["n"] == 3
+    assert res["tasks"]["snarks"]["suite"] == "custom" and res["settings"]["task_paths"] == [str(snarks)]
+    for args, message in [
+        (["--task", str(tmp_path / "missing")], f"error: --task {tmp_path / 'missing'}: no such file or folder"),
+        (["--task", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'}: not valid JSON"),
+        (["--task", str(snarks), "--task-limit", "snarks"], "error: --task-limit 'snarks': expected NAME=N"),
+        (["--task", str(snarks), "--task-limit", "sarcasm=2"], "error: task_limits: 'sarcasm' not among the selected"),
+    ]:
+        (tmp_path / "bad.json").write_text("{not json")
+        r = runner.invoke(app, ["eval", "--model", str(models["base"]), *args, "--out", str(tmp_path / "x")])
+        assert r.exit_code == 2 and message in r.output, r.output
     r = runner.invoke(app, ["eval", "compare", str(runs["base"]), str(runs["lora"]), "--out", str(tmp_path / "c"),
                             "--name", "adapter", "--n-perm", "200", "--n-boot", "100"])
     assert r.exit_code == 0, r.output

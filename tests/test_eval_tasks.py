@@ -113,6 +113,8 @@ def test_unknown_suite_lists_the_valid_ones():
     with pytest.raises(T.UnknownSuiteError, match=r"unknown suite or task 'pragmatic'; valid suites: pragmatics, "
                        r"side_effects, factuality \(or 'all'\); valid tasks: implicatures, social_iqa"):
         T.select("pragmatic,factuality")
+    with pytest.raises(T.UnknownSuiteError, match=r"; other BIG-bench tasks by path: --task PATH$"):
+        T.select("snarks")
     with pytest.raises(T.UnknownSuiteError, match="valid suites"):
         T.select(" , ")
 
@@ -194,6 +196,62 @@ def test_a_broken_task_file_in_the_data_dir_fails_load_tasks(tmp_path):
     path = _write(tmp_path / "eval" / "bigbench" / "implicatures", {"examples": [{"input": "q"}]})
     with pytest.raises(T.TaskSchemaError, match=f"^{path}: example 0: unknown schema \\(no 'target_scores'\\)"):
         T.load_tasks("implicatures", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------ tasks by path, per-task limits
+SNARKS = {"task_prefix": "Which is sarcastic?", "examples": [
+    {"input": f"({i}) Oh great, rain again.", "target_scores": {"(a)": 1, "(b)": 0}} for i in range(5)]}
+
+
+def test_a_bigbench_task_by_path_beside_or_instead_of_the_suites(tmp_path):
+    folder = tmp_path / "snarks"
+    _write(folder, SNARKS)
+    (only,) = T.load_tasks(task_paths=[folder])  # no --suite: only the task given by path
+    assert (only.name, only.suite, only.kind, only.source, len(only.items)) == (
+        "snarks", "custom", "bigbench", str(folder / "task.json"), 5)
+    assert only.items[0].prompt.startswith("Which is sarcastic?\nQ: (0) Oh great, rain again.\n  choice: ")
+    assert [t.name for t in T.load_tasks(task_paths=[folder / "task.json"])] == ["snarks"]
+    other = _write(tmp_path / "files", SNARKS, "irony_v2.json")
+    tasks = T.load_tasks("implicatures,entailed_polarity", task_paths=[folder, other], data_dir=DATA, limit=2)
+    assert [(t.suite, t.name, len(t.items)) for t in tasks] == [
+        ("pragmatics", "implicatures", 2), ("pragmatics", "entailed_polarity", 2), ("custom", "snarks", 2),
+        ("custom", "irony_v2", 2)]
+    # the same item shows the same prompt whichever way the task was reached
+    assert tasks[2].items[0].prompt == only.items[0].prompt
+
+
+def test_bad_task_paths_are_named(tmp_path):
+    with pytest.raises(T.TaskSchemaError, match=f"^--task {tmp_path / 'nope'}: no such file or folder$"):
+        T.load_tasks(task_paths=[tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(T.TaskSchemaError, match=f"^--task {tmp_path / 'empty'}: the folder holds no task.json"):
+        T.load_tasks(task_paths=[tmp_path / "empty"])
+    broken = _write(tmp_path / "broken", "{not json")
+    with pytest.raises(T.TaskSchemaError, match=f"^{broken}: not valid JSON \\(Expecting property name"):
+        T.load_tasks(task_paths=[tmp_path / "broken"])
+    listed = _write(tmp_path, [{"input": "q"}], "list.json")
+    with pytest.raises(T.TaskSchemaError, match=f"^{listed}: unknown task schema \\(top level is list; expected a "
+                       "BIG-bench task"):
+        T.load_tasks(task_paths=[listed])
+    clash = _write(tmp_path / "implicatures", SNARKS)
+    with pytest.raises(T.TaskSchemaError, match=f"^--task {clash.parent}: task name 'implicatures' is already "
+                       "taken by .*implicatures/task.json; rename the folder"):
+        T.load_tasks("implicatures", task_paths=[clash.parent], data_dir=DATA)
+
+
+def test_per_task_limits_override_the_global_one():
+    tasks = T.load_tasks("implicatures,metaphor_understanding,entailed_polarity", data_dir=DATA, limit=3,
+                         task_limits={"implicatures": None, "metaphor_understanding/met2lit": 5})
+    assert [(t.name, len(t.items)) for t in tasks] == [
+        ("implicatures", 492), ("metaphor_understanding/lit2met", 3), ("metaphor_understanding/met2lit", 5),
+        ("entailed_polarity", 3)]
+    tasks = T.load_tasks("metaphor_understanding", data_dir=DATA, task_limits={"metaphor_understanding": 4})
+    assert [len(t.items) for t in tasks] == [4, 4] and tasks[0].n_total == 117
+    with pytest.raises(T.UnknownSuiteError, match="task_limits: 'social_iqa' not among the selected tasks "
+                       "\\(implicatures\\)"):
+        T.load_tasks("implicatures", data_dir=DATA, task_limits={"social_iqa": 10})
+    with pytest.raises(ValueError, match=r"task_limits\['implicatures'\] must be >= 1 \(an integer, or null for every item\), got 0"):
+        T.load_tasks("implicatures", data_dir=DATA, task_limits={"implicatures": 0})
 
 
 # ------------------------------------------------------------------------------------ generation prompts

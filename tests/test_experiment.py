@@ -8,15 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from karma.experiment import ExperimentConfig, claims, data_spec_from_path
+from karma.eval import power as P
+from karma.experiment import (
+    PLAUSIBLE_EFFECT,
+    POWER,
+    ExperimentConfig,
+    _training_summary,
+    claims,
+    data_spec_from_path,
+    write_report,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def test_presets_load_and_validate():
-    for preset in ("quick", "default", "demo"):
+    for preset in ("quick", "cpu", "default", "demo"):
         cfg = ExperimentConfig.load(preset)
         assert cfg.variants and cfg.conditions
+    assert ExperimentConfig.load("quick").smoke and not ExperimentConfig.load("cpu").smoke
     assert ExperimentConfig.load("quick").variants == ["full", "context"]
     assert ExperimentConfig.load("quick", {"train.run.steps": 2}).train["run"]["steps"] == 2
 
@@ -57,9 +67,9 @@ def test_data_spec_from_path(tmp_path):
         data_spec_from_path(empty)
 
 
-def _cmp_row(suite, row, kind, metric, deltas, p=0.01):
+def _cmp_row(suite, row, kind, metric, deltas, p=0.01, **extra):
     return {"suite": suite, "row": row, "kind": kind, "metric": metric,
-            "models": {run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": p, "n": 40}
+            "models": {run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": p, "n": 40, **extra}
                        for run, d in deltas.items()}}
 
 
@@ -131,6 +141,129 @@ def test_claims_are_stated_from_the_numbers():
     assert "TruthfulQA went down" not in text
 
 
+# ------------------------------------------------------------------------------------ power beside the verdicts
+def _power_comparison(mde, n=150, p=0.5, delta=0.01):
+    runs = ["full-reddit", "context-reddit"]
+    rows = [
+        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", dict.fromkeys(runs, delta), p, mde=mde,
+                 discordance=0.1 if mde is not None else None),
+        _cmp_row("side_effects", "hhh_alignment", "family", "acc", dict.fromkeys(runs, 0.0), 0.9, mde=0.09),
+        _cmp_row("side_effects", "generation", "task", "length_tokens", dict.fromkeys(runs, -1.5), 0.02, mde=2.5),
+        _cmp_row("factuality", "truthfulqa_mc", "task", "mc2", dict.fromkeys(runs, -delta), p, mde=mde),
+    ]
+    for r in rows:
+        for c in r["models"].values():
+            c["n"] = n
+    return {"trained": [{"label": r} for r in runs], "rows": rows}
+
+
+def test_verdicts_state_n_and_the_minimum_detectable_effect():
+    assert POWER == P.POWER and PLAUSIBLE_EFFECT == 0.05
+    cfg = ExperimentConfig(data={"comments": ["x"]}, conditions={"reddit": "reddit"}, rm={"variants": ["full", "context"]})
+    rm = {v: {"n_examples": 100, "n_pairs": 40, "systems": {f"rm:{v}": {"overall": {"spearman": 0.1}}}}
+          for v in ("full", "context")}
+    h2h = {"reddit": {"trained": [{"label": "context-reddit"}], "rows": [
+        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", {"context-reddit": 0.0}, 1.0, mde=0.31,
+                 discordance=0.4)]}}
+    text = "\n".join(claims(cfg, rm, _power_comparison(0.041, n=1303), h2h))
+    # claim 2: not significant, well powered: the MDE bounds the effect
+    assert ("- `full-reddit`: Δ pragmatics accuracy (mean over tasks) +0.010 [-0.090, +0.110] "
+            "(p=0.5, n=1303, MDE 0.041, discordance 0.100)") in text
+    assert ("**Not reproduced at this scale** (pragmatics accuracy went up in 2 of 2 runs, none significant at "
+            "p < 0.05): no effect larger than 0.041 (MDE at 80 % power, n = 1,303)") in text
+    # claim 3: the head-to-head MDE is above any plausible effect
+    assert ("**Not reproduced at this scale**: underpowered: MDE 0.310 exceeds any plausible effect (5 points) "
+            "at n = 40") in text
+    # claim 4: every line says n and each run's MDE on the metric's scale
+    assert "- hhh_alignment / acc (n = 1,303): `full-reddit` +0.000 (MDE 0.090), `context-reddit` +0.000 (MDE 0.090)" in text
+    assert "- generation / length_tokens (n = 1,303): `full-reddit` -1.500* (MDE 2.500)" in text
+    # claim 5
+    assert "TruthfulQA went down in 2 of 2 runs, none significant at p < 0.05): no effect larger than 0.041" in text
+
+    text = "\n".join(claims(cfg, rm, _power_comparison(0.2, n=15)))
+    assert ": underpowered: MDE 0.200 exceeds any plausible effect (5 points) at n = 15" in text
+    text = "\n".join(claims(cfg, rm, _power_comparison(float("inf"), n=4)))
+    assert (": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests need at "
+            "least 6 changed items)") in text
+    assert "MDE ∞" in text
+    text = "\n".join(claims(cfg, rm, _power_comparison(0.03, n=800, p=0.001, delta=0.05)))
+    assert "**Reproduced** (pragmatics accuracy went up, p < 0.05, in all 2 runs) (MDE 0.030 at 80 % power, n = 800)" in text
+    text = "\n".join(claims(cfg, rm, _power_comparison(None, n=40)))  # a comparison from before MDEs were recorded
+    assert "none significant at p < 0.05) (MDE not recorded, n = 40)" in text
+
+
+def _heldout(**over):
+    return {"n": 64, "source": "politeness hold-out", "base_mean": 0.10, "trained_mean": 0.25, "delta": 0.15,
+            "ci_low": 0.05, "ci_high": 0.26, "p": 0.004, "test": "paired permutation", "mde": 0.09, "kl_mean": 0.8,
+            "base_eos_rate": 0.2, "trained_eos_rate": 0.5, "base_mean_words": 30.5, "trained_mean_words": 22.0,
+            **over}
+
+
+def test_ppo_table_reads_heldout_reward_when_present(tmp_path):
+    new, old, broken, bare = (tmp_path / n for n in ("new", "old", "broken", "bare"))
+    for d in (new, old, broken):
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"step": 1, "reward/mean": 0.1, "objective/kl": 0.0},
+            {"step": 2, "reward/mean": 0.3, "objective/kl": 0.02},
+            {"step": 2, "heldout/reward_mean": 0.25}]))  # not a training step
+    (new / "heldout_reward.json").write_text(json.dumps(_heldout()))
+    (broken / "heldout_reward.json").write_text("{oops")
+    bare.mkdir()
+    summary = {d.name: _training_summary(d) for d in (new, old, broken, bare)}
+    assert summary["old"] == {"steps": 2, "reward_first": 0.1, "reward_last": 0.3, "kl_last": 0.02}
+    assert summary["new"]["heldout"] == _heldout() and summary["new"]["steps"] == 2
+    assert summary["broken"]["heldout"]["error"].startswith("unreadable heldout_reward.json")
+    assert summary["bare"] == {}
+
+    cfg = ExperimentConfig(data={"comments": ["x"]}, conditions={"reddit": "reddit"}, smoke=True, name="q")
+    comparison = {"trained": [], "rows": []}
+    rm = {v: {"systems": {}} for v in cfg.variants}
+    text = write_report(cfg, tmp_path, rm, comparison, summary, {"total": 1.0}).read_text()
+    assert ("| new | 2 | 0.100 | 0.300 | 0.0200 | 0.100 → 0.250 (n = 64) | +0.150 [+0.050, +0.260]* | 0.004 | 0.090 "
+            "| 0.800 | 30.5 → 22.0 / 0.20 → 0.50 |") in text
+    assert "| old | 2 | 0.100 | 0.300 | 0.0200 | not recorded (older run) | — | — | — | — | — |" in text
+    assert "| broken | 2 | 0.100 | 0.300 | 0.0200 | unreadable heldout_reward.json: " in text
+    assert "| bare | — | — | — | — | not recorded (older run) |" in text
+    assert "Held-out prompts: politeness hold-out." in text
+    assert "**Smoke run** (`q`): sizes far below the paper's" in text and "underpowered by design" in text
+    cfg.smoke = False
+    assert "Smoke run" not in write_report(cfg, tmp_path, rm, comparison, summary, {}).read_text()
+
+
+def _pragmatics_units(cfg):
+    """Items per unit of the pragmatics suite mean (families pooled) that a preset's evaluation scores."""
+    from karma.eval.tasks import load_tasks
+
+    options = cfg.eval
+    tasks = load_tasks(options["suites"], limit=options.get("limit"), task_limits=options.get("task_limits"),
+                       data_dir=SHARED, n_prompts=1)
+    units: dict[str, int] = {}
+    for t in tasks:
+        if t.suite == "pragmatics":
+            units[t.family] = units.get(t.family, 0) + len(t.items)
+    return units, {t.name: len(t.items) for t in tasks}
+
+
+def test_presets_are_sized_by_power():
+    """The cpu preset reaches MDE <= 5 points on the pragmatics mean even at 30 % discordance; quick cannot."""
+    if not (SHARED / "eval").exists():
+        pytest.skip("shared data not available")
+    cpu_units, cpu_tasks = _pragmatics_units(ExperimentConfig.load("cpu"))
+    assert len(cpu_units) == 9 and cpu_units["implicatures"] == 492 and cpu_units["social_iqa"] == 100
+    assert cpu_tasks["truthfulqa_mc"] == 150 and "truthful_qa" not in cpu_tasks
+    ns = list(cpu_units.values())
+    assert P.mde_mean_of_means([0.3] * 9, ns) <= 0.05
+    assert P.mde_mean_of_means([0.3] * 9, ns) == pytest.approx(0.045, abs=0.001)
+    quick_units, _ = _pragmatics_units(ExperimentConfig.load("quick"))
+    assert sum(quick_units.values()) == 150
+    quick = [P.mde_mean_of_means([d] * 9, list(quick_units.values())) for d in (0.0, 0.1, 0.3)]
+    assert all(m > PLAUSIBLE_EFFECT for m in quick)
+    default_units, _ = _pragmatics_units(ExperimentConfig.load("default"))
+    assert sum(default_units.values()) == 5892
+    assert P.mde_mean_of_means([0.3] * 9, list(default_units.values())) == pytest.approx(0.038, abs=0.001)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_experiment_end_to_end_tiny(tmp_path):
@@ -150,7 +283,8 @@ def test_experiment_end_to_end_tiny(tmp_path):
         conditions={"reddit": "reddit", "nonreddit": "politeness"},
         train={"model": {"policy": "smollm2"}, "rollout": {"engine": "hf", "max_new_tokens": 8},
                "ppo": {"prompts_per_step": 2, "mini_batch_size": 2, "micro_batch_size": 2, "epochs": 1},
-               "data": {"max_prompt_length": 96, "max_prompts": 16}, "run": {"steps": 1, "save_every": 0}},
+               "data": {"max_prompt_length": 96, "max_prompts": 16}, "run": {"steps": 1, "save_every": 0},
+               "eval": {"heldout_prompts": 4}},
         eval={"suites": "implicatures,truthfulqa_mc,hhh_alignment,generation", "limit": 4, "n_prompts": 2,
               "max_new_tokens": 8},
     )
@@ -164,6 +298,18 @@ def test_experiment_end_to_end_tiny(tmp_path):
         assert "truthfulqa_mc" in res["tasks"]
     cmp = json.loads((out / "compare" / "compare.json").read_text())
     assert {t["label"] for t in cmp["trained"]} == {"full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"}
+    # every compared row states its MDE; 4 items per task can never reach p < 0.05 under exact McNemar
+    cells = [c for r in cmp["rows"] for c in r["models"].values()]
+    assert cells and all("mde" in c and "mde_basis" in c for c in cells)
+    imp = next(r for r in cmp["rows"] if r["row"] == "implicatures" and r["metric"] == "acc")
+    assert all(c["mde"] == float("inf") for c in imp["models"].values())
+    assert ": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests" in text
+    assert all(c["mde"] == float("inf") for r in cmp["rows"] if r["row"] == "truthfulqa_mc" for c in r["models"].values())
+    # each PPO run measured its held-out reward (heldout_reward.json) and the report's PPO table shows it
+    for run in ("full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"):
+        heldout = json.loads((out / "policies" / run / "heldout_reward.json").read_text())
+        assert heldout["n"] == 4
+        assert f"| {run} | 1 |" in text and f"{heldout['base_mean']:.3f} → {heldout['trained_mean']:.3f} (n = 4)" in text
     # every policy's generated replies got a real reward from the judge RM over HTTP
     base = json.loads((out / "eval" / "base" / "results.json").read_text())
     replies = base["tasks"]["generation"]["items"]

@@ -40,8 +40,13 @@ def test_minilm_on_real_college_data_reports_against_the_length_baseline(prepare
     assert cfg["data_card_sha256"] and cfg["karma_normalization"] == "log1p"
     assert RewardModel.load(rm_dir).config.version == cfg["version"]
 
-    r = evaluate_rm(rm_dir, prepared, "test", tmp_path / "eval", max_examples=200, max_pairs=200)
-    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness"}
+    r = evaluate_rm(rm_dir, prepared, "test", tmp_path / "eval", max_examples=200, max_pairs=200, max_set_pairs=200)
+    assert set(r["systems"]) == {"rm:context", "length", "bow_ridge", "earliness", "lateness"}
+    sets = r["pair_sets"]["sets"]
+    # the prepared pairs obey SHP's rule (chosen never earlier); the natural pairs of the same split do not
+    assert sets["rule"]["chosen_later"] > 0.99 and sets["natural"]["chosen_later"] < 0.3
+    assert sets["balanced"]["chosen_later"] == 0.5 and sets["rule"]["systems"]["lateness"]["accuracy"] > 0.99
+    assert all(d["n"] == 200 for d in sets.values())
     for name, m in r["systems"].items():
         o = m["overall"]
         for key in ("spearman", "pearson"):

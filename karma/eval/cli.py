@@ -24,10 +24,18 @@ def _fail(message: str) -> typer.Exit:
 def evaluate(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="causal LM folder (full or LoRA adapter), hub id, or 'smollm2'")] = "smollm2",
-    suite: Annotated[str, typer.Option(
-        help="comma-separated suites (pragmatics, side_effects, factuality, all) and/or task names"
-    )] = "pragmatics,side_effects,factuality",
+    suite: Annotated[str | None, typer.Option(
+        help="comma-separated suites (pragmatics, side_effects, factuality, all) and/or task names "
+        "[default: pragmatics,side_effects,factuality; none when --task is given]"
+    )] = None,
+    task: Annotated[list[Path] | None, typer.Option(
+        help="a BIG-bench task by path (task.json, another .json in its format, or a folder holding task.json); "
+        "repeatable; evaluated beside --suite, or alone"
+    )] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task (smoke runs)")] = None,
+    task_limit: Annotated[list[str] | None, typer.Option(
+        help="NAME=N or NAME=all: items of one task, family or subtask, overriding --limit; repeatable"
+    )] = None,
     out: Annotated[Path | None, typer.Option(help="output folder: results.json, report.md, *.png")] = None,
     reward_url: Annotated[str | None, typer.Option(
         envvar="KARMA_REWARD_URL", help="reward service URL(s), comma-separated, to score generated replies"
@@ -76,8 +84,12 @@ def evaluate(
     from karma.models import ModelNotFoundError
 
     try:
+        limits = _task_limits(task_limit or [])
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    try:
         results = run_eval(
-            model, suite, limit, out, reward_url, prompts,
+            model, suite, limit, out, reward_url, prompts, task_paths=task or [], task_limits=limits,
             data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype, n_prompts=n_prompts,
             max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, temperature=temperature, top_p=top_p,
             chat_template=chat_template,
@@ -88,6 +100,18 @@ def evaluate(
             RewardServiceError) as e:
         raise _fail(str(e)) from e
     _print_summary(results, out)
+
+
+def _task_limits(specs: list[str]) -> dict[str, int | None]:
+    """`--task-limit implicatures=200 --task-limit social_iqa=all` -> {"implicatures": 200, "social_iqa": None}."""
+    out: dict[str, int | None] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        value = value.strip()
+        if not sep or not name.strip() or not (value == "all" or (value.isdigit() and int(value) >= 1)):
+            raise ValueError(f"--task-limit {spec!r}: expected NAME=N (N >= 1) or NAME=all")
+        out[name.strip()] = None if value == "all" else int(value)
+    return out
 
 
 def _print_summary(results: dict, out: Path) -> None:

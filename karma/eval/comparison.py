@@ -1,10 +1,12 @@
 """`compare`: a base policy against one or more trained ones, on the items both evaluations scored.
 
 For every row of the results table (task, pooled family, suite mean) and metric: both values on the paired
-items, the difference (trained - base) with a paired-bootstrap 95 % CI, and a paired test (exact McNemar for
-0/1 scores, paired permutation otherwise). Items pair by id and must have shown the model the same prompt and
-options (the stored item hash); others are dropped and counted. Writes compare.json, compare.md (one table,
-the shape of the paper's results table) and compare.png (the deltas with their CIs).
+items, the difference (trained - base) with a paired-bootstrap 95 % CI, a paired test (exact McNemar for
+0/1 scores, paired permutation otherwise) and the minimum detectable effect of that test at 80 % power
+(`mde`, with the discordance it used for 0/1 scores; see `karma.eval.power`). Items pair by id and must
+have shown the model the same prompt and options (the stored item hash); others are dropped and counted.
+Writes compare.json, compare.md (one table, the shape of the paper's results table) and compare.png (the
+deltas with their CIs).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from karma.eval import metrics as M
+from karma.eval import power as P
 from karma.eval.report import GEN_METRICS, MC_METRICS, error_bars, fmt_ci
 from karma.eval.run import row_groups
 
@@ -131,6 +134,7 @@ def _compare_row(base: dict, new: dict, row: dict, metric: str, n_boot: int, n_p
         d = M.paired_mean_of_means(vals, n_boot=n_boot, n_perm=n_perm, seed=seed)
         base_v = M.mean_of_means_ci([b for b, _ in vals], n_boot=n_boot, seed=seed)
         new_v = M.mean_of_means_ci([n for _, n in vals], n_boot=n_boot, seed=seed)
+        power = P.suite_mde(vals, binary=metric in M.BINARY_METRICS)
     else:
         b_items, n_items = pairs[0]
         bv, nv = _values(b_items, metric), _values(n_items, metric)
@@ -139,10 +143,12 @@ def _compare_row(base: dict, new: dict, row: dict, metric: str, n_boot: int, n_p
                            seed=seed)
         if corpus is None:
             base_v, new_v = M.mean_ci(bv, n_boot=n_boot, seed=seed), M.mean_ci(nv, n_boot=n_boot, seed=seed)
+            power = P.observed_mde(bv, nv, binary=metric in M.BINARY_METRICS)
         else:
             base_v = M.jackknife_ci(lambda idx: corpus([bv[i] for i in idx]), len(bv))
             new_v = M.jackknife_ci(lambda idx: corpus([nv[i] for i in idx]), len(nv))
-    return {"base": base_v, "trained": new_v, **d, "mismatched_items": mismatched}
+            power = P.corpus_mde(d["ci_low"], d["ci_high"], len(bv))
+    return {"base": base_v, "trained": new_v, **d, **power, "mismatched_items": mismatched}
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -156,6 +162,15 @@ def _fmt_delta(c: dict) -> str:
     return f"{c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{star}"
 
 
+def fmt_mde(x: float | None) -> str:
+    """An MDE cell: '0.057', '∞' (nothing detectable at this n), '—' (undefined)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.3f}" if x == 0 or x >= 0.001 else f"{x:.2g}"
+
+
 def _fmt_p(p: float) -> str:
     return "—" if p is None or math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
@@ -164,14 +179,19 @@ def markdown(result: dict) -> str:
     labels = [t["label"] for t in result["trained"]]
     head = ["suite", "task", "metric", "n", f"base ({result['base']['name']})"]
     for lab in labels:
-        head += [lab, f"Δ {lab} [95% CI]", "p"]
+        head += [lab, f"Δ {lab} [95% CI]", "p", "MDE"]
     lines = [
         f"# Base `{result['base']['name']}` vs {', '.join(f'`{lab}`' for lab in labels)}",
         "",
         (
             "Values on the items both runs scored: `mean [95% bootstrap CI]`; Δ = trained − base with a paired "
             "bootstrap CI; p: exact McNemar for 0/1 scores (acc, acc_norm, mc1), paired permutation otherwise; "
-            "`*` marks p < 0.05 (uncorrected for the number of rows)."
+            "`*` marks p < 0.05 (uncorrected for the number of rows). MDE: the smallest |Δ| that test detects "
+            "with 80 % power at two-sided α = 0.05 — exact McNemar at the observed discordance (the share of "
+            "items whose score changed; with none, the floor of every change moving one way) for 0/1 scores, "
+            "paired t with the observed sd of the differences otherwise, normal with per-task discordance for "
+            "the suite mean; ∞: nothing is detectable at this n. A Δ that is not significant rules out effects "
+            "larger than the MDE, not smaller ones."
         ),
         "",
         "| " + " | ".join(head) + " |",
@@ -183,7 +203,8 @@ def markdown(result: dict) -> str:
         cells = [r["suite"], name, r["metric"], str(any_c["n"]), fmt_ci(any_c["base"])]
         for lab in labels:
             c = r["models"].get(lab)
-            cells += [fmt_ci(c["trained"]), _fmt_delta(c), _fmt_p(c["p"])] if c else ["—", "—", "—"]
+            cells += ([fmt_ci(c["trained"]), _fmt_delta(c), _fmt_p(c["p"]), fmt_mde(c.get("mde"))] if c
+                      else ["—", "—", "—", "—"])
         lines.append("| " + " | ".join(cells) + " |")
     if result["only_in_some"]:
         lines += ["", f"Not compared (not in every run): {', '.join(result['only_in_some'])}"]

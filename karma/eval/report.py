@@ -43,6 +43,7 @@ def markdown(results: dict) -> str:
         (
             f"- device {s['device']}, dtype {s['dtype']}, batch size {s['batch_size']}, "
             f"limit {s['limit'] if s['limit'] else 'none (full tasks)'}"
+            + "".join(f", {k}: {v if v else 'all'}" for k, v in (s.get("task_limits") or {}).items())
         ),
         (
             f"- {t.get('options_scored', 0)} (prompt, option) pairs scored in {t.get('score_s', 0):.0f} s "

@@ -35,6 +35,8 @@ def run_eval(
     reward_url: str | None = None,
     prompts: Sequence[str] | str | Path | None = None,
     *,
+    task_paths: Sequence[str | Path] = (),
+    task_limits: dict[str, int | None] | None = None,
     data_dir: str | Path | None = None,
     batch_size: int = 16,
     device: str = "auto",
@@ -56,15 +58,18 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate one causal LM; returns the results dict also written to `out/results.json`.
 
-    `suites`: "pragmatics,side_effects,factuality" (the default), "all", or task names. `limit`: the first N
-    items of each task (subtask). `prompts`: held-out prompts for the generation metrics (list or file;
-    default: the politeness hold-out). `reward_url`: a reward service to score the replies with.
+    `suites`: "pragmatics,side_effects,factuality" (the default; none when only `task_paths` are given),
+    "all", or task names. `task_paths`: BIG-bench task files / folders evaluated by path (suite `custom`).
+    `limit`: the first N items of each task (subtask); `task_limits`: per task, family or subtask name, N or
+    None (every item), overriding `limit`. `prompts`: held-out prompts for the generation metrics (list or
+    file; default: the politeness hold-out). `reward_url`: a reward service to score the replies with.
     `lm`: an already loaded `CausalLM` (skips loading `model`).
     """
     from karma.eval.scoring import CausalLM, inspect_model
 
     t0 = time.perf_counter()
-    tasks = load_tasks(suites, limit=limit, data_dir=data_dir, prompts=prompts, n_prompts=n_prompts)
+    tasks = load_tasks(suites, limit=limit, task_limits=task_limits, task_paths=[str(p) for p in task_paths],
+                       data_dir=data_dir, prompts=prompts, n_prompts=n_prompts)
     spec = inspect_model(model) if lm is None else None
     if reward_url and any(t.kind == "generation" for t in tasks):
         # fail now, not after an hour of scoring, if the reward service is not there
@@ -118,6 +123,8 @@ def run_eval(
         "settings": {
             "suites": suites if isinstance(suites, str) or suites is None else list(suites),
             "limit": limit,
+            "task_limits": dict(task_limits or {}),
+            "task_paths": [str(p) for p in task_paths],
             "batch_size": batch_size,
             "device": str(lm.device),
             "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),

@@ -45,6 +45,8 @@ SUITES: dict[str, tuple[str, ...]] = {
     "factuality": ("truthfulqa_mc", "truthful_qa", "known_unknowns"),
 }
 DEFAULT_SUITES = ("pragmatics", "side_effects", "factuality")
+#: the suite of tasks given by path (`karma eval --task PATH`)
+CUSTOM_SUITE = "custom"
 
 #: BIG-bench task folders whose multiple-choice file is not task.json
 _BIGBENCH_FILE = {"truthful_qa": "task_mc.json"}
@@ -169,7 +171,7 @@ def select(spec: str | Iterable[str] | None) -> list[tuple[str, str]]:
         else:
             raise UnknownSuiteError(
                 f"unknown suite or task {name!r}; valid suites: {', '.join(SUITES)} (or 'all'); "
-                f"valid tasks: {', '.join(all_task_names())}"
+                f"valid tasks: {', '.join(all_task_names())}; other BIG-bench tasks by path: --task PATH"
             )
         out.extend(p for p in picked if p not in out)
     # canonical order (suite, then task as listed in SUITES), whatever order the names came in
@@ -181,33 +183,76 @@ def load_tasks(
     spec: str | Iterable[str] | None = None,
     *,
     limit: int | None = None,
+    task_limits: dict[str, int | None] | None = None,
+    task_paths: Sequence[str | Path] = (),
     data_dir: str | Path | None = None,
     prompts: Sequence[str] | str | Path | None = None,
     n_prompts: int = 32,
 ) -> list[Task]:
-    """Parse and validate every task the selection needs (raises before any model is loaded)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    root = shared_data_dir(data_dir)
-    tasks: list[Task] = []
-    for suite, name in select(spec):
-        family, _, sub = name.partition("/")
-        if family == "truthfulqa_mc":
-            tasks.append(load_truthfulqa(root / "eval" / "truthfulqa" / "mc_task.json", suite=suite))
-        elif family == "generation":
-            from karma.eval.prompts import load_prompts
+    """Parse and validate every task the selection needs (raises before any model is loaded).
 
-            texts, source = load_prompts(prompts, root, n=n_prompts)
-            items = [GenItem(id=i, prompt=p) for i, p in enumerate(texts)]
-            tasks.append(Task("generation", suite, "generation", source, items, len(items)))
-        else:
-            tasks.extend(load_bigbench(root / "eval" / "bigbench" / family, suite=suite, subtask=sub or None))
+    `spec`: suites / task names (None: the default suites, or none at all when `task_paths` are given).
+    `task_paths`: BIG-bench task files or folders evaluated by path (suite `custom`, named after the folder,
+    or the file's stem unless it is `task.json`). `limit`: the first N items of every task; `task_limits`
+    overrides it per task, family or subtask name (None: every item).
+    """
+    for what, n in [("--limit", limit), *((f"task_limits[{k!r}]", v) for k, v in (task_limits or {}).items())]:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{what} must be >= 1 (an integer, or null for every item), got {n!r}")
+    tasks: list[Task] = []
+    if spec is not None or not task_paths:
+        root = shared_data_dir(data_dir)
+        for suite, name in select(spec):
+            family, _, sub = name.partition("/")
+            if family == "truthfulqa_mc":
+                tasks.append(load_truthfulqa(root / "eval" / "truthfulqa" / "mc_task.json", suite=suite))
+            elif family == "generation":
+                from karma.eval.prompts import load_prompts
+
+                texts, source = load_prompts(prompts, root, n=n_prompts)
+                items = [GenItem(id=i, prompt=p) for i, p in enumerate(texts)]
+                tasks.append(Task("generation", suite, "generation", source, items, len(items)))
+            else:
+                tasks.extend(load_bigbench(root / "eval" / "bigbench" / family, suite=suite, subtask=sub or None))
+    for path in task_paths:
+        for t in load_task_path(path):
+            other = next((o for o in tasks if o.family == t.family), None)
+            if other is not None:
+                raise TaskSchemaError(
+                    f"--task {path}: task name {t.family!r} is already taken by {other.source}; "
+                    "rename the folder (results pair tasks by name)")
+            tasks.append(t)
+    unknown = sorted(set(task_limits or {}) - {n for t in tasks for n in (t.name, t.family)})
+    if unknown:
+        raise UnknownSuiteError(f"task_limits: {', '.join(map(repr, unknown))} not among the selected tasks "
+                                f"({', '.join(dict.fromkeys(t.name for t in tasks))})")
     for t in tasks:
         t.n_total = t.n_total or len(t.items)
-        if limit is not None:
-            t.items = t.items[:limit]
+        n = (task_limits or {}).get(t.name, (task_limits or {}).get(t.family, limit))
+        if n is not None:
+            t.items = t.items[:n]
     return tasks
 
+
+def load_task_path(path: str | Path, *, suite: str = CUSTOM_SUITE) -> list[Task]:
+    """A task given by path (`karma eval --task PATH`): a BIG-bench JSON file (an object with `examples` of
+    `input` + `target_scores`), or a folder holding one as `task.json` (or subtask folders that do)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "task.json").is_file():
+            raise TaskSchemaError(f"--task {p}: the folder holds no task.json (a BIG-bench task: an object with "
+                                  "'examples' of 'input' + 'target_scores')")
+        return load_bigbench(p, suite=suite, filename="task.json")
+    if not p.is_file():
+        raise TaskSchemaError(f"--task {p}: no such file or folder")
+    if p.name == "task.json":
+        return load_bigbench(p.parent, suite=suite, filename="task.json")
+    data = _read_json(p)
+    if not isinstance(data, dict) or "examples" not in data:
+        kind = type(data).__name__ if not isinstance(data, dict) else "an object without 'examples'"
+        raise TaskSchemaError(f"{p}: unknown task schema (top level is {kind}; expected a BIG-bench task, an "
+                              "object with 'examples')")
+    return [_bigbench_task(p, data, p.stem, suite)]
 
 
 # --------------------------------------------------------------------------------------------- BIG-bench
@@ -220,10 +265,12 @@ def _read_json(path: Path):
         raise TaskSchemaError(f"{path}: not valid JSON ({e})") from e
 
 
-def load_bigbench(folder: Path, *, suite: str = "", subtask: str | None = None) -> list[Task]:
-    """A BIG-bench task folder: one Task, or one per subtask folder when its task.json has no examples."""
+def load_bigbench(folder: Path, *, suite: str = "", subtask: str | None = None,
+                  filename: str | None = None) -> list[Task]:
+    """A BIG-bench task folder: one Task, or one per subtask folder when its task.json has no examples.
+    `filename`: the task file in the folder (default task.json; task_mc.json for the shipped truthful_qa)."""
     folder = Path(folder)
-    path = folder / _BIGBENCH_FILE.get(folder.name, "task.json")
+    path = folder / (filename or _BIGBENCH_FILE.get(folder.name, "task.json"))
     data = _read_json(path)
     if not isinstance(data, dict):
         raise TaskSchemaError(f"{path}: unknown task schema (top level is {type(data).__name__}, expected an object)")
