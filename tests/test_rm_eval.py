@@ -146,6 +146,16 @@ def test_pair_sets_are_built_from_the_split_in_both_orders(rm_dir, data, tmp_pat
     assert "## Pair sets" in report and "`length_controlled`" in report and "on `length_controlled` pairs" in report
 
 
+def test_capped_balanced_set_stays_half_chosen_later(rm_dir, data, tmp_path):
+    full = evaluate_rm(rm_dir, data, "test", tmp_path / "full", max_examples=None, max_pairs=None, max_set_pairs=None)
+    n = full["pair_sets"]["sets"]["balanced"]["n"]
+    assert n >= 6
+    cap = n // 2 - (n // 2) % 2  # an even cap below the full balanced set
+    r = evaluate_rm(rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=cap)
+    d = r["pair_sets"]["sets"]["balanced"]
+    assert d["n"] == cap and d["chosen_later"] == 0.5 and d["available"] == n
+
+
 def test_paired_wins_test_interval_p_and_mde():
     rng = np.random.default_rng(1)
     a = (rng.random(2000) < 0.62).astype(float)

@@ -132,7 +132,7 @@ def load_eval_set(
                                         min_score_ratio=ratio, min_pair_score=min_score)
         available = {k: (n_pairs if k == "rule" else len(v)) for k, v in full.items()}
         sets = {k: (v if k == "rule" else pairsets.cap(v, max_set_pairs, seed)) for k, v in full.items()}
-        if "balanced" in sets and max_set_pairs and len(sets["balanced"]) > max_set_pairs:
+        if "balanced" in full and max_set_pairs and len(full["balanced"]) > max_set_pairs:  # re-balance the cap
             sets["balanced"] = pairsets.build_pair_sets(siblings, pairs, names=["balanced"], max_pairs=max_set_pairs,
                                                         seed=seed, min_score_ratio=ratio,
                                                         min_pair_score=min_score)["balanced"]
