@@ -5,13 +5,17 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import signal
+import zlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
 import zstandard
 
 from karma.data import decode
-from karma.data.decode import FileTask, decode_file, decode_files
+from karma.data.decode import DecodeError, FileTask, decode_file, decode_files
 
 
 def rc(i: int, **over) -> dict:
@@ -195,3 +199,163 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
     t = read_rows(par[0]).sort_by("row_no")
     assert t.column("id").to_pylist() == [r["id"] for r in records if isinstance(r, dict)]
     assert len({r >> 32 for r in t.column("row_no").to_pylist()}) > 50  # it really went block by block
+
+
+DEEP_ARRAY = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"a": ' * 100_000 + b"1" + b"}" * 100_000
+
+
+def raw(i: int, field: str, literal: bytes) -> bytes:
+    """rc(i) as a JSON line whose `field` is the raw JSON literal (a number no Python value writes as)."""
+    return json.dumps(rc(i, **{field: "@@"})).encode().replace(b'"@@"', literal)
+
+
+def task_of(path, out, **kw) -> FileTask:
+    return FileTask(path=str(path), kind="comments", index=0, out_path=str(out), **kw)
+
+
+def force_parallel(monkeypatch) -> None:
+    monkeypatch.setattr(decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "BLOCK_BYTES", 4096)
+
+
+@pytest.mark.timeout(60)
+def test_deep_nesting_and_huge_numbers_are_counted_records_in_and_out_of_workers(tmp_path, monkeypatch):
+    records = [rc(1), DEEP_ARRAY, rc(2), DEEP_OBJECT, b"  " + DEEP_ARRAY, rc(3)]  # "  ": the json.loads path
+    records += [raw(4, "score", b"123456789012345678901234567890"), raw(5, "score", b"-123456789012345678901234567890"),
+                raw(6, "score", b"1e30"), raw(7, "score", b"Infinity"), raw(8, "score", b"-Infinity"),
+                raw(9, "created_utc", b"1e400"), raw(10, "created_utc", b"99999999999999999999"),
+                raw(11, "score", b"NaN")]  # fmt: skip
+    records += [rc(i) for i in range(12, 400)]  # more blocks than the workers hold at once
+    path = tmp_path / "RC_bad.zst"
+    write_zst(path, records)
+    seq = run(path)
+    force_parallel(monkeypatch)
+    (par,) = decode_files([task_of(path, tmp_path / "p.arrow")], workers=2)
+    expected = {"not_json": 3, "out_of_range:score": 5, "out_of_range:created_utc": 2, "bad_field:score": 1}
+    for st in (seq, par):
+        assert (st.status, st.lines_read, st.kept, st.skipped) == ("ok", len(records), 3 + 388, expected)
+        t = read_rows(st).sort_by("row_no")
+        ids, usable = t.column("id").to_pylist(), t.column("usable").to_pylist()
+        good = ["c1", "c2", "c3"] + [f"c{i}" for i in range(12, 400)]
+        assert [i for i, u in zip(ids, usable, strict=True) if u] == good
+        # a comment without a usable score is still a node of its thread; one without a time is not
+        assert {"c4", "c5", "c6", "c7", "c8", "c11"} <= set(ids) and not {"c9", "c10"} & set(ids)
+    assert len(par.out_paths) > 4  # it really went block by block
+
+
+class _Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("cannot cross back to the parent")
+        self.hook = lambda: None  # a lambda cannot be pickled
+
+
+class _ExplodingKind(str):
+    __slots__ = ()
+
+    def __hash__(self):
+        raise _Unpicklable
+
+
+@dataclass
+class WorkerKiller(FileTask):
+    """A FileTask that ends the worker process that unpickles it (the parent only pickles it)."""
+
+    how: str = "exit"
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.how == "exit":
+            os._exit(1)
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.kind = _ExplodingKind(self.kind)  # the worker raises an exception that cannot be pickled
+
+
+DIED = r"^a decode worker process died \(killed by a signal, out of memory, or exited\) while decoding .*/RC_x\.zst$"
+
+
+FAILED_UNPICKLABLE = r"^a decode worker failed on .*/RC_x\.zst: \w+: .*pickle"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["exit", "kill", "unpicklable"])
+def test_a_dead_or_failing_worker_fails_the_run_at_once(tmp_path, monkeypatch, how):
+    path = tmp_path / "RC_x.zst"
+    write_zst(path, [rc(i) for i in range(1, 2001)])  # ~60 blocks: the feeder must not wait for dead workers
+    force_parallel(monkeypatch)
+    task = WorkerKiller(path=str(path), kind="comments", index=0, out_path=str(tmp_path / "x.arrow"), how=how)
+    with pytest.raises(DecodeError, match=FAILED_UNPICKLABLE if how == "unpicklable" else DIED):
+        decode_files([task], workers=2)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_error_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "RC_y.zst"
+    write_zst(path, [rc(i) for i in range(1, 300)])
+    force_parallel(monkeypatch)
+    task = task_of(path, tmp_path / "no" / "such" / "y.arrow")
+    with pytest.raises(DecodeError, match=r"^a decode worker failed on .*/RC_y\.zst: FileNotFoundError: "):
+        decode_files([task], workers=2)
+
+
+CUT_AFTER_150 = ("truncated_frame", 151, 150, {"truncated_frame": 1})  # the lost rest is one line
+
+
+def ids_of(st) -> list[str]:
+    return read_rows(st).sort_by("row_no").column("id").to_pylist()
+
+
+@pytest.mark.timeout(60)
+def test_a_truncated_gzip_keeps_every_record_before_the_cut(tmp_path, monkeypatch):
+    lines = lines_of([rc(i) for i in range(1, 301)])
+    co = zlib.compressobj(wbits=31)  # gzip
+    # the first 150 lines end at a full flush: a cut after it keeps exactly them
+    head = co.compress(b"\n".join(lines[:150]) + b"\n") + co.flush(zlib.Z_FULL_FLUSH)
+    data = head + co.compress(b"\n".join(lines[150:]) + b"\n") + co.flush()
+    cut = tmp_path / "RC_cut.jsonl.gz"
+    cut.write_bytes(data[: len(head) + 10])  # 10 bytes into the next deflate block: none of it is readable
+    st = run(cut)
+    assert (st.status, st.lines_read, st.kept, st.skipped) == CUT_AFTER_150
+    assert ids_of(st) == [f"c{i}" for i in range(1, 151)]
+
+    # cut in half: every line zlib can read back is kept (before: none of the 300)
+    half = tmp_path / "RC_half.jsonl.gz"
+    whole = gzip.compress(b"\n".join(lines) + b"\n", mtime=0)
+    half.write_bytes(whole[: len(whole) // 2])
+    readable = zlib.decompressobj(wbits=31).decompress(half.read_bytes()).count(b"\n")
+    st = run(half)
+    assert readable > 100 and (st.lines_read, st.kept) == (readable + 1, readable)
+    assert ids_of(st) == [f"c{i}" for i in range(1, readable + 1)]
+
+    # several members and zero padding after the last are one stream; a cut in the second keeps the first
+    members = tmp_path / "RC_members.jsonl.gz"
+    members.write_bytes(gzip.compress(b"\n".join(lines[:100]) + b"\n") + whole + b"\0" * 64)
+    st = run(members)
+    assert (st.status, st.lines_read, st.kept) == ("ok", 400, 400)
+    members.write_bytes(gzip.compress(b"\n".join(lines[:100]) + b"\n") + whole[: len(whole) // 2])
+    st = run(members)
+    assert (st.status, st.kept, st.skipped) == ("truncated_frame", 100 + readable, {"truncated_frame": 1})
+
+    # the same counts when the parent decompresses and workers parse
+    force_parallel(monkeypatch)
+    par = decode_files([task_of(half, tmp_path / "h.arrow")], workers=2)
+    assert (par[0].status, par[0].lines_read, par[0].kept) == ("truncated_frame", readable + 1, readable)
+    assert ids_of(par[0]) == [f"c{i}" for i in range(1, readable + 1)]
+
+
+def test_a_truncated_zstd_keeps_every_complete_block(tmp_path):
+    """zstd decodes a block only whole (at most 128 KiB of text): a cut loses the block it falls in."""
+    out = io.BytesIO()
+    w = zstandard.ZstdCompressor().stream_writer(out, closefd=False)
+    ends = []
+    for b in range(6):
+        w.write(b"\n".join(lines_of([rc(i) for i in range(50 * b + 1, 50 * b + 51)])) + b"\n")
+        w.flush(zstandard.FLUSH_BLOCK)
+        ends.append(out.tell())
+    w.flush(zstandard.FLUSH_FRAME)
+    path = tmp_path / "RC_cut.zst"
+    path.write_bytes(out.getvalue()[: (ends[2] + ends[3]) // 2])  # inside the fourth block
+    st = run(path)
+    assert (st.status, st.lines_read, st.kept, st.skipped) == CUT_AFTER_150
+    assert ids_of(st) == [f"c{i}" for i in range(1, 151)]

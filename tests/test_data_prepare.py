@@ -473,6 +473,51 @@ def test_cli_corrupted_dump_exits_0_with_warnings(dumps, tmp_path):
     assert "5 examples" in res.output
 
 
+@pytest.mark.timeout(120)
+def test_cli_workers_count_deep_json_and_huge_ints_as_records(dumps, tmp_path, monkeypatch):
+    """The input that once crashed prepare (RecursionError, OverflowError) and hung it with --workers 2."""
+    from karma.data import decode
+
+    _, rs = dumps
+    good = [json.dumps(r).encode() for r in COMMENTS]
+    huge = json.dumps(c("h", "t3_p1", 1, 1)).encode().replace(b'"score": 1', b'"score": 1' + b"0" * 29)
+    rc = write_zst(tmp_path / "RC_bad.zst", good[:3] + [b"[" * 100_000 + b"]" * 100_000, huge] + good[3:])
+    monkeypatch.setattr(decode, "PARALLEL_MIN_BYTES", 0)  # tiny input: still through the worker pool
+    args = ["prepare", "--comments", str(rc), "--submissions", str(rs), "--out", str(tmp_path / "o"),
+            "--workers", "2", "--min-pair-score", "1"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    inp = card["inputs"][0]
+    assert inp["skipped"] == {"not_json": 1, "out_of_range:score": 1, "deleted_body": 1, "bot_author": 1,
+                              "moderator": 1, "stickied": 1}  # fmt: skip
+    assert (inp["lines_read"], inp["kept"]) == (len(COMMENTS) + 2, len(COMMENTS) - 4)
+    assert f"{rc}: skipped bad records: not_json 1, out_of_range:score 1" in card["warnings"]
+    assert card["examples"] == len(COMMENTS) - 4
+
+
+def test_integers_at_the_edge_of_int64_pass_every_stage(tmp_path):
+    """Scores at ±2**63 and times at years 1 / 9999: no overflow in the relational stage (abs, differences)."""
+    top, bottom = 2**63 - 1, -(2**63)
+    first, last = -62_135_596_800, 253_402_300_799  # 0001-01-01 and 9999-12-31 23:59:59 UTC
+    rc = write_zst(tmp_path / "RC.zst", [c("a", "t3_p1", top, 0) | {"created_utc": first},
+                                         c("b", "t3_p1", bottom, 0) | {"created_utc": last},
+                                         c("a1", "t1_a", top, 0) | {"created_utc": last}, c("a2", "t1_a", 3, 5)])  # fmt: skip
+    posts = [{"id": "p1", "title": "t", "selftext": "x", "subreddit": "S", "score": bottom, "created_utc": last},
+             {"id": "p2", "title": "u", "selftext": "y", "subreddit": "S", "score": top, "created_utc": first},
+             {"id": "p3", "title": "v", "selftext": "z", "subreddit": "S", "score": 3, "created_utc": last - 10}]  # fmt: skip
+    rs = write_zst(tmp_path / "RS.zst", posts)
+    card = prepare(comments=[rc], submissions=[rs], out=tmp_path / "c", workers=1, min_pair_score=1)
+    assert card["examples"] == 4 and card["skipped"] == {}
+    ex = pq.read_table(tmp_path / "c" / "examples.parquet").to_pandas().set_index("example_id")
+    assert ex.loc["a", "score"] == top and ex.loc["b", "score"] == bottom
+    assert ex.loc["a1", "seconds_since_parent"] == float(last - first)
+    assert ex.loc["a", "karma"] == pytest.approx(math.log1p(top))  # sign(s)·ln(1 + |s|), in DOUBLE
+    assert ex.loc["b", "karma"] == pytest.approx(-math.log1p(-bottom))
+    card = prepare(submissions=[rs], out=tmp_path / "s", workers=1)  # posts as examples: a ±1 hour window
+    assert card["examples"] == 3
+
+
 def test_cli_errors(tmp_path):
     res = CliRunner().invoke(
         app, ["prepare", "--comments", str(tmp_path / "RC_nope.zst"), "--out", str(tmp_path / "o")]
@@ -490,6 +535,20 @@ def test_cli_errors(tmp_path):
     assert res.output.strip().splitlines()[-1] == (
         "error: no usable examples: 1 file(s), 0 record(s) read; RC_empty.zst: empty_file"
     )
+
+
+def test_cli_a_dead_decode_worker_exits_1(dumps, tmp_path, monkeypatch):
+    from karma.data import decode
+
+    def broken(tasks, workers):
+        raise decode.DecodeError(f"a decode worker process died (...) while decoding {tasks[0].path}")
+
+    monkeypatch.setattr(decode, "decode_files", broken)
+    rc, _ = dumps
+    res = CliRunner().invoke(app, ["prepare", "--comments", str(rc), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == f"error: a decode worker process died (...) while decoding {rc}"
+    assert not (tmp_path / "o" / "examples.parquet").exists()
 
 
 def test_shp_hub_id_goes_through_datasets(tmp_path, monkeypatch):

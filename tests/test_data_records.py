@@ -9,8 +9,12 @@ import pytest
 
 from karma.data.records import (
     COMMENT_COLUMNS,
+    INT64_MAX,
+    INT64_MIN,
     POST_COLUMNS,
     SHP_COLUMNS,
+    UTC_MAX,
+    UTC_MIN,
     Filters,
     comment_record,
     comment_record_checked,
@@ -99,6 +103,46 @@ def test_old_dump_types_are_normalised():
     assert (row[0], row[2], row[6]) == ("c13", "p1", 1134365188)
 
 
+@pytest.mark.parametrize(
+    ("over", "reason", "is_node"),
+    [
+        ({"score": 123456789012345678901234567890}, "out_of_range:score", True),
+        ({"score": -123456789012345678901234567890}, "out_of_range:score", True),
+        ({"score": INT64_MAX + 1}, "out_of_range:score", True),
+        ({"score": INT64_MIN - 1}, "out_of_range:score", True),
+        ({"score": 1e30}, "out_of_range:score", True),
+        ({"score": float("inf")}, "out_of_range:score", True),  # what JSON 1e400 parses to
+        ({"score": float("-inf")}, "out_of_range:score", True),
+        ({"score": "9" * 30}, "out_of_range:score", True),
+        ({"score": "9" * 5000}, "out_of_range:score", True),  # past int()'s 4300-digit limit
+        ({"score": float("nan")}, "bad_field:score", True),  # not a number, not a large one
+        ({"created_utc": 2**63}, "out_of_range:created_utc", False),
+        ({"created_utc": 1e400}, "out_of_range:created_utc", False),
+        ({"created_utc": -1e30}, "out_of_range:created_utc", False),
+        ({"created_utc": UTC_MAX + 1}, "out_of_range:created_utc", False),  # year 10000: no datetime holds it
+        ({"created_utc": UTC_MIN - 1}, "out_of_range:created_utc", False),
+        ({"created_utc": "1e400"}, "out_of_range:created_utc", False),
+        ({"created_utc": float("nan")}, "bad_field:created_utc", False),
+    ],
+)
+def test_integers_outside_their_column_are_out_of_range(over, reason, is_node):
+    for record in (comment_record, comment_record_checked):
+        row, why = record(comment(**over), F)
+        assert why == reason and (row is not None) == is_node
+        if row is not None:
+            assert row[5] is None and row[-1] is False  # no score, not an example: a node for its replies
+
+
+def test_integers_at_the_edge_of_their_column_are_kept():
+    for score, created in ((INT64_MAX, UTC_MAX), (INT64_MIN, UTC_MIN)):
+        for record in (comment_record, comment_record_checked):
+            row, why = record(comment(score=score, created_utc=created), F)
+            assert why is None and (row[5], row[6]) == (score, created)
+    # depth is optional metadata: one that does not fit its int32 column is ignored, like a non-integer one
+    assert comment_record(comment(depth=2**31), F) == comment_record(comment(), F)
+    assert comment_record(comment(depth=2**31 - 1), F)[0][7] == 2**31 - 1
+
+
 def test_is_bot():
     assert is_bot("AutoModerator") and is_bot("WikiTextBot") and is_bot("sneakpeekbot")
     assert not is_bot("alice") and not is_bot(None) and not is_bot("") and not is_bot("[deleted]")
@@ -111,7 +155,8 @@ def test_fast_path_agrees_with_checked_path():
         {}, {"body": "[deleted]"}, {"body": ""}, {"author": "somebot"}, {"author": None}, {"distinguished": "admin"},
         {"stickied": True}, {"depth": 3}, {"depth": "3"}, {"depth": True}, {"parent_id": "t1_x"}, {"id": "t1_c9"},
         {"score": 2.0}, {"score": -4}, {"created_utc": 1.5e9}, {"created_utc": "12"}, {"link_id": None},
-        {"subreddit": ""}, {"body": " x "}, {"score": None}, {"id": None},
+        {"subreddit": ""}, {"body": " x "}, {"score": None}, {"id": None}, {"score": 2**63}, {"score": -(2**63)},
+        {"created_utc": UTC_MAX + 1}, {"created_utc": UTC_MAX}, {"depth": 2**31}, {"depth": -(2**31)},
     ]  # fmt: skip
     for filters in (F, Filters(False, False, False, False)):
         for _ in range(300):
@@ -151,6 +196,14 @@ def test_post_filters_apply_only_to_example_posts():
     assert post_record(post(title=...), F, False) == (None, "missing_field:title")
 
 
+def test_post_integers_out_of_range():
+    assert post_record(post(score=10**30), F, True)[1] == "out_of_range:score"
+    row, reason = post_record(post(score=10**30), F, False)  # context for comments: kept, without a score
+    assert reason is None and row[4] is None
+    for as_example in (True, False):
+        assert post_record(post(created_utc=1e400), F, as_example) == (None, "out_of_range:created_utc")
+
+
 def shp(**over):
     r = {"post_id": "q1", "domain": "askculinary_train", "history": "How do I boil an egg?", "c_root_id_A": "a1",
          "c_root_id_B": "b1", "created_at_utc_A": 100, "created_at_utc_B": 200, "score_A": 30, "score_B": 5,
@@ -180,7 +233,8 @@ def test_shp_row_gives_two_comments_with_the_split_from_the_domain():
 @pytest.mark.parametrize(
     ("over", "reason"),
     [({"score_A": ...}, "missing_field:score_A"), ({"score_B": "x"}, "bad_field:score_B"),
-     ({"human_ref_B": "[deleted]"}, "deleted_body"), ({"history": ...}, "missing_field:history")],
+     ({"human_ref_B": "[deleted]"}, "deleted_body"), ({"history": ...}, "missing_field:history"),
+     ({"score_A": 10**30}, "out_of_range:score_A"), ({"created_at_utc_B": 1e30}, "out_of_range:created_at_utc_B")],
 )  # fmt: skip
 def test_shp_skip_reasons(over, reason):
     assert shp_record(shp(**over)) == (None, reason)

@@ -111,6 +111,7 @@ def prepare_cmd(
     ] = "auto",
 ) -> None:
     """Raw Pushshift/SHP dumps → examples.parquet, pairs.parquet, card.json (+ card.md) in --out."""
+    from karma.data.decode import DecodeError
     from karma.data.prepare import InputNotFoundError, NoUsableDataError, PrepareConfig, prepare
     from karma.data.shp import ShpHubError
 
@@ -145,7 +146,7 @@ def prepare_cmd(
         card = prepare(cfg)
     except InputNotFoundError as exc:
         _fail(str(exc), 2)
-    except (NoUsableDataError, ShpHubError) as exc:
+    except (NoUsableDataError, ShpHubError, DecodeError) as exc:
         _fail(str(exc), 1)
     for w in card["warnings"]:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)

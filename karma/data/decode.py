@@ -4,14 +4,19 @@ Per file, in bounded memory: the compressed bytes are read in chunks (and hashed
 with a zstd window of up to 2 GiB (``max_window_size=2**31``, what the big Pushshift / Arctic Shift dumps
 need), split into lines, parsed with ``json.loads`` and turned into rows by the pure per-record functions of
 :mod:`karma.data.records`. Rows are flushed as an Arrow record batch every ``batch_rows`` rows, so memory
-does not grow with the file. Several files can be decoded in parallel (one process each, see :func:`decode_files`).
+does not grow with the file. With several workers, a process pool parses blocks of lines (see
+:func:`decode_files`).
 
 Bad input never stops the run: each problem is counted by reason —
 
-* per line: ``not_utf8``, ``not_json``, ``missing_field:<name>``, ``bad_field:<name>``, the filters
+* per line: ``not_utf8``, ``not_json`` (also JSON nested deeper than the parser goes), ``missing_field:<name>``,
+  ``bad_field:<name>``, ``out_of_range:<name>`` (an integer its int64 column cannot hold), the filters
   (``deleted_body``, ``bot_author``, ``moderator``, ``stickied``, ``empty_body``), and ``truncated_frame`` for
-  the unreadable rest of a zstd stream that is cut short or corrupt (counted once, as one line);
+  the unreadable rest of a zstd or gzip stream that is cut short or corrupt (counted once, as one line; every
+  complete line decompressed before it is kept);
 * per file: ``empty_file`` (no records at all) and ``not_zstd`` (a ``.zst`` file that is not zstd).
+
+A decode worker process that fails or dies stops the run at once with :class:`DecodeError`.
 
 Invariant per file: ``kept + sum(skipped.values()) == lines_read`` (blank lines are not records and are
 not counted).
@@ -19,11 +24,11 @@ not counted).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -211,9 +216,27 @@ def _plain_chunks(reader: _HashingReader) -> Iterator[bytes]:
 
 
 def _gzip_chunks(reader: _HashingReader) -> Iterator[bytes]:
-    with gzip.GzipFile(fileobj=reader) as gz:  # type: ignore[arg-type]
-        while data := gz.read(READ_SIZE * 4):
-            yield data
+    """Decompressed chunks of a (possibly multi-member) gzip stream, as they come: all that was readable is
+    yielded before TruncatedStream says the stream ends inside a member or is corrupt."""
+    dobj = None  # None between members
+    while data := reader.read(READ_SIZE):
+        while data:
+            if dobj is None:
+                data = data.lstrip(b"\0")  # gzip allows zero padding after a member
+                if not data:
+                    break
+                dobj = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+            try:
+                out = dobj.decompress(data)
+            except zlib.error as exc:
+                raise TruncatedStream(f"corrupt gzip stream: {exc}") from exc
+            if out:
+                yield out
+            data = b""
+            if dobj.eof:  # a member ended: the next one (if any) needs a fresh decompressor
+                data, dobj = dobj.unused_data, None
+    if dobj is not None:
+        raise TruncatedStream("gzip stream ends inside a member (truncated file)")
 
 
 class _BatchWriter:
@@ -302,7 +325,7 @@ def decode_file(task: FileTask) -> FileStats:
                 _parse_lines(items, task, writer, stats, skipped)
             except TruncatedStream as exc:
                 stats.status, stats.error = "truncated_frame", str(exc)
-            except (OSError, EOFError) as exc:  # gzip: truncated / corrupt stream
+            except OSError as exc:  # a read error: the rest is unreadable
                 stats.status, stats.error = "truncated_frame", f"{type(exc).__name__}: {exc}"
             if stats.status == "truncated_frame":  # the unreadable rest counts as one skipped line
                 skipped["truncated_frame"] += 1
@@ -374,10 +397,10 @@ def _parse_lines(
                 except StopIteration:  # leading whitespace, or not JSON at all
                     try:
                         obj = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         skipped["not_json"] += 1
                         continue
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                     skipped["not_json"] += 1
                     continue
             row, reason = record(obj, *extra)
@@ -402,88 +425,118 @@ BLOCK_BYTES = 8 << 20  # decompressed bytes per block handed to a parse worker
 PARALLEL_MIN_BYTES = 8 << 20  # smaller inputs (compressed size) are decoded in this process
 
 
+class DecodeError(RuntimeError):
+    """A decode worker process died or failed: the run stops at once, naming the file it was decoding."""
+
+
 def decode_files(tasks: list[FileTask], workers: int = 1) -> list[FileStats]:
     """Decode every file. workers <= 1: one after the other, in this process.
 
-    workers > 1 (and at least PARALLEL_MIN_BYTES of input): this process reads, hashes and decompresses each file and cuts the text into blocks of
-    whole lines (BLOCK_BYTES); ``workers`` processes parse the blocks, each appending to its own Arrow file
-    per input. Row numbers are (block index << 32) + position, so "first seen" keeps its meaning. Files
-    read with --limit, and parquet files, go to a worker whole. Memory stays bounded: the block queue holds
-    at most 2 blocks per worker.
+    workers > 1 (and at least PARALLEL_MIN_BYTES of input): this process reads, hashes and decompresses
+    each file and cuts the text into blocks of whole lines (BLOCK_BYTES); a pool of ``workers`` processes
+    parses the blocks, each block into its own Arrow file. Row numbers are (block index << 32) + position,
+    so "first seen" keeps its meaning. Files read with --limit, and parquet files, go to a worker whole.
+    Memory stays bounded: at most 2 blocks per worker are in flight. A worker that raises, or dies (killed
+    by a signal, out of memory), raises DecodeError at once.
     """
     total = sum(os.path.getsize(t.path) for t in tasks)
     if workers <= 1 or total < PARALLEL_MIN_BYTES:  # starting workers costs more than it saves
         return [decode_file(t) for t in tasks]
-    import multiprocessing as mp
+    pool = _Pool(workers)
+    whole: dict[int, FileStats] = {}  # decoded whole by decode_file in a worker: complete as they come
+    fed: dict[int, FileStats] = {}  # fed block by block: the blocks' counts are added as they come
 
-    ctx = mp.get_context("forkserver")
-    # the workers fork from a server that has already imported these (pyarrow imports pandas: ~1 s)
-    ctx.set_forkserver_preload(["pyarrow", "pandas", "zstandard", "karma.data.decode"])
-    by_index = {t.index: t for t in tasks}
-    in_q = ctx.Queue(maxsize=2 * workers)
-    out_q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(by_index, in_q, out_q, w), daemon=True) for w in range(workers)
-    ]
-    for proc in procs:
-        proc.start()
+    def keep(st: FileStats) -> None:
+        whole[st.index] = st
+
     try:
-        main_stats: dict[int, FileStats] = {}
-        whole = 0
         for task in tasks:
-            path = Path(task.path)
-            fmt = sniff_format(path)
+            fmt = sniff_format(Path(task.path))
             if task.limit is not None or fmt not in ("zstd", "gzip", "text"):
-                _put(in_q, ("file", task), procs)
-                whole += 1
-                continue
-            main_stats[task.index] = _feed_blocks(task, fmt, in_q, procs)
-        for _ in procs:
-            _put(in_q, None, procs)
-        results: dict[int, FileStats] = {}
-        done = 0
-        while done < len(procs) or whole:
-            msg = _get(out_q, procs)
-            if msg[0] == "error":
-                raise RuntimeError(f"decode worker {msg[1]} failed:\n{msg[2]}")
-            if msg[0] == "file":
-                results[msg[1].index] = msg[1]
-                whole -= 1
-                continue
-            done += 1
-            for idx, (lines, skipped, nodes, out_path) in msg[2].items():
-                st = main_stats[idx]
-                st.lines_read += lines
-                for k, v in skipped.items():
-                    st.skipped[k] = st.skipped.get(k, 0) + v
-                st.nodes += nodes
-                if out_path:
-                    st.out_paths.append(out_path)
-    except BaseException:
-        for proc in procs:  # a failure here: do not wait for workers that will get no more work
-            proc.terminate()
-        raise
+                pool.submit(task, keep, decode_file, task)
+            else:
+                fed[task.index] = _feed_blocks(task, fmt, pool)
+        pool.drain()
     finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-    for idx, st in main_stats.items():
+        pool.close()
+    for st in fed.values():
         if st.lines_read == 0 and st.status == "ok":
             st.status, st.error = "empty_file", "no records in file"
         st.out_paths.sort()
         st.kept = st.lines_read - sum(st.skipped.values())
-        results[idx] = st
-    return [results[t.index] for t in tasks]
+    return [whole.get(t.index) or fed[t.index] for t in tasks]
 
 
-def _feed_blocks(task: FileTask, fmt: str, in_q, procs) -> FileStats:
-    """Read, hash and decompress one file; queue its text as blocks of whole lines."""
+class _Pool:
+    """A ProcessPoolExecutor with at most 2 calls per worker in flight; a failed or dead worker → DecodeError."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("forkserver")
+        # the workers fork from a server that has already imported these (pyarrow imports pandas: ~1 s)
+        ctx.set_forkserver_preload(["pyarrow", "pandas", "zstandard", "karma.data.decode"])
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        self.max_in_flight = 2 * workers
+        self.in_flight: dict = {}  # future -> (task, what to do with its result)
+
+    def submit(self, task: FileTask, on_result, fn, *args) -> None:
+        while len(self.in_flight) >= self.max_in_flight:
+            self._collect()
+        self.in_flight[self.executor.submit(fn, *args)] = (task, on_result)
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self._collect()
+
+    def _collect(self) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        done, _ = wait(self.in_flight, return_when=FIRST_COMPLETED)
+        for fut in done:
+            task, on_result = self.in_flight[fut]
+            try:
+                result = fut.result()
+            except BrokenProcessPool as exc:
+                files = sorted({t.path for t, _ in self.in_flight.values()})
+                raise DecodeError(
+                    f"a decode worker process died (killed by a signal, out of memory, or exited) while decoding "
+                    f"{', '.join(files)}"
+                ) from exc
+            except Exception as exc:
+                raise DecodeError(
+                    f"a decode worker failed on {task.path}: {type(exc).__name__}: {exc}"
+                ) from exc
+            del self.in_flight[fut]
+            on_result(result)
+
+    def close(self) -> None:
+        """Cancel what has not started; on a failure, wait only for the blocks being parsed (a dead pool: none)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _feed_blocks(task: FileTask, fmt: str, pool: _Pool) -> FileStats:
+    """Read, hash and decompress one file; hand its text to the pool as blocks of whole lines."""
     import time
 
     t0 = time.perf_counter()
     path = Path(task.path)
     stats = FileStats(path=str(path), kind=task.kind, index=task.index, bytes=path.stat().st_size, format=fmt)
+
+    def add(result: tuple[int, dict[str, int], int, str | None]) -> None:
+        lines, skipped, nodes, out_path = result
+        stats.lines_read += lines
+        for k, v in skipped.items():
+            stats.skipped[k] = stats.skipped.get(k, 0) + v
+        stats.nodes += nodes
+        if out_path:
+            stats.out_paths.append(out_path)
+
+    def put(block_idx: int, data: bytes) -> None:
+        pool.submit(task, add, _parse_block, task, block_idx, data)
+
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         reader = _HashingReader(fh, digest)
@@ -497,20 +550,20 @@ def _feed_blocks(task: FileTask, fmt: str, in_q, procs) -> FileStats:
                     cut = buf.rfind(b"\n", 0, BLOCK_BYTES) + 1 or buf.find(b"\n", BLOCK_BYTES) + 1
                     if not cut:  # one line longer than a block: wait for its end
                         break
-                    _put(in_q, ("block", task.index, block_idx, buf[:cut]), procs)
+                    put(block_idx, buf[:cut])
                     block_idx += 1
                     buf = buf[cut:]
             if buf:
-                _put(in_q, ("block", task.index, block_idx, buf), procs)
+                put(block_idx, buf)
         except TruncatedStream as exc:
             stats.status, stats.error = "truncated_frame", str(exc)
-        except (OSError, EOFError) as exc:
+        except OSError as exc:  # a read error: the rest is unreadable
             stats.status, stats.error = "truncated_frame", f"{type(exc).__name__}: {exc}"
         if stats.status == "truncated_frame":
             if buf:  # the complete lines before the break are still records
                 cut = buf.rfind(b"\n") + 1
                 if cut:
-                    _put(in_q, ("block", task.index, block_idx, buf[:cut]), procs)
+                    put(block_idx, buf[:cut])
             stats.skipped["truncated_frame"] = 1
             stats.lines_read += 1
         reader.drain()
@@ -519,61 +572,14 @@ def _feed_blocks(task: FileTask, fmt: str, in_q, procs) -> FileStats:
     return stats
 
 
-def _worker(tasks: dict[int, FileTask], in_q, out_q, wid: int) -> None:
-    """Parse worker: blocks → rows → one Arrow file per (input file, worker); whole files via decode_file."""
-    import traceback
-
-    writers: dict[int, _BatchWriter] = {}
-    partial: dict[int, list] = {}
+def _parse_block(task: FileTask, block_idx: int, data: bytes) -> tuple[int, dict[str, int], int, str | None]:
+    """Pool worker: one block of whole lines → its own Arrow file. (lines, skipped, rows, Arrow path or None)."""
+    columns = {"comments": COMMENT_COLUMNS, "submissions": POST_COLUMNS, "shp": SHP_COLUMNS}[task.kind]
+    writer = _BatchWriter(f"{task.out_path}.b{block_idx:06d}", columns, task.index)
+    stats = FileStats(path=task.path, kind=task.kind, index=task.index)
+    skipped: Counter[str] = Counter()
     try:
-        while (msg := in_q.get()) is not None:
-            if msg[0] == "file":
-                out_q.put(("file", decode_file(msg[1])))
-                continue
-            _, idx, block_idx, data = msg
-            task = tasks[idx]
-            if idx not in writers:
-                columns = {"comments": COMMENT_COLUMNS, "submissions": POST_COLUMNS, "shp": SHP_COLUMNS}[
-                    task.kind
-                ]
-                writers[idx] = _BatchWriter(f"{task.out_path}.w{wid}", columns, idx)
-                partial[idx] = [FileStats(path=task.path, kind=task.kind, index=idx), Counter()]
-            st, skipped = partial[idx]
-            _parse_lines(iter(_decode_block(data)), task, writers[idx], st, skipped, row_base=block_idx << 32)
-        summary = {}
-        for idx, w in writers.items():
-            w.close()
-            st, skipped = partial[idx]
-            summary[idx] = (st.lines_read, dict(skipped), w.written, w.out_path if w.written else None)
-        out_q.put(("done", wid, summary))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        out_q.put(("error", wid, traceback.format_exc()))
-
-
-def _put(q, item, procs) -> None:
-    import queue
-
-    while True:
-        try:
-            q.put(item, timeout=1.0)
-            return
-        except queue.Full:
-            _check_alive(procs)
-
-
-def _get(q, procs):
-    import queue
-
-    while True:
-        try:
-            return q.get(timeout=1.0)
-        except queue.Empty:
-            _check_alive(procs)
-
-
-def _check_alive(procs) -> None:
-    dead = [p for p in procs if p.exitcode not in (None, 0)]
-    if dead:
-        code = dead[0].exitcode
-        hint = f" (killed by signal {-code}: out of memory?)" if code < 0 else ""
-        raise RuntimeError(f"decode worker exited with code {code}{hint}")
+        _parse_lines(iter(_decode_block(data)), task, writer, stats, skipped, row_base=block_idx << 32)
+    finally:
+        writer.close()
+    return stats.lines_read, dict(skipped), writer.written, writer.out_path if writer.written else None

@@ -26,7 +26,14 @@ log = logging.getLogger(__name__)
 NORMALIZE_CHOICES = ("log1p", "percentile", "zscore")
 SPLIT_BY_CHOICES = ("thread", "time")
 #: skip reasons that mean broken input rather than a filter doing its job (they raise a warning)
-BAD_INPUT_PREFIXES = ("not_json", "not_utf8", "truncated_frame", "missing_field:", "bad_field:")
+BAD_INPUT_PREFIXES = (
+    "not_json",
+    "not_utf8",
+    "truncated_frame",
+    "missing_field:",
+    "bad_field:",
+    "out_of_range:",
+)
 CARD_VERSION = 1
 
 
@@ -152,7 +159,7 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
 
     ``prepare(comments=[...], submissions=[...], out="DIR")`` or ``prepare(PrepareConfig(...))``.
     Raises InputNotFoundError for a missing input, NoUsableDataError when nothing usable remains,
-    ValueError for a bad option.
+    ValueError for a bad option, karma.data.decode.DecodeError when a decode worker process fails or dies.
     """
     from karma.data.card import build_card, write_card
     from karma.data.decode import FileTask, decode_files

@@ -7,6 +7,11 @@ Nothing here does I/O. Each function returns ``(row, reason)``:
   a comment that cannot be an example (deleted text, a bot, a moderator) is still a node of its thread: its
   replies need it to find their way up to the post.
 
+Integers go into int64 columns: a score outside the int64 range (``1e30``, ``1e400`` = infinity, a 30-digit
+number), or a time that is not a Unix time of the years 1–9999 (what a ``datetime`` holds), is
+``out_of_range:<name>``, never an overflow in a later stage; a ``depth`` outside int32 is ignored, like a
+``depth`` that is not an integer.
+
 Rows are tuples in the column order of :data:`COMMENT_COLUMNS` / :data:`POST_COLUMNS` (tuples, not dicts:
 the decode stage transposes a batch of them with ``zip(*rows)``, which is what keeps it near the speed of
 ``json.loads`` alone).
@@ -14,10 +19,14 @@ the decode stage transposes a batch of them with ``zip(*rows)``, which is what k
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 DELETED_TEXTS = frozenset({"[deleted]", "[removed]"})
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+UTC_MIN, UTC_MAX = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31 23:59:59 UTC, in Unix seconds
 _PARENT_PREFIXES = ("t1_", "t3_")
 
 #: accounts that post automatically but do not end in "bot"
@@ -92,24 +101,29 @@ def is_bot(author: Any) -> bool:
     return name in KNOWN_BOTS or name.endswith("bot")
 
 
-def _as_int(value: Any) -> int | None:
-    """Integer from an int, an integral float or a decimal string (old dumps store created_utc as a string)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
+def _as_int(value: Any, name: str, lo: int = INT64_MIN, hi: int = INT64_MAX) -> tuple[int | None, str | None]:
+    """(integer, None) from an int, an integral float or a decimal string (old dumps store created_utc as a
+    string), else (None, ``bad_field:<name>``), or (None, ``out_of_range:<name>``) outside [lo, hi] (±infinity
+    included: JSON ``1e400`` parses as infinity)."""
     if isinstance(value, str):
         try:
-            return int(value)
-        except ValueError:
+            value = int(value)
+        except ValueError:  # "1.6e9", "12.0", or more than 4300 digits
             try:
-                f = float(value)
+                value = float(value)
             except ValueError:
-                return None
-            return int(f) if f.is_integer() else None
-    return None
+                return None, f"bad_field:{name}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, f"bad_field:{name}"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return None, f"out_of_range:{name}"
+        if not value.is_integer():  # NaN too
+            return None, f"bad_field:{name}"
+        value = int(value)
+    if not lo <= value <= hi:
+        return None, f"out_of_range:{name}"
+    return value, None
 
 
 def _text(value: Any) -> tuple[str | None, bool]:
@@ -147,6 +161,8 @@ def comment_record(obj: Any, filters: Filters) -> tuple[tuple | None, str | None
         or type(created) is not int
         or type(body) is not str
         or type(score) is not int
+        or not UTC_MIN <= created <= UTC_MAX
+        or not INT64_MIN <= score <= INT64_MAX
         or not cid
         or not sub
         or cid.startswith("t1_")
@@ -155,7 +171,7 @@ def comment_record(obj: Any, filters: Filters) -> tuple[tuple | None, str | None
     ):
         return comment_record_checked(obj, filters)
     depth = obj.get("depth")
-    if type(depth) is not int:
+    if type(depth) is not int or not INT32_MIN <= depth <= INT32_MAX:
         depth = None
     text = body.strip()
     reason = None
@@ -203,15 +219,16 @@ def comment_record_checked(obj: Any, filters: Filters) -> tuple[tuple | None, st
         return None, "missing_field:subreddit"
     if "created_utc" not in obj:
         return None, "missing_field:created_utc"
-    created = _as_int(obj["created_utc"])
-    if created is None:
-        return None, "bad_field:created_utc"
+    created, why = _as_int(obj["created_utc"], "created_utc", UTC_MIN, UTC_MAX)
+    if why is not None:
+        return None, why
     depth = obj.get("depth")
-    depth = depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+    if not isinstance(depth, int) or isinstance(depth, bool) or not INT32_MIN <= depth <= INT32_MAX:
+        depth = None
     raw_body = obj.get("body")
     body, deleted = _text(raw_body)
     raw_score = obj.get("score")
-    score = _as_int(raw_score)
+    score, score_why = _as_int(raw_score, "score")
 
     reason = None
     if raw_body is None:
@@ -220,8 +237,8 @@ def comment_record_checked(obj: Any, filters: Filters) -> tuple[tuple | None, st
         reason = "bad_field:body"
     elif raw_score is None:
         reason = "missing_field:score"
-    elif score is None:
-        reason = "bad_field:score"
+    elif score_why is not None:
+        reason = score_why
     elif deleted and filters.drop_deleted:
         reason = "deleted_body"
     elif not deleted and not body:
@@ -254,12 +271,12 @@ def post_record(obj: Any, filters: Filters, as_example: bool) -> tuple[tuple | N
         return None, "missing_field:subreddit"
     if "created_utc" not in obj:
         return None, "missing_field:created_utc"
-    created = _as_int(obj["created_utc"])
-    if created is None:
-        return None, "bad_field:created_utc"
+    created, why = _as_int(obj["created_utc"], "created_utc", UTC_MIN, UTC_MAX)
+    if why is not None:
+        return None, why
     selftext, _deleted = _text(obj.get("selftext", ""))  # link posts may have no selftext at all
     raw_score = obj.get("score")
-    score = _as_int(raw_score)
+    score, score_why = _as_int(raw_score, "score")
     flair = obj.get("link_flair_text")
     flair = flair.strip() or None if isinstance(flair, str) else None
     title = title.strip()
@@ -268,8 +285,8 @@ def post_record(obj: Any, filters: Filters, as_example: bool) -> tuple[tuple | N
     if as_example:
         if raw_score is None:
             reason = "missing_field:score"
-        elif score is None:
-            reason = "bad_field:score"
+        elif score_why is not None:
+            reason = score_why
         elif not title:
             reason = "empty_body"
         else:
@@ -310,12 +327,12 @@ def shp_record(obj: Any, split_hint: str | None = None) -> tuple[list[tuple] | N
     history = str(obj["history"]).strip()
     rows = []
     for side in ("A", "B"):
-        score = _as_int(obj[f"score_{side}"])
-        created = _as_int(obj[f"created_at_utc_{side}"])
-        if score is None:
-            return None, f"bad_field:score_{side}"
-        if created is None:
-            return None, f"bad_field:created_at_utc_{side}"
+        score, why = _as_int(obj[f"score_{side}"], f"score_{side}")
+        if why is not None:
+            return None, why
+        created, why = _as_int(obj[f"created_at_utc_{side}"], f"created_at_utc_{side}", UTC_MIN, UTC_MAX)
+        if why is not None:
+            return None, why
         body, deleted = _text(obj[f"human_ref_{side}"])
         if deleted or not body:
             return None, "deleted_body" if deleted else "empty_body"

@@ -99,7 +99,7 @@ def split_of(thread_id: str, seed: int, val_frac: float, test_frac: float) -> st
 
 
 def _karma_expr(method: str) -> str:
-    log1p = "sign(score) * ln(1 + abs(score))"
+    log1p = "sign(score) * ln(1 + abs(CAST(score AS DOUBLE)))"  # DOUBLE: abs(-2**63) overflows BIGINT
     if method == "log1p":
         return log1p
     if method == "percentile":  # mid-rank percentile of the score within its thread, 0.5 for a lone example
