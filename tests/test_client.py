@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
@@ -56,14 +57,30 @@ def error(status: int, message: str, error_type: str, **headers) -> httpx.Respon
     return httpx.Response(status, json={"error": message, "error_type": error_type}, headers=headers)
 
 
-def make_client(service: FakeService, urls="http://rm1:8000", **kwargs) -> tuple[RewardClient, list[float]]:
+class FakeClock:
+    """Time that passes only when the client sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_client(
+    service, urls="http://rm1:8000", *, clock: FakeClock | None = None, **kwargs
+) -> tuple[RewardClient, list[float]]:
     client = RewardClient(urls, transport=httpx.MockTransport(service), **kwargs)
     sleeps: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
         sleeps.append(seconds)
+        if clock is not None:
+            clock.now += seconds
 
     client._sleep = fake_sleep
+    if clock is not None:
+        client._clock = clock
     return client, sleeps
 
 
@@ -198,6 +215,254 @@ def test_wait_ready_polls_until_ready_and_reports_what_blocked_it():
     client, _ = make_client(unknown, model="q")
     with pytest.raises(RewardServiceError, match="unknown model 'q'"):
         run(client.wait_ready(60))
+
+
+# --------------------------------------------------------------------------------------------- bad answers
+def ok_body(**fields) -> dict:
+    return {"model": "a", "version": "v1", "scores": [0.5], "truncated": [False]} | fields
+
+
+@pytest.mark.parametrize(
+    "response,message",
+    [
+        (httpx.Response(200, text="<html>proxy error</html>"),
+         r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: '<html>proxy error</html>'"),
+        (httpx.Response(200, json={"model": "a", "scores": [0.5], "truncated": [False]}),
+         r"POST http://rm1:8000/v1/score answered 200 with no 'version'"),
+        (httpx.Response(200, json=ok_body(version=None)), r"answered 200 with no 'version'"),
+        (httpx.Response(200, json=ok_body(scores=None)), r"answered 200 with 'scores' that is null, not an array"),
+        (httpx.Response(200, json=ok_body(scores=[None])), r"answered 200 with scores\[0\] is null, not a number"),
+        (httpx.Response(200, json=ok_body(scores=["0.5"])),
+         r'answered 200 with scores\[0\] is "0.5" \(a string\), not a number'),
+        (httpx.Response(200, json=ok_body(scores=[True])), r"scores\[0\] is true \(a boolean\), not a number"),
+        (httpx.Response(200, json=[0.5]), r"answered 200 with an array instead of a JSON object"),
+        (httpx.Response(200, json=ok_body(truncated="no")),
+         r"answered 200 with a body that is not a score response: truncated: Input should be a valid list"),
+        (httpx.Response(200, json=ok_body(scores=[0.5, 0.7], truncated=[False, False])),
+         r"the service returned 2 scores for 1 items \(POST http://rm1:8000/v1/score\)"),
+    ],
+    ids=["not-json", "no-version", "null-version", "null-scores", "null-score", "string-score", "bool-score",
+         "not-an-object", "bad-truncated", "wrong-count"],
+)
+def test_an_invalid_answer_is_a_named_error_and_not_retried(response, message):
+    service = FakeService([response])
+    client, sleeps = make_client(service, urls="http://rm1:8000,http://rm2:8000")
+    with pytest.raises(RewardServiceError, match=message) as info:
+        run(client.score([{"response": "x"}]))
+    assert info.value.urls == ["http://rm1:8000"] and info.value.error_type == "bad_response"
+    assert info.value.status == 200 and len(service.calls) == 1 and sleeps == []
+
+
+def test_integer_scores_are_numbers_and_nan_is_left_to_the_caller():
+    service = FakeService([httpx.Response(200, content=b'{"model": "a", "version": "v1", "scores": [1, NaN], '
+                                                       b'"truncated": [false, false]}')])
+    client, _ = make_client(service)
+    scores = run(client.score([{"response": "x"}, {"response": "y"}])).scores
+    assert scores[0] == 1.0 and isinstance(scores[0], float) and scores[1] != scores[1]  # NaN: the trainer refuses it
+
+
+def test_info_with_a_body_that_is_not_json_is_named():
+    client, _ = make_client(FakeService([httpx.Response(200, text="")]))
+    with pytest.raises(RewardServiceError, match=r"GET http://rm1:8000/info answered 200 with a body that is not JSON"):
+        run(client.info())
+
+
+# --------------------------------------------------------------------------------------------- replicas
+class Replicas:
+    """One MockTransport handler for several hosts: each host has its own script (then healthy answers)."""
+
+    def __init__(self, **scripts):
+        self.services = {host: FakeService(script) for host, script in scripts.items()}
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(request.url.host)
+        return self.services.setdefault(request.url.host, FakeService())(request)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("connection refused"), error(503, "model 'a' is still loading", "not_ready"),
+     error(502, "bad gateway", "internal"), error(429, "overloaded", "overloaded", **{"Retry-After": "3"})],
+    ids=["connect", "503", "502", "429"],
+)
+def test_a_failing_replica_fails_over_to_the_other_at_once_and_is_skipped(failure):
+    replicas = Replicas(rm1=[failure])
+    client, sleeps = make_client(replicas, urls="http://rm1:8000,http://rm2:8000")
+    assert run(client.score([{"response": "ab"}])).scores == [2.0]
+    assert replicas.calls == ["rm1", "rm2"] and sleeps == [0.0]  # no back-off while a replica is up
+    for _ in range(2):
+        run(client.score([{"response": "ab"}]))
+    assert replicas.calls[2:] == ["rm2", "rm2"]  # rm1 is skipped for its back-off
+
+
+def test_requests_ride_out_a_replica_restart():
+    """rm1 restarts: refused connections, then 503 while its model loads, then healthy. Every request
+    succeeds via rm2, none waits, and rm1 is used again once it is back."""
+    restarting = [httpx.ConnectError("refused")] * 3 + [error(503, "model 'a' is still loading", "not_ready")] * 2
+    replicas = Replicas(rm1=restarting)
+    clock = FakeClock()
+    # one retry per request is enough: the fail-over itself
+    client, sleeps = make_client(replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock, max_retries=1)
+    for i in range(40):
+        clock.now += 0.5  # a request every half second
+        assert run(client.score([{"response": "x" * i}])).scores == [float(i)]
+    assert all(s == 0.0 for s in sleeps)
+    assert replicas.services["rm1"].script == []  # rm1 went through its whole restart
+    assert sorted(replicas.calls[-4:]) == ["rm1", "rm1", "rm2", "rm2"]  # and is back in the rotation
+
+
+def test_when_every_replica_is_down_it_backs_off_with_jitter_until_one_returns():
+    replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 4, rm2=[httpx.ConnectError("refused")] * 4)
+    clock = FakeClock()
+    client, sleeps = make_client(replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock, max_retries=20,
+                                 backoff_s=0.5, max_backoff_s=4)
+    assert run(client.score([{"response": "abc"}])).scores == [3.0]
+    assert len(replicas.calls) == 9
+    waits = [s for s in sleeps if s > 0]
+    assert sleeps[0] == 0.0 and waits  # the first failure fails over; then both are down: back-off
+    assert all(w <= min(4, 0.5 * 2 ** (n - 1)) for n, w in enumerate(sleeps, 1) if w > 0)
+
+
+def test_a_dead_service_is_retried_until_the_deadline_and_logged_at_info_at_a_sane_rate(caplog):
+    replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 10_000, rm2=[httpx.ConnectError("refused")] * 10_000)
+    clock = FakeClock()
+    client, _ = make_client(replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock,
+                            max_retries=10_000, deadline_s=60, backoff_s=0.5, max_backoff_s=2)
+    start = clock.now
+    final = r"failed after \d+ attempt\(s\) in 5\d\.\ds \(http://rm1:8000, http://rm2:8000\)"
+    with caplog.at_level("INFO", logger="karma.client"), pytest.raises(RewardServiceError, match=final):
+        run(client.score([{"response": "x"}]))
+    assert clock.now - start <= 60 and len(replicas.calls) > 40
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert 10 <= len(info) <= 13  # one line per log_interval_s (5 s) of fake time, not one per attempt
+    assert "POST /v1/score attempt 1 failed (http://rm1:8000: ConnectError: refused)" in info[0]
+    assert re.search(r"attempt \d+ failed \(http://rm\d:8000: ConnectError: refused\); retrying in "
+                     r"\d\.\d\ds \(\d+\.\ds elapsed, deadline 60s\)", info[-1])
+
+
+def test_wait_ready_logs_while_it_waits(caplog):
+    service = FakeService([httpx.ConnectError("refused")] * 30)
+    clock = FakeClock()
+    client, _ = make_client(service, clock=clock)
+    with caplog.at_level("INFO", logger="karma.client"):
+        run(client.wait_ready(60, interval_s=1.0))
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(info) == 6  # 30 s of waiting, a line every 5 s
+    assert info[0] == ("waiting for the reward service to be ready (0.0s elapsed, deadline 60s): "
+                       "http://rm1:8000: ConnectError: refused")
+
+
+def test_trl_reward_func_fails_over_between_replicas():
+    replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 5)
+    f = trl_reward_func(["http://rm1:8000", "http://rm2:8000"], transport=httpx.MockTransport(replicas))
+
+    async def go():
+        try:
+            return [await f(prompts=["p"], completions=["abcd"]) for _ in range(3)]
+        finally:
+            await f.aclose()
+
+    assert run(go()) == [[4.0]] * 3
+    assert "rm2" in replicas.calls
+
+
+class LoopbackReplica:
+    """A minimal reward service (score = response length) on a real uvicorn at a fixed loopback port, which
+    can be stopped and started again on that port."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.served = 0
+        self._server = None
+
+    def app(self):
+        from fastapi import FastAPI
+
+        app = FastAPI()
+
+        @app.get("/ready")
+        def ready() -> dict:
+            return {"ready": True, "models": {"a": "ready"}}
+
+        @app.post("/v1/score")
+        def score(body: dict) -> dict:
+            self.served += 1
+            scores = [float(len(it["response"])) for it in body["items"]]
+            return {"model": "a", "version": "v1", "scores": scores, "truncated": [False] * len(scores)}
+
+        return app
+
+    def start(self) -> None:  # returns once /ready answers 200
+        from services.reward_api.testing import serve_in_thread
+
+        self._server = serve_in_thread(self.app(), port=self.port)
+        self._server.__enter__()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.__exit__(None, None, None)
+            self._server = None
+
+
+def test_rolling_restart_of_two_real_replicas_loses_no_request(caplog):
+    """Two uvicorn replicas on loopback behind one client that keeps scoring; one is stopped, started again
+    and waited for on /ready, then the other: every request is answered, and both restarts were noticed."""
+    import threading
+
+    from services.reward_api.testing import free_port
+
+    replicas = [LoopbackReplica(free_port()), LoopbackReplica(free_port())]
+    errors: list[float] = []  # score - expected, per answered request
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        async def go():
+            async with RewardClient([r.url for r in replicas], deadline_s=30, max_retries=100, backoff_s=0.05) as rc:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    try:
+                        errors.append((await rc.score([{"response": "x" * (i % 7)}])).scores[0] - i % 7)
+                    except RewardServiceError as exc:
+                        failures.append(exc)
+                    await asyncio.sleep(0.005)
+
+        asyncio.run(go())
+
+    def wait_for_more(n: int) -> None:
+        target = len(errors) + n
+        for _ in range(2000):
+            if len(errors) >= target:
+                return
+            stop.wait(0.01)
+        raise AssertionError(f"the client made no progress; failures: {failures[-3:]}")
+
+    for r in replicas:
+        r.start()
+    worker = threading.Thread(target=client_loop)
+    try:
+        with caplog.at_level("DEBUG", logger="karma.client"):
+            worker.start()
+            wait_for_more(20)
+            for r in replicas:  # the rolling restart
+                r.stop()
+                served_before = r.served
+                wait_for_more(20)  # the other replica alone
+                assert r.served == served_before
+                r.start()
+                wait_for_more(40)
+                assert r.served > served_before  # back in the rotation
+    finally:
+        stop.set()
+        worker.join(30)
+        for r in replicas:
+            r.stop()
+    assert failures == [] and set(errors) == {0.0}
+    failed_on = {m.group(1) for r in caplog.records if (m := re.search(r"failed \((http://[\d.:]+): ", r.getMessage()))}
+    assert failed_on == {r.url for r in replicas}  # each restart really was hit, and ridden out
 
 
 def test_bad_arguments_are_refused():

@@ -18,7 +18,12 @@ import torch
 from services.policy_trainer.config import TrainConfig, field_owners, flag_fields
 from services.policy_trainer.prompts import PromptSampler, PromptSourceError, load_records
 from services.policy_trainer.rewards import LocalRewardSource, RewardUnavailableError
-from services.policy_trainer.trainer import Trainer
+from services.policy_trainer.trainer import (
+    CheckpointLoadError,
+    Trainer,
+    TrainingDivergedError,
+    load_trainer_state,
+)
 
 SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
 VOLATILE = ("timing/", "speed/")  # wall-clock metrics differ between runs
@@ -470,8 +475,115 @@ def test_dead_reward_service_checkpoints_then_stops_with_a_named_error(assets, w
         run(tiny_config(assets, tmp_path / "dead", run={"save_every": 0}), FailAfter(whole_run.rm, n=3))
     rows = read_metrics(tmp_path / "dead")
     assert [r["step"] for r in rows] == [1, 2]  # never a step with a missing / zero reward
+    result = json.loads((tmp_path / "dead" / "trainer_result.json").read_text())
+    assert (result["status"], result["error_type"], result["step"]) == ("failed", "RewardUnavailableError", 2)
+    assert result["checkpoint"] == str(tmp_path / "dead" / "checkpoints" / "step-000002")
+    assert result["error"].startswith("reward service failed after 3 attempt(s)") and result["last_metrics"]["step"] == 2
     run(tiny_config(assets, tmp_path / "dead", run={"resume": True}), LocalRewardSource(whole_run.rm))
     assert stable(read_metrics(tmp_path / "dead")) == whole_run.metrics
+    assert json.loads((tmp_path / "dead" / "trainer_result.json").read_text())["status"] == "completed"
+
+
+class ScoreAfter(LocalRewardSource):
+    """Scores with the RM, then from its n-th call on gives every response `value` (e.g. 1e30: finite, but
+    PPO's squared value error of it overflows float32)."""
+
+    def __init__(self, rm, n: int, value: float):
+        super().__init__(rm)
+        self.n, self.value, self.calls = n, value, 0
+
+    async def score(self, contexts, responses, metadata=None):
+        self.calls += 1
+        if self.calls >= self.n:
+            return [self.value] * len(responses)
+        return await super().score(contexts, responses, metadata)
+
+
+def test_a_diverging_update_stops_before_its_gradient_with_a_named_error(assets, whole_run, tmp_path):
+    out = tmp_path / "div"
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss/value = inf.* in the update of step 3 "
+                       r"\(epoch 1, minibatch 1\) -- training stopped before step 3; checkpoint saved to "
+                       r".*step-000002 \(continue with --resume\)") as info:
+        run(tiny_config(assets, out, run={"save_every": 0}), ScoreAfter(whole_run.rm, n=3, value=1e30))
+    assert info.value.step == 3 and info.value.values["loss/value"] == float("inf")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # nothing logged for the diverged step
+    result = json.loads((out / "trainer_result.json").read_text())
+    assert (result["status"], result["error_type"], result["step"]) == ("failed", "TrainingDivergedError", 2)
+    assert result["checkpoint"] == str(out / "checkpoints" / "step-000002") and "non-finite" in result["error"]
+    # the checkpoint is the exact state before step 3: resumed with sane rewards, the run is the reference run
+    resumed, _ = run(tiny_config(assets, out, run={"resume": True}), LocalRewardSource(whole_run.rm))
+    assert stable(read_metrics(out)) == whole_run.metrics
+    for n, p in resumed.policy.trainable_named_parameters():
+        assert torch.equal(p, whole_run.params[n]), n
+
+
+def test_a_non_finite_gradient_norm_mid_step_stops_and_keeps_the_part_updated_state_unsaved(
+    assets, tmp_path, monkeypatch
+):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    clips: list[float] = []
+
+    def clip(params, max_norm):  # the second minibatch's gradient norm overflows
+        norm = real_clip(params, max_norm)
+        clips.append(float(norm))
+        return torch.tensor(float("nan")) if len(clips) == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDivergedError, match=r"^non-finite policy/grad_norm = nan in the update of step 1 "
+                       r"\(epoch 1, minibatch 2\) -- training stopped in step 1 after 1 optimizer step\(s\) of it; "
+                       r"that state is not saved; newest checkpoint: none$"):
+        run(tiny_config(assets, out))
+    assert not list(out.glob("checkpoints/step-*"))  # a part-updated state is never saved as a step
+    result = json.loads((out / "trainer_result.json").read_text())
+    assert (result["status"], result["step"], result["checkpoint"]) == ("failed", 0, None)
+
+
+def test_the_metrics_row_is_written_before_the_checkpoint(assets, tmp_path, monkeypatch):
+    class Killed(Exception):
+        pass
+
+    def killed_while_saving(self):
+        raise Killed("killed while writing the checkpoint")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_while_saving)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        run(tiny_config(assets, out, run={"steps": 2, "save_every": 1}))
+    assert [r["step"] for r in read_metrics(out)] == [1]  # the step's row survived the kill
+    result = json.loads((out / "trainer_result.json").read_text())
+    assert (result["status"], result["error_type"], result["error"], result["step"], result["checkpoint"]) == (
+        "failed", "Killed", "killed while writing the checkpoint", 1, None)
+
+
+class RunsCode:
+    """Unpickling this creates a folder: stands for whatever code a crafted checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(assets, whole_run, tmp_path):
+    good = load_trainer_state(whole_run.out / "checkpoints" / "step-000004" / "trainer_state.pt")  # weights_only
+    assert good["step"] == 4 and isinstance(good["rng"]["torch"], torch.Tensor)
+    assert isinstance(good["rng"]["numpy"]["key"], list) and isinstance(good["rng"]["python"]["internal"], list)
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "out" / "checkpoints" / "step-000001" / "trainer_state.pt"
+    crafted.parent.mkdir(parents=True)
+    torch.save(good | {"step": 1, "sampler": RunsCode(marker)}, crafted)
+    trainer = Trainer(tiny_config(assets, tmp_path / "out", run={"resume": True}))
+    try:
+        with pytest.raises(CheckpointLoadError, match=rf"refusing to load {re.escape(str(crafted))}: it holds "
+                           r"os.makedirs, and unpickling it could run code"):
+            trainer.setup()
+    finally:
+        trainer.close()
+    assert not marker.exists()
+    torch.load(crafted, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.is_dir()
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(assets, whole_run):
@@ -516,6 +628,55 @@ def test_http_reward_equals_in_process_score(assets, reward_url):
     assert len(set(over_http)) == 3
 
 
+def bad_reward_service(kind: str):
+    """A MockTransport handler: ready, but every score answer is wrong in the way `kind` says."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/ready"):
+            return httpx.Response(200, json={"ready": True, "models": {"a": "ready"}})
+        n = len(json.loads(request.content)["items"])
+        body = {"model": "a", "version": "v1", "scores": [0.5] * n, "truncated": [False] * n}
+        if kind == "not-json":
+            return httpx.Response(200, text="<html>502 bad gateway</html>")
+        if kind == "no-version":
+            del body["version"]
+        elif kind == "null-score":
+            body["scores"][-1] = None
+        elif kind == "string-scores":
+            body["scores"] = ["0.5"] * n
+        elif kind == "nan":
+            body["scores"][0] = float("nan")
+        return httpx.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+    return handler
+
+
+@pytest.mark.parametrize("kind,message", [
+    pytest.param("not-json", r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: "
+                 r"'<html>502 bad gateway", id="not-json"),
+    pytest.param("no-version", r"POST http://rm1:8000/v1/score answered 200 with no 'version'", id="no-version"),
+    pytest.param("null-score", r"POST http://rm1:8000/v1/score answered 200 with scores\[\d\] is null, not a number",
+                 id="null-score"),
+    pytest.param("string-scores", r'POST http://rm1:8000/v1/score answered 200 with scores\[0\] is "0.5" '
+                 r"\(a string\), not a number", id="string-scores"),
+    pytest.param("nan", r"the reward source returned no/non-finite scores: \[nan", id="nan"),
+])
+def test_a_wrong_reward_answer_checkpoints_then_stops_with_a_named_error(assets, tmp_path, kind, message):
+    import httpx
+
+    from services.policy_trainer.rewards import HTTPRewardSource
+
+    source = HTTPRewardSource(["http://rm1:8000"], deadline_s=5, transport=httpx.MockTransport(bad_reward_service(kind)))
+    out = tmp_path / "out"
+    with pytest.raises(RewardUnavailableError, match=message + r".* -- training stopped before step 1; checkpoint saved "
+                       r"to .*step-000000 \(continue with --resume\)"):
+        run(tiny_config(assets, out, run={"steps": 1}), source)
+    result = json.loads((out / "trainer_result.json").read_text())
+    assert (result["status"], result["error_type"], result["step"]) == ("failed", "RewardUnavailableError", 0)
+    assert result["checkpoint"] == str(out / "checkpoints" / "step-000000")
+
+
 def test_training_over_http_on_loopback(assets, reward_url, tmp_path):
     cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2},
                       reward={"reward_model": None, "reward_url": [reward_url, reward_url],
@@ -526,7 +687,7 @@ def test_training_over_http_on_loopback(assets, reward_url, tmp_path):
     assert len(rows) == 2 and all(r["reward/std"] > 0 for r in rows)
 
 
-def test_http_service_going_down_mid_run(assets, tmp_path):
+def test_http_service_going_down_mid_run(assets, tmp_path, caplog):
     from services.reward_api.core.config import Settings
     from services.reward_api.main import create_app
     from services.reward_api.testing import serve_in_thread
@@ -540,10 +701,16 @@ def test_http_service_going_down_mid_run(assets, tmp_path):
         trainer.setup()
         trainer.train_step()
     try:  # the server is gone now
-        with pytest.raises(RewardUnavailableError, match=r"reward service failed .* checkpoint saved to .*step-000001"):
+        with caplog.at_level("INFO", logger="karma.client"), pytest.raises(
+            RewardUnavailableError, match=r"reward service failed .* checkpoint saved to .*step-000001"
+        ):
             trainer.train_step()
     finally:
         trainer.close()
+    waits = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and r.name == "karma.client"]
+    assert waits, "nothing logged at INFO while the reward service was down"
+    assert re.match(rf"reward service: POST /v1/score attempt 1 failed \({url}: ConnectError: .*\); retrying in "
+                    r"\d+\.\d\ds \(\d+\.\ds elapsed, deadline 2s\)", waits[0])
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -574,6 +741,27 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--prompts", f"file:{empty}",
                                       "--output-dir", str(tmp_path / "o2")])
     assert result.exit_code == 1 and f"karma train: PromptSourceError: no prompts in {empty}" in result.output
+
+
+def test_cli_exits_1_on_a_failed_run_and_leaves_a_failed_result(assets, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from karma.cli import app
+
+    def diverging_update(self, batch):
+        self._check_finite({"loss/total": float("nan")}, "epoch 1, minibatch 1")
+
+    monkeypatch.setattr(Trainer, "update", diverging_update)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(tiny_config(assets, tmp_path / "ignored").to_yaml())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert ("karma train: TrainingDivergedError: non-finite loss/total = nan in the update of step 1 (epoch 1, "
+            "minibatch 1) -- training stopped before step 1; checkpoint saved to") in result.output
+    saved = json.loads((out / "trainer_result.json").read_text())
+    assert (saved["status"], saved["error_type"], saved["checkpoint"]) == (
+        "failed", "TrainingDivergedError", str(out / "checkpoints" / "step-000000"))
 
 
 # ----------------------------------------------------------------------------------------------- held-out reward

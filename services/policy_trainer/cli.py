@@ -43,13 +43,15 @@ def _train(config: Path | None = None, **flags: Any) -> None:
         raise typer.BadParameter(str(exc)) from None
     from services.policy_trainer.prompts import PromptSourceError
     from services.policy_trainer.rewards import RewardUnavailableError
-    from services.policy_trainer.trainer import Trainer
+    from services.policy_trainer.trainer import Trainer, TrainingDivergedError
 
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-    except (RewardUnavailableError, PromptSourceError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        # bad input or a dead reward service: one clear line, not a traceback (PolicyLoadError is a ValueError)
+    except (RewardUnavailableError, TrainingDivergedError, PromptSourceError, FileNotFoundError, FileExistsError,
+            ValueError) as exc:
+        # bad input, a dead reward service or a diverged update: one clear line, not a traceback
+        # (PolicyLoadError and CheckpointLoadError are ValueErrors); trainer_result.json holds the details
         typer.echo(f"karma train: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:

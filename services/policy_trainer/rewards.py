@@ -3,8 +3,9 @@
 The reward model sees the *conversation* — the context text and the decoded response — never the policy's
 chat-template tokens, so policy and reward-model tokenizers may differ.
 
-- `HTTPRewardSource`: the reward service through `karma.client.RewardClient` (retries with backoff up to a
-  deadline, several URLs load-balanced).
+- `HTTPRewardSource`: the reward service through `karma.client.RewardClient` (several URLs are replicas: a
+  failing one is skipped and the request fails over at once; retries with backoff up to a deadline; an
+  invalid answer — not JSON, no version, null or string scores — is a named error, never coerced).
 - `LocalRewardSource`: a `karma.rm.model.RewardModel` in this process (benchmarks, tests, no server).
 
 `RewardDispatcher` runs a source on its own event-loop thread so the trainer can ask for the rewards of
@@ -23,7 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 
 class RewardUnavailableError(RuntimeError):
-    """Rewards could not be obtained (service down or failing past its deadline). Never replaced by 0/None."""
+    """Rewards could not be obtained (service down or failing past its deadline, or answering invalid or
+    non-finite scores). Never replaced by 0/None."""
 
 
 @runtime_checkable

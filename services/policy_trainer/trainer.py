@@ -8,10 +8,13 @@
     advantages  KL penalty, GAE (ppo) or group baselines (rloo / grpo)
     update      epochs x minibatches x micro-batches (gradient accumulation), clipped losses
     sync        load the new weights into the rollout engine
-    checkpoint  every `save_every` steps
+    log         the step's row in metrics.jsonl and TensorBoard
+    checkpoint  every `save_every` steps (after the row: a kill between the two loses no row)
 
-Each phase's seconds go to `timing/<phase>`; the metrics go to metrics.jsonl and TensorBoard. A completed run
-ends with the held-out reward of base vs trained policy (`heldout.evaluate_heldout` → heldout_reward.json).
+Each phase's seconds go to `timing/<phase>` (the checkpoint's to the log). A loss, PPO statistic or gradient
+norm that is NaN or infinite stops the run with `TrainingDivergedError` before that gradient is applied. A
+completed run ends with the held-out reward of base vs trained policy (`heldout.evaluate_heldout` →
+heldout_reward.json); every run, failed ones included, writes trainer_result.json.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import concurrent.futures
 import json
 import logging
 import math
+import pickle
 import random
+import re
 import shutil
 import signal
 import threading
@@ -101,6 +106,20 @@ class StopRequested(Exception):
     """Internal: a signal asked the run to stop after the current step."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """A loss, PPO statistic or the gradient norm of an update was NaN or infinite: the run stops before that
+    gradient is applied. `values` maps each non-finite quantity to its value; `step` is the failing step."""
+
+    def __init__(self, message: str, *, step: int, values: dict[str, float]):
+        super().__init__(message)
+        self.step = step
+        self.values = values
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that holds something other than tensors and plain data; refused without running it."""
+
+
 class Trainer:
     """Build with a validated `TrainConfig`; `fit()` runs it. A `reward_source` may be injected (tests,
     benchmarks); otherwise it is built from the config's reward section."""
@@ -113,6 +132,8 @@ class Trainer:
         self._stop_signal: str | None = None
         self.step = 0
         self.samples_seen = 0
+        self.last_metrics: dict[str, float] = {}
+        self._optimizer_steps_in_step = 0  # optimizer steps already taken by the step in progress
 
     # ================================================================================ set-up
     def setup(self) -> None:
@@ -216,42 +237,61 @@ class Trainer:
 
     # ================================================================================ the loop
     def fit(self) -> dict[str, Any]:
-        """Train until `steps`, a stop signal (checkpoint, then return) or a reward failure (checkpoint, then
-        `RewardUnavailableError`); a completed run then measures its held-out reward. Returns {'status', 'step',
-        'output_dir', 'last_metrics'} (+ 'heldout', the content of heldout_reward.json)."""
+        """Train until `steps` or a stop signal (checkpoint, then return); a completed run then measures its
+        held-out reward. A failure after set-up — `RewardUnavailableError` or `TrainingDivergedError` (both
+        checkpoint first when the state is exactly that of a step's start), or anything else — writes
+        trainer_result.json with status "failed", then re-raises. Returns {'status', 'step', 'output_dir',
+        'last_metrics'} (+ 'heldout', the content of heldout_reward.json)."""
         self.setup()
-        last: dict[str, float] = {}
-        status = "completed"
-        with self._stop_on_signals():
-            try:
-                while self.step < self.cfg.run.steps:
-                    if self._stop_signal:
-                        raise StopRequested
-                    last = self.train_step()
-                    if self._stop_signal:
-                        raise StopRequested
-            except StopRequested:
-                status = f"stopped ({self._stop_signal})"
-                path = self.save_checkpoint()
-                log.warning("stopped by %s at step %d; checkpoint %s (continue with --resume)",
-                            self._stop_signal, self.step, path)
-        if status == "completed":
-            if self.cfg.run.save_every and not self._checkpoint_exists(self.step):
-                self.save_checkpoint()
-            self.policy.save_pretrained(self.out, self.tokenizer)
-        result = {"status": status, "step": self.step, "output_dir": str(self.out), "last_metrics": last}
-        (self.out / "trainer_result.json").write_text(json.dumps(result, indent=2))
+        try:
+            status = self._run_steps()
+            if status == "completed":
+                if self.cfg.run.save_every and not self._checkpoint_exists(self.step):
+                    self.save_checkpoint()
+                self.policy.save_pretrained(self.out, self.tokenizer)
+        except (Exception, KeyboardInterrupt) as exc:
+            self._write_result(self._failure_result(exc))
+            raise
+        result = {"status": status, "step": self.step, "output_dir": str(self.out), "last_metrics": self.last_metrics}
+        self._write_result(result)
         if status == "completed" and len(self.heldout):
             from services.policy_trainer.heldout import evaluate_heldout
 
             result["heldout"] = evaluate_heldout(self)
         return result
 
+    def _run_steps(self) -> str:
+        """`train_step` until `steps` ("completed") or a stop signal (checkpoint, "stopped (SIGTERM)")."""
+        with self._stop_on_signals():
+            try:
+                while self.step < self.cfg.run.steps:
+                    if self._stop_signal:
+                        raise StopRequested
+                    self.train_step()
+                    if self._stop_signal:
+                        raise StopRequested
+            except StopRequested:
+                path = self.save_checkpoint()
+                log.warning("stopped by %s at step %d; checkpoint %s (continue with --resume)",
+                            self._stop_signal, self.step, path)
+                return f"stopped ({self._stop_signal})"
+        return "completed"
+
+    def _failure_result(self, exc: BaseException) -> dict[str, Any]:
+        checkpoint = self.latest_checkpoint()
+        return {"status": "failed", "step": self.step, "output_dir": str(self.out), "error_type": type(exc).__name__,
+                "error": str(exc), "checkpoint": str(checkpoint) if checkpoint else None,
+                "last_metrics": self.last_metrics}
+
+    def _write_result(self, result: dict[str, Any]) -> None:
+        (self.out / "trainer_result.json").write_text(json.dumps(_json_safe(result), indent=2))
+
     def train_step(self) -> dict[str, float]:
-        """One rollout + update; returns (and logs) the step's metrics."""
+        """One rollout + update; logs the step's metrics, then checkpoints (every `save_every` steps)."""
         timer = PhaseTimer()
         start = time.perf_counter()
-        sampler_state = self.sampler.state_dict()
+        at_start = {"sampler": self.sampler.state_dict(), "kl_controller": self.kl_ctl.state_dict()}
+        self._optimizer_steps_in_step = 0
         with timer("rollout"):
             batch = self.rollout()
         with timer("logprobs"):
@@ -259,24 +299,19 @@ class Trainer:
         try:
             with timer("reward_wait"):
                 self.collect_rewards(batch)
+            with timer("advantages"):
+                metrics = self.compute_advantages(batch)
+            with timer("update"):
+                metrics |= self.update(batch)
         except RewardUnavailableError as exc:
-            self.sampler.load_state_dict(sampler_state)  # this step never happened: redo it on resume
-            path = self.save_checkpoint()
-            raise RewardUnavailableError(
-                f"{exc} -- training stopped before step {self.step + 1}; checkpoint saved to {path} "
-                "(continue with --resume)"
-            ) from exc
-        with timer("advantages"):
-            metrics = self.compute_advantages(batch)
-        with timer("update"):
-            metrics |= self.update(batch)
+            raise RewardUnavailableError(f"{exc} -- {self._stop_in_step(at_start)}") from exc
+        except TrainingDivergedError as exc:
+            raise TrainingDivergedError(f"{exc} -- {self._stop_in_step(at_start)}", step=exc.step,
+                                        values=exc.values) from exc
         with timer("sync"):
             self.engine.sync_weights(self.policy)
         self.step += 1
         self.samples_seen += batch.size
-        if self.cfg.run.save_every and self.step % self.cfg.run.save_every == 0:
-            with timer("checkpoint"):
-                self.save_checkpoint()
         step_s = time.perf_counter() - start
         n_tokens = float(batch.response_mask.sum())
         metrics |= timer.metrics()
@@ -288,8 +323,27 @@ class Trainer:
             "speed/reward_wait_share": timer.seconds["reward_wait"] / step_s,
             "lr": self.scheduler.get_last_lr()[0],
         }
-        self._log(metrics)
+        self._log(metrics)  # before the checkpoint: resume drops rows after its step, so no row is ever lost
+        self.last_metrics = metrics
+        if self.cfg.run.save_every and self.step % self.cfg.run.save_every == 0:
+            t0 = time.perf_counter()
+            path = self.save_checkpoint()
+            log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
         return metrics
+
+    def _stop_in_step(self, at_start: dict[str, Any]) -> str:
+        """The failed step's state for the error message. Before its first optimizer step the state is exactly
+        that of the step's start once the prompt position and KL controller are rewound: saved as a checkpoint,
+        so --resume redoes the step. After one, the weights are part-updated and not saved."""
+        failed = self.step + 1
+        if self._optimizer_steps_in_step:
+            newest = self.latest_checkpoint()
+            return (f"training stopped in step {failed} after {self._optimizer_steps_in_step} optimizer step(s) of "
+                    f"it; that state is not saved; newest checkpoint: {newest or 'none'}")
+        self.sampler.load_state_dict(at_start["sampler"])
+        self.kl_ctl.load_state_dict(at_start["kl_controller"])
+        path = self.save_checkpoint()
+        return f"training stopped before step {failed}; checkpoint saved to {path} (continue with --resume)"
 
     # ================================================================================ phases
     def rollout(self) -> RolloutBatch:
@@ -407,23 +461,29 @@ class Trainer:
         n_micro, grad_norms = 0, []
         gen = torch.Generator().manual_seed(self._seed_for("minibatch"))
         self.policy.train()
-        for _ in range(p.epochs):
-            perm = torch.randperm(batch.size, generator=gen)
-            for start in range(0, batch.size, p.mini_batch_size):
-                mb = perm[start: start + p.mini_batch_size]
-                self.optimizer.zero_grad(set_to_none=True)
-                for m0 in range(0, len(mb), p.micro_batch_size):
-                    stats = self._micro_step(batch, mb[m0: m0 + p.micro_batch_size])
-                    for k, v in stats.items():
-                        sums[k] += v
-                    n_micro += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [q for _, q in self.policy.trainable_named_parameters()], p.max_grad_norm
-                )
-                grad_norms.append(float(grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
-        self.policy.eval()
+        try:
+            for epoch in range(p.epochs):
+                perm = torch.randperm(batch.size, generator=gen)
+                for n_mb, start in enumerate(range(0, batch.size, p.mini_batch_size)):
+                    where = f"epoch {epoch + 1}, minibatch {n_mb + 1}"
+                    mb = perm[start: start + p.mini_batch_size]
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for m0 in range(0, len(mb), p.micro_batch_size):
+                        stats = self._micro_step(batch, mb[m0: m0 + p.micro_batch_size])
+                        self._check_finite(stats, where)
+                        for k, v in stats.items():
+                            sums[k] += v
+                        n_micro += 1
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [q for _, q in self.policy.trainable_named_parameters()], p.max_grad_norm
+                    ))
+                    self._check_finite({"policy/grad_norm": grad_norm}, where)
+                    grad_norms.append(grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self._optimizer_steps_in_step += 1
+        finally:
+            self.policy.eval()
         return {k: v / n_micro for k, v in sums.items()} | {"policy/grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def _micro_step(self, batch: RolloutBatch, idx: torch.Tensor) -> dict[str, float]:
@@ -450,6 +510,14 @@ class Trainer:
         stats["loss/total"] = loss.item()
         return stats
 
+    def _check_finite(self, values: dict[str, float], where: str) -> None:
+        """Raise `TrainingDivergedError` naming every NaN / infinite value (before its gradient is applied)."""
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            named = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise TrainingDivergedError(f"non-finite {named} in the update of step {self.step + 1} ({where})",
+                                        step=self.step + 1, values=bad)
+
     # ================================================================================ helpers
     def _micro_slices(self, n: int) -> Iterator[slice]:
         k = self.cfg.ppo.micro_batch_size
@@ -467,7 +535,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Trainable weights (policy or adapters, value head), optimizer, scheduler, KL controller, RNGs,
-        prompt position and step, written atomically; older ones beyond `keep_checkpoints` are removed."""
+        prompt position and step — tensors and plain data only, so `--resume` loads it with
+        `weights_only=True` — written atomically; older ones beyond `keep_checkpoints` are removed."""
         root = self.out / CHECKPOINT_DIR
         final = root / f"step-{self.step:06d}"
         tmp = root / f".tmp-step-{self.step:06d}"
@@ -481,7 +550,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": get_rng_state(),
             "config": self.cfg.to_dict(),
         }
         torch.save(state, tmp / STATE_FILE)
@@ -500,15 +569,13 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / CHECKPOINT_DIR}")
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_trainer_state(path / STATE_FILE)
         self.policy.load_trainable_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.sampler.load_state_dict(state["sampler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.engine.sync_weights(self.policy)
         log.info("resumed from %s (step %d)", path, self.step)
@@ -528,7 +595,7 @@ class Trainer:
             self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
 
     def _log(self, metrics: dict[str, float]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        clean = _json_safe(metrics)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(clean) + "\n")
             self._jsonl.flush()
@@ -572,6 +639,50 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN / infinite floats replaced by None (JSON has neither), in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch RNG states as tensors and plain data (loadable with `weights_only=True`)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py, n = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+                         "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]}})
+    torch.set_rng_state(state["torch"])
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, unpickled with `weights_only=True`: tensors and plain containers only. Anything
+    else — an object whose unpickling would run code — raises `CheckpointLoadError` without being run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "an object that is not a tensor or plain data"
+        raise CheckpointLoadError(
+            f"refusing to load {path}: it holds {what}, and unpickling it could run code. Checkpoints of "
+            "karma train hold only tensors and plain data (older ones, with NumPy arrays, cannot be resumed)"
+        ) from exc
 
 
 def set_seed(seed: int) -> None:
