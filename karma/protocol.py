@@ -19,6 +19,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 #: model names as they appear in URLs (`/models/{name}/v1/score`)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -118,7 +119,11 @@ class ScoreRequest(_Strict):
     items: list[ScoreItem] = Field(
         min_length=1, description="at most max_client_batch_size items (see /info)"
     )
-    normalize: bool = Field(False, description="standardise with the model's saved validation mean/std")
+    normalize: bool = Field(
+        False,
+        description="standardise with the model's saved validation mean/std; when absent, the server's "
+        "per-model default (`--normalize-model`, off unless set)",
+    )
     truncate: bool = Field(
         True, description="cut over-long context from the left (true) or reject the request with 422 (false)"
     )
@@ -133,12 +138,21 @@ class ScoreResponse(BaseModel):
 
 # --------------------------------------------------------------------------------------------- OpenRLHF
 class GetRewardRequest(_Lenient):
-    """OpenRLHF `--reward.remote_url`: each query is prompt + response as decoded text."""
+    """OpenRLHF `--reward.remote_url`: each query is prompt + response as decoded text (chat markup and
+    special tokens kept; the service reads them off, see `karma.chat`)."""
 
     query: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
-    labels: list[str | None] | None = None
-    normalize: bool = False  # our extension; OpenRLHF never sends it
+    labels: list[Any] | None = Field(
+        None,
+        description="any JSON per query (OpenRLHF sends its dataset's label column as is); a label that is "
+        "an object — or a string holding a JSON object — may carry `metadata` (the fields of /v1/score's "
+        "metadata) for the `full` variant; everything else in labels is ignored",
+    )
+    normalize: bool | None = Field(
+        None,
+        description="our extension (OpenRLHF never sends it); default: the server's `normalize_models`",
+    )
 
 
 class GetRewardResponse(BaseModel):
@@ -149,14 +163,38 @@ class GetRewardResponse(BaseModel):
 
 # --------------------------------------------------------------------------------------------- vLLM
 class ClassifyRequest(_Lenient):
-    """vLLM `/classify`: `input` texts are scored as responses without context; with `messages`, the last
-    message is the response and the earlier ones its context."""
+    """vLLM `/classify`: an `input` text is scored as a response without context — unless it is
+    chat-templated (e.g. rendered with the RM folder's chat template), then its last assistant turn is the
+    response and the earlier turns its context; with `messages`, the last message is the response and the
+    earlier ones its context."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        # exactly one of input / messages, stated in the schema too (a client or fuzzer reads it there)
+        json_schema_extra={"oneOf": [{"required": ["input"]}, {"required": ["messages"]}]},
+    )
 
     model: str | None = None
-    input: str | list[str] | None = None
-    messages: list[Turn] | None = Field(None, min_length=1)
+    input: str | Annotated[list[str], Field(min_length=1)] | SkipJsonSchema[None] = None
+    messages: Annotated[list[Turn], Field(min_length=1)] | SkipJsonSchema[None] = None
     use_activation: bool | None = Field(None, description="sigmoid on the score (default true, as vLLM)")
     activation: bool | None = Field(None, description="older name of use_activation")
+    normalize: bool | None = Field(
+        None, description="our extension: standardise before the activation; default: the model's setting"
+    )
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [k for k in ("input", "messages") if k in data]
+            if len(given) != 1:
+                raise ValueError("send exactly one of `input` (text or list of texts) and `messages`")
+            if data[given[0]] is None:
+                raise ValueError(f"`{given[0]}` is null")
+        return data
 
 
 class ClassifyData(BaseModel):
@@ -211,6 +249,7 @@ class Limits(BaseModel):
     max_client_batch_size: int
     max_body_bytes: int
     max_queue_items: int
+    max_queue_wait_s: float
     max_batch_tokens: int
     max_wait_ms: float
     padding_tolerance: float
@@ -229,13 +268,22 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+#: a folder path: no NUL byte (no file system takes one)
+FolderPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+
+
 class LoadModelRequest(_Strict):
     name: ModelName
-    path: str = Field(min_length=1, max_length=4096)
+    path: FolderPath
 
 
 class SwapModelRequest(_Strict):
-    path: str = Field(min_length=1, max_length=4096)
+    path: FolderPath
+    force: bool = Field(False, description="swap even if the new folder's variant differs from the current one")
+
+
+class DefaultModelRequest(_Strict):
+    name: ModelName
 
 
 class SwapResponse(BaseModel):

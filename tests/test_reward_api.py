@@ -186,11 +186,12 @@ def test_non_json_body_gets_422(client):
     assert_error(resp, 422, "validation", "JSON decode error")
 
 
-def test_too_many_items_or_too_large_a_body_get_413(client):
+def test_too_many_items_get_422_and_too_large_a_body_413(client):
+    # the item limit is in the OpenAPI document (maxItems): exceeding it is a validation error
+    assert client.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]["properties"]["items"][
+        "maxItems"] == 8
     resp = client.post("/v1/score", json={"items": [{"response": "x"}] * 9})
-    assert_error(
-        resp, 413, "payload_too_large", "9 items in one request; the limit is max_client_batch_size=8"
-    )
+    assert_error(resp, 422, "validation", "9 items in one request; the limit is max_client_batch_size=8")
     big = json.dumps({"items": [{"response": "x" * 30_000}]}).encode()
     resp = client.post("/v1/score", content=big, headers={"content-type": "application/json"})
     assert_error(resp, 413, "payload_too_large", "request body exceeds max_body_bytes=20000")
@@ -247,6 +248,7 @@ def test_info_and_health(client, rm_a):
         "max_client_batch_size": 8,
         "max_body_bytes": 20_000,
         "max_queue_items": 64,
+        "max_queue_wait_s": 5.0,
         "max_batch_tokens": 16384,
         "max_wait_ms": 2.0,
         "padding_tolerance": 0.25,
@@ -290,12 +292,22 @@ def test_get_reward_speaks_openrlhf(client, rm_a):
     assert body["rewards"] == pytest.approx(expected, abs=1e-5)
     assert body["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in expected], abs=1e-6)
     assert all(0 <= s <= 1 for s in body["scores"])
-    assert body["extra_logs"] == {"karma_truncated": [0.0, 0.0], "karma_prompt_mismatch": [0.0, 0.0]}
+    assert body["extra_logs"] == {
+        "karma_truncated": [0.0, 0.0],
+        "karma_prompt_mismatch": [0.0, 0.0],
+        "karma_chat_markup": [0.0, 0.0],  # `<|user|>` is in none of the templates karma.chat reads
+        "karma_labels_ignored": [0.0, 0.0],
+    }
     odd = client.post("/get_reward", json={"query": ["unrelated text"], "prompts": ["a prompt"]}).json()
     assert odd["extra_logs"]["karma_prompt_mismatch"] == [1.0]
     assert odd["rewards"] == pytest.approx(rm_a.score([RMInput("a prompt", "unrelated text")]), abs=1e-5)
-    resp = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["a"]})
-    assert_error(resp, 422, "validation", "1 prompts for 2 queries")
+    # lists that do not pair up with `query` are valid by the schema (it cannot say "as long as"), so they are
+    # not refused: they are not used, and extra_logs says so for every query
+    resp = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["a"], "labels": [1, 2, 3]})
+    assert resp.status_code == 200
+    assert resp.json()["rewards"] == pytest.approx(rm_a.score([RMInput("", "a"), RMInput("", "b")]), abs=1e-5)
+    assert resp.json()["extra_logs"]["karma_prompt_mismatch"] == [1.0, 1.0]
+    assert resp.json()["extra_logs"]["karma_labels_ignored"] == [1.0, 1.0]
 
 
 def test_classify_speaks_vllm(client, rm_a):
@@ -391,13 +403,36 @@ def test_model_management_load_swap_delete(root, rm_a):
         ("../outside/evil", 403, "outside the configured model roots"),
         ("/etc", 403, "outside the configured model roots"),
         ("link", 403, "outside the configured model roots"),  # a symlink inside the root pointing out
-        ("not_a_model", 422, "is not a KARMA reward-model folder"),
+        ("not_a_model", 403, "no KARMA reward-model folder at 'not_a_model' (no karma_rm.json in it)"),
+        ("nowhere/at/all", 403, "no folder at 'nowhere/at/all' under the model roots"),
+        ("x" * 300, 403, "File name too long"),  # no such folder can exist
         ("a/../../a", 403, "outside the configured model roots"),
     ],
 )
 def test_admin_paths_are_confined_to_model_roots(client, path, status, match):
     resp = client.post("/v1/models", json={"name": "x", "path": path}, headers=ADMIN)
-    assert_error(resp, status, "forbidden" if status == 403 else "model_load", match)
+    assert_error(resp, status, "forbidden", match)
+
+
+def test_admin_default_model_route_and_variant_guarded_swap(root, rm_a):
+    make_tiny_rm(root / "full_v", "full", seed=5)
+    app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}, admin_token="admin-secret",
+                              model_roots=[str(root)]))
+    with TestClient(app) as c:
+        wait_ready(c)
+        assert c.post("/v1/score", json={"items": ITEMS[:1]}).json()["model"] == "a"
+        r = c.put("/v1/default-model", json={"name": "b"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["default_model"] == "b"
+        assert c.post("/v1/score", json={"items": ITEMS[:1]}).json()["model"] == "b"
+        assert c.get("/info").json()["default_model"] == "b"
+        assert_error(c.put("/v1/default-model", json={"name": "zz"}, headers=ADMIN), 404, "not_found",
+                     "unknown model 'zz'")
+        assert c.put("/v1/default-model", json={"name": "b"}).status_code == 401
+        refused = c.put("/v1/models/a", json={"path": "full_v"}, headers=ADMIN)
+        assert_error(refused, 409, "conflict", "would change its variant from 'context' to 'full'; send force=true")
+        assert c.get("/v1/models", headers=ADMIN).json()["models"][0]["variant"] == "context"
+        forced = c.put("/v1/models/a", json={"path": "full_v", "force": True}, headers=ADMIN)
+        assert forced.status_code == 200 and forced.json()["model"]["variant"] == "full"
 
 
 # --------------------------------------------------------------------------------------------- settings

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +21,7 @@ from services.reward_api.engine import (
     ModelHandle,
     ModelNotReadyError,
     ModelRegistry,
+    QueueBusyError,
     QueueFullError,
     UnknownModelError,
     WorkerClosedError,
@@ -30,8 +32,10 @@ from services.reward_api.engine import (
 class FakeModel:
     """score = mean of the input ids; records the batches; optionally blocks until `gate` is set."""
 
-    def __init__(self, version: str = "v1", gate: threading.Event | None = None, fail: bool = False):
+    def __init__(self, version: str = "v1", gate: threading.Event | None = None, fail: bool = False,
+                 variant: str = "context"):
         self.version = version
+        self.config = SimpleNamespace(variant=variant)
         self.batches: list[list[int]] = []
         self.gate = gate
         self.fail = fail
@@ -155,6 +159,44 @@ def test_cancelled_requests_are_skipped_and_forward_errors_reach_the_waiting_req
         failing.close()
 
 
+class SlowModel(FakeModel):
+    """FakeModel that takes 1 ms a token (so the worker measures ~1,000 tokens/s)."""
+
+    def forward(self, batch):
+        time.sleep(sum(len(e) for e in batch) / 1000)
+        return super().forward(batch)
+
+
+def test_admission_by_time_refuses_with_the_estimated_wait_and_cancelled_work_stops_counting():
+    gate = threading.Event()
+    model = SlowModel()
+    worker = BatchingWorker(model, name="m", max_batch_tokens=100, max_wait_ms=0, max_queue_wait_s=0.5)
+    try:
+        assert worker.estimated_wait() == 0.0
+        worker.submit([enc(100)]).result(5)  # measures the throughput
+        assert 500 < worker.tokens_per_s < 1100
+        model.gate = gate
+        blocker = worker.submit([enc(100)])  # taken at once, then blocks in forward
+        deadline = time.monotonic() + 5
+        while worker.depth and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = worker.submit([enc(100)] * 15)  # ~1.6 s of work ahead of the next request
+        assert worker.depth == 15 and 1.3 < worker.estimated_wait() < 3.5
+        with pytest.raises(QueueBusyError, match=r"'m' is overloaded: the 15 items queued ahead need an "
+                                                  r"estimated \d+\.\ds, more than max_queue_wait_s=0.5") as err:
+            worker.submit([enc(10)])
+        assert 0.8 < err.value.retry_after < 3.0
+        assert queued.cancel()  # the client went away: its items leave the accounting at once
+        assert worker.depth == 0 and worker.cancelled_items == 15
+        worker.admit(1)
+        gate.set()
+        assert blocker.result(5) == [1.0] and worker.submit([enc(10)]).result(5) == [1.0]
+        assert sorted(len(b) for b in model.batches) == [1, 1, 1]  # the 15 cancelled items were never forwarded
+    finally:
+        gate.set()
+        worker.close()
+
+
 def test_empty_submit_resolves_immediately():
     worker = BatchingWorker(FakeModel(), name="m")
     try:
@@ -168,12 +210,39 @@ def test_empty_submit_resolves_immediately():
 def fake_registry(monkeypatch) -> ModelRegistry:
     registry = ModelRegistry(device="cpu", max_wait_ms=0)
 
+    def variant(path: Path) -> str:  # a folder named "full-..." holds a `full` model
+        return Path(path).name.split("-")[0] if "-" in Path(path).name else "context"
+
     def build(name: str, path: Path) -> ModelHandle:
-        model = FakeModel(version=Path(path).name)
+        model = FakeModel(version=Path(path).name, variant=variant(path))
         return ModelHandle(name, Path(path), model, BatchingWorker(model, name=name, max_wait_ms=0))
 
     monkeypatch.setattr(registry, "_build", build)
+    monkeypatch.setattr(registry, "_variant_at", variant)
     return registry
+
+
+def test_swap_to_another_variant_is_refused_unless_forced(monkeypatch):
+    registry = fake_registry(monkeypatch)
+    registry.load("a", Path("/m/v1"))
+    with pytest.raises(ModelExistsError, match="would change its variant from 'context' to 'full'; send force=true"):
+        registry.swap("a", Path("/m/full-v2"))
+    assert registry.get("a").version == "v1"
+    new, _ = registry.swap("a", Path("/m/full-v2"), force=True)
+    assert registry.get("a") is new and new.model.config.variant == "full"
+    registry.close()
+
+
+def test_set_default_switches_the_unprefixed_model(monkeypatch):
+    registry = fake_registry(monkeypatch)
+    registry.load("a", Path("/m/v1"))
+    registry.load("b", Path("/m/v2"))
+    registry.default = "a"
+    registry.set_default("b")
+    assert registry.get().version == "v2"
+    with pytest.raises(UnknownModelError, match="unknown model 'c'"):
+        registry.set_default("c")
+    registry.close()
 
 
 def test_registry_lookup_errors_name_the_known_models(monkeypatch):

@@ -191,11 +191,14 @@ def test_hot_swap_to_a_rule_and_a_bad_rule_is_a_422(folders, tmp_path):
     admin = {"Authorization": "Bearer t"}
     with serve_in_thread(create_app(settings)) as url:
         before = httpx.post(f"{url}/v1/score", json={"items": [{"response": "Yes."}]}).json()
-        bad = httpx.put(f"{url}/v1/models/m", json={"path": "bad"}, headers=admin)
+        # a rule reads the response only: another variant than the `context` model it replaces, so `force`
+        refused = httpx.put(f"{url}/v1/models/m", json={"path": "length"}, headers=admin)
+        assert refused.status_code == 409 and "from 'context' to 'response'" in refused.json()["error"]
+        bad = httpx.put(f"{url}/v1/models/m", json={"path": "bad", "force": True}, headers=admin)
         assert bad.status_code == 422 and bad.json()["error_type"] == "model_load"
         assert "invalid rule spec: rules.0: min_words (20) must be <= max_words (10)" in bad.json()["error"]
         assert httpx.post(f"{url}/v1/score", json={"items": [{"response": "Yes."}]}).json() == before
-        swapped = httpx.put(f"{url}/v1/models/m", json={"path": "length"}, headers=admin)
+        swapped = httpx.put(f"{url}/v1/models/m", json={"path": "length", "force": True}, headers=admin)
         assert swapped.status_code == 200, swapped.text
         after = httpx.post(f"{url}/v1/score", json={"items": [{"response": r} for r in RESPONSES]}).json()
     assert after["version"] == RewardModel.load(folders["length"]).version != before["version"]

@@ -1,89 +1,87 @@
-"""The OpenAPI document is the contract: schemathesis generates requests for every operation of the real app
-(tiny models, admin routes on, authenticated) and checks every response: no 5xx, status codes documented,
-bodies and content types as documented, invalid data rejected, valid data accepted.
+"""The OpenAPI document is the contract, checked with the stock tool and its stock options:
+`schemathesis run <url>/openapi.json --checks all` against `karma serve`'s app on a real uvicorn (tiny
+models), with zero failures tolerated — no 5xx, every status documented, bodies and content types as
+documented, invalid data rejected, and every request the schema calls valid accepted.
 
-Valid-by-schema data may still be refused for reasons a JSON schema cannot express — a text longer than
-the model's max_length with `truncate=false`, `prompts` not pairing up with `query`, both `input` and
-`messages` in /classify, an admin path outside the model roots — so 413/422 (and 403/409) count as accepted
-answers to positive data; they must still be documented and carry the error body.
+Three runs, as a user would make them:
+  * the scoring and operations routes of a server without an API key, unauthenticated;
+  * the same routes of a server with an API key, with the key (`-H Authorization: Bearer ...`);
+  * the admin routes (load, hot swap, unload, default model: they change the server) alone, with the admin
+    token, in a run of their own.
+
+The one refusal a JSON schema cannot state — an item over the model's max_length with `truncate: false` — is
+out of reach of generated data here because the tiny models read 512 tokens.
 """
 
 from __future__ import annotations
 
-import atexit
+import re
 import shutil
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
 
 from services.reward_api.core.config import Settings
-from services.reward_api.main import build_registry, create_app
-from services.reward_api.testing import make_tiny_rm
+from services.reward_api.main import create_app
+from services.reward_api.testing import make_tiny_rm, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES_PER_OPERATION = 80
-ADMIN = {"Authorization": "Bearer admin-secret"}
-CONFIG = schemathesis.Config.from_str(
-    """
-[checks.positive_data_acceptance]
-expected-statuses = ["2xx", "401", "403", "404", "409", "413", "422", "429"]
-[checks.negative_data_rejection]
-expected-statuses = ["400", "401", "403", "404", "405", "409", "413", "415", "422", "429"]
-"""
-)
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
-# The app and its OpenAPI document are built at collection without models (cheap: nothing is loaded for a
-# default `pytest -m "not slow"` run); the tiny models are made and loaded only when the tests run.
-ROOT = Path(tempfile.mkdtemp(prefix="karma-schemathesis-"))
-atexit.register(shutil.rmtree, ROOT, ignore_errors=True)
-SETTINGS = Settings(
-    admin_token="admin-secret",
-    model_roots=[str(ROOT)],
-    max_client_batch_size=16,
-    max_queue_items=4096,
-    max_body_bytes=64_000,
-    max_wait_ms=0,
-)
-REGISTRY = build_registry(SETTINGS)
-REGISTRY.default = "a"
-schema = schemathesis.openapi.from_asgi(
-    "/openapi.json", create_app(SETTINGS, registry=REGISTRY), config=CONFIG
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_models():
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
     for name, variant, seed in (("a", "full", 0), ("b", "context", 1)):
-        REGISTRY.load(name, make_tiny_rm(ROOT / name, variant, seed=seed, max_length=48))
-    yield
-    REGISTRY.close()
+        make_tiny_rm(root / name, variant, seed=seed, max_length=512)
+    return root
 
 
-SEEN: dict[str, int] = {}
+def schemathesis_run(url: str, *args: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", "all", "--no-color", "--seed", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
 
 
-@schema.parametrize()
-@settings(
-    max_examples=EXAMPLES_PER_OPERATION,
-    deadline=None,
-    database=None,  # no .hypothesis/ folder in the repository
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-)
-def test_api_conforms_to_its_openapi_document(case):
-    SEEN[case.operation.label] = SEEN.get(case.operation.label, 0) + 1
-    case.call_and_validate(headers=ADMIN)
+def assert_clean(code: int, out: str, min_cases: int) -> None:
+    tail = out[-6000:]
+    assert code == 0, tail
+    assert "No issues found" in out, tail
+    cases = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) generated", out)]
+    assert cases and sum(cases) >= min_cases, tail
+    print(f"\n{tail[-1200:]}")
 
 
-def test_at_least_1000_generated_cases_ran():
-    operations = {op.ok().label for op in schema.get_all_operations()}
-    if set(SEEN) != operations:
-        pytest.skip("run together with test_api_conforms_to_its_openapi_document")
-    assert len(operations) >= 15
-    total = sum(SEEN.values())
-    print(f"schemathesis: {total} generated cases over {len(operations)} operations: {SEEN}")
-    assert total >= 1000, SEEN
+def test_scoring_routes_unauthenticated(root):
+    app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}))
+    with serve_in_thread(app) as url:
+        code, out = schemathesis_run(url)
+    assert_clean(code, out, 1000)
+
+
+def test_scoring_routes_with_an_api_key(root):
+    app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}, api_key="score-secret"))
+    with serve_in_thread(app) as url:
+        code, out = schemathesis_run(url, "-H", "Authorization: Bearer score-secret")
+    assert_clean(code, out, 1000)
+
+
+def test_admin_routes_with_the_admin_token(root, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(root, models)
+    settings = Settings(
+        models={"a": str(models / "a"), "b": str(models / "b")},
+        admin_token="admin-secret",
+        model_roots=[str(models)],
+    )
+    with serve_in_thread(create_app(settings)) as url:
+        code, out = schemathesis_run(url, "--include-tag", "admin", "-H", "Authorization: Bearer admin-secret")
+    assert_clean(code, out, 200)

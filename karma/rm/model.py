@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from karma.chat import CHATML_TEMPLATE
 from karma.rm.template import TEMPLATE_DOC, TEMPLATE_VERSION, VARIANTS, render
 
 if TYPE_CHECKING:
@@ -80,6 +81,25 @@ class Encoded:
         return len(self.input_ids)
 
 
+#: characters kept per token of max_length before tokenising (English Reddit text averages ~4 per token)
+CHARS_PER_TOKEN = 16
+
+
+def keep_chars(text: str, n: int, side: Literal["start", "end"]) -> tuple[str, bool]:
+    """(text cut to about `n` characters keeping its start or end, whether it was cut). The cut moves to the
+    nearest whitespace within 64 characters (into the dropped part is not possible), so no word is split
+    where one can be kept whole; the whitespace itself is kept (byte-level BPE attaches it to the word)."""
+    if len(text) <= n:
+        return text, False
+    if side == "start":
+        head = text[:n]
+        ws = max(head.rfind(" ", n - 64), head.rfind("\n", n - 64))
+        return (head[:ws] if ws > 0 else head), True
+    tail = text[-n:]
+    hits = [i for i in (tail.find(" ", 0, 64), tail.find("\n", 0, 64)) if i >= 0]
+    return (tail[min(hits):] if hits else tail), True
+
+
 class InputTooLongError(ValueError):
     """Raised by encode(truncate=False) when an item exceeds max_length."""
 
@@ -129,10 +149,16 @@ class RewardModel:
         return cls(model.to(device), tokenizer, config, device=device)
 
     def save(self, path: str | Path) -> Path:
+        """Write the folder. The tokenizer always has a chat template (ChatML if the backbone has none),
+        saved as `chat_template` in tokenizer_config.json, where every transformers version and the
+        tokenizer-level integrations (vLLM pooling, verl's reward-model path) find it."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = CHATML_TEMPLATE
+        self.tokenizer.save_pretrained(path, save_jinja_files=False)
+        (path / "chat_template.jinja").unlink(missing_ok=True)  # an older save's copy would take precedence
         h = hashlib.sha256()
         for f in sorted(path.glob("*.safetensors")):
             h.update(f.read_bytes())
@@ -155,20 +181,31 @@ class RewardModel:
         """Render with the variant's template and tokenise; truncate the context from the left only.
 
         Only when the response alone exceeds max_length is the response cut (from the right, context
-        dropped). Thread-safe: the fast tokenizer's truncation state is shared, so calls are serialised.
+        dropped). Before tokenising, each segment is cut to `CHARS_PER_TOKEN × max_length` characters from
+        the side truncation keeps (the context's end, the response's start), at a whitespace, so a huge text
+        costs what a long one does; natural text has far fewer characters per token, so its tokens are the
+        same as without the cut. An item cut this way is `truncated`. Thread-safe: the fast tokenizer's
+        truncation state is shared, so tokenising is serialised (on at most ~2 × that many characters).
         """
         seg_a, seg_b = render(self.config.variant, item.context, item.response, item.metadata)
         tok, limit = self.tokenizer, self.max_length
+        window = CHARS_PER_TOKEN * limit
+        seg_a, cut_a = keep_chars(seg_a, window, "end")
+        seg_b, cut_b = keep_chars(seg_b, window, "start")
         with self._tok_lock:
             n_a = len(tok(seg_a, add_special_tokens=False, verbose=False)["input_ids"]) if seg_a else 0
             n_b = len(tok(seg_b, add_special_tokens=False, verbose=False)["input_ids"])
             n_special = tok.num_special_tokens_to_add(pair=bool(seg_a))
-            truncated = n_a + n_b + n_special > limit
+            overflow = n_a + n_b + n_special > limit
+            truncated = overflow or cut_a or cut_b
             if truncated and not truncate:
                 raise InputTooLongError(
                     f"input is {n_a + n_b + n_special} tokens, longer than the model's max_length {limit}"
+                    if overflow
+                    else f"input has over {window} characters in a segment, more than the model's max_length "
+                    f"{limit} can use"
                 )
-            if not truncated:
+            if not overflow:
                 enc = tok(seg_a, seg_b, verbose=False) if seg_a else tok(seg_b, verbose=False)
             elif n_b + n_special >= limit or not seg_a:  # no room left for even one context token
                 tok.truncation_side = "right"

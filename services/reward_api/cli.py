@@ -57,13 +57,17 @@ def serve(
         typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 CPU, bf16 GPU) [KARMA_DTYPE]"),
     ] = None,
     max_client_batch_size: Annotated[
-        int | None, typer.Option(help="items per request, 413 above [KARMA_MAX_CLIENT_BATCH_SIZE]")
+        int | None, typer.Option(help="items per request, 422 above (the schema says maxItems) [KARMA_MAX_CLIENT_BATCH_SIZE]")
     ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(help="body size, 413 above [KARMA_MAX_BODY_BYTES]")
     ] = None,
     max_queue_items: Annotated[
         int | None, typer.Option(help="queued items per model, 429 above [KARMA_MAX_QUEUE_ITEMS]")
+    ] = None,
+    max_queue_wait_s: Annotated[
+        float | None,
+        typer.Option(help="429 when the queued work ahead would wait longer than this [KARMA_MAX_QUEUE_WAIT_S]"),
     ] = None,
     max_batch_tokens: Annotated[
         int | None, typer.Option(help="padded tokens per forward batch [KARMA_MAX_BATCH_TOKENS]")
@@ -86,6 +90,23 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="debug | info | warning | error [KARMA_LOG_LEVEL]")
     ] = None,
+    chat_template: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--chat-template",
+            help="[NAME=]TEMPLATE: how /get_reward and /classify read chat markup — auto (default), none, "
+            "chatml, llama3, gemma, mistral, or a tokenizer folder; without NAME= for every model; "
+            "repeatable [KARMA_CHAT_TEMPLATES]",
+        ),
+    ] = None,
+    normalize_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--normalize-model",
+            help="model whose scores are normalised unless a request says otherwise (* = all); repeatable "
+            "[KARMA_NORMALIZE_MODELS]",
+        ),
+    ] = None,
 ) -> None:
     """Serve KARMA reward models over HTTP: /v1/score, /get_reward (OpenRLHF), /classify (vLLM/verl)."""
     settings = build_settings(
@@ -101,12 +122,15 @@ def serve(
         max_client_batch_size=max_client_batch_size,
         max_body_bytes=max_body_bytes,
         max_queue_items=max_queue_items,
+        max_queue_wait_s=max_queue_wait_s,
         max_batch_tokens=max_batch_tokens,
         max_wait_ms=max_wait_ms,
         padding_tolerance=padding_tolerance,
         retry_after_s=retry_after_s,
         torch_threads=torch_threads,
         log_level=log_level,
+        chat_templates=chat_template,
+        normalize_models=normalize_model,
     )
     if not settings.models:
         raise typer.BadParameter("no model to serve: pass --model NAME=PATH (or set KARMA_MODELS)")

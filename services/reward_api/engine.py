@@ -7,6 +7,10 @@
   within the budget, runs `RewardModel.forward` (`torch.inference_mode`) and resolves each request's future.
   A request's items may land in different batches; a score does not depend on its batch (right padding +
   attention mask), within float tolerance.
+  Admission is by time: the worker measures its throughput (tokens/s, a moving average over batches) and
+  refuses a request (`QueueBusyError`, 429 + Retry-After) when the work queued ahead of it would keep it
+  waiting longer than `max_queue_wait_s`; `max_queue_items` stays as a hard cap. Work whose request was
+  cancelled (the client went away) leaves the queue's accounting at once and is never forwarded.
 * `ModelHandle` — a loaded model + its worker + a lease count. A request holds a lease from lookup to reply.
 * `ModelRegistry` — name → handle. `swap` loads the new folder beside the old one, switches atomically under
   the registry lock, then (in the background) waits for the old handle's leases to end, drains its worker and
@@ -40,10 +44,27 @@ class EngineError(RuntimeError):
 
 
 class QueueFullError(EngineError):
+    """Refused at admission (429). `retry_after` (seconds) is the estimated time for the queue to drain to
+    its bound, when the throughput is known."""
+
+    retry_after: float | None = None
+
     def __init__(self, model: str, depth: int, limit: int, wanted: int):
         super().__init__(
             f"model {model!r} is overloaded: {depth} items queued, {wanted} more would exceed max_queue_items={limit}"
         )
+
+
+class QueueBusyError(QueueFullError):
+    """The work already queued would keep a new request waiting longer than `max_queue_wait_s`."""
+
+    def __init__(self, model: str, wait_s: float, limit_s: float, depth: int):
+        EngineError.__init__(
+            self,
+            f"model {model!r} is overloaded: the {depth} items queued ahead need an estimated {wait_s:.1f}s, "
+            f"more than max_queue_wait_s={limit_s:g}",
+        )
+        self.retry_after = max(wait_s - limit_s, 0.0)
 
 
 class WorkerClosedError(EngineError):
@@ -89,6 +110,9 @@ class _Job:
     future: Future
     scores: list[float] = field(default_factory=list)
     remaining: int = 0
+    queued_items: int = 0  # of this job's items, how many are still in the queue
+    queued_tokens: int = 0
+    dropped: bool = False  # cancelled: its queued items no longer count
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * self.n
@@ -137,10 +161,12 @@ class BatchingWorker:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 2.0,
         max_queue_items: int = 4096,
+        max_queue_wait_s: float | None = None,
         padding_tolerance: float = math.inf,
         observer: Observer | None = None,
     ):
         self.model = model
+        self.max_queue_wait_s = max_queue_wait_s
         self.padding_tolerance = padding_tolerance
         self.name = name
         self.max_batch_tokens = max_batch_tokens
@@ -148,7 +174,12 @@ class BatchingWorker:
         self.max_queue_items = max_queue_items
         self.observer = observer or _NullObserver()
         self._queue: deque[_Slot] = deque()
-        self._queued_tokens = 0
+        self._queued_tokens = 0  # of live (not cancelled) items
+        self._queued_items = 0
+        self._busy_tokens = 0  # taken from the queue, not yet forwarded
+        self.tokens_per_s: float | None = None  # measured throughput (moving average over batches)
+        self.cancelled_items = 0
+        self._trimmed_at = 0.0
         self._cond = threading.Condition()
         self._closed = False
         self.batches_run = 0
@@ -157,10 +188,33 @@ class BatchingWorker:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Items waiting (cancelled ones excluded)."""
+        return self._queued_items
+
+    def estimated_wait(self) -> float:
+        """Seconds the work queued and in flight needs at the measured throughput (0 before any batch ran)."""
+        rate = self.tokens_per_s
+        return (self._queued_tokens + self._busy_tokens) / rate if rate else 0.0
+
+    def admit(self, n_items: int = 0) -> None:
+        """Raise QueueBusyError / QueueFullError if a request of `n_items` would be refused now (a cheap check
+        before encoding; `submit` checks again)."""
+        with self._cond:
+            self._check_admission(n_items)
+
+    def _check_admission(self, n_items: int) -> None:  # under self._cond
+        if self._queued_items + n_items > self.max_queue_items:
+            exc = QueueFullError(self.name, self._queued_items, self.max_queue_items, n_items)
+            exc.retry_after = self.estimated_wait() or None
+            raise exc
+        if self.max_queue_wait_s is not None and self._queued_items:
+            wait = self.estimated_wait()
+            if wait > self.max_queue_wait_s:
+                raise QueueBusyError(self.name, wait, self.max_queue_wait_s, self._queued_items)
 
     def submit(self, items: Sequence[Encoded]) -> Future:
-        """Queue items; the future resolves to their scores in order. Raises QueueFullError / WorkerClosedError."""
+        """Queue items; the future resolves to their scores in order. Cancelling the future drops its queued
+        items. Raises QueueBusyError / QueueFullError / WorkerClosedError."""
         fut: Future = Future()
         if not items:
             fut.set_result([])
@@ -170,14 +224,30 @@ class BatchingWorker:
         with self._cond:
             if self._closed:
                 raise WorkerClosedError(f"model {self.name!r} is shutting down")
-            if len(self._queue) + len(items) > self.max_queue_items:
-                raise QueueFullError(self.name, len(self._queue), self.max_queue_items, len(items))
+            self._check_admission(len(items))
             for i, item in enumerate(items):
                 self._queue.append(_Slot(job, i, item, now))
-                self._queued_tokens += len(item)
-            self.observer.set_queue_depth(self.name, len(self._queue))
+            job.queued_items, job.queued_tokens = len(items), sum(len(it) for it in items)
+            self._queued_items += job.queued_items
+            self._queued_tokens += job.queued_tokens
+            self.observer.set_queue_depth(self.name, self._queued_items)
             self._cond.notify()
+        fut.add_done_callback(lambda f: f.cancelled() and self._drop(job))
         return fut
+
+    def _drop(self, job: _Job) -> None:
+        """A cancelled job's queued items stop counting now; `_take` discards their slots when it meets them."""
+        with self._cond:
+            if job.dropped:
+                return
+            job.dropped = True
+            self._queued_items -= job.queued_items
+            self._queued_tokens -= job.queued_tokens
+            self.cancelled_items += job.queued_items
+            if job.queued_items:
+                log.info("model %s: dropped %d queued items of a cancelled request", self.name, job.queued_items)
+            job.queued_items = job.queued_tokens = 0
+            self.observer.set_queue_depth(self.name, self._queued_items)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new items, finish the queued ones, stop the thread."""
@@ -204,16 +274,27 @@ class BatchingWorker:
             tokens = 0
             while self._queue:
                 slot = self._queue[0]
+                job = slot.job
+                if job.dropped or job.future.done():  # cancelled (client went away) or already failed
+                    self._queue.popleft()
+                    if not job.dropped:  # failed: still counted
+                        self._unqueue(job, len(slot.item))
+                    continue
                 if taken and tokens + len(slot.item) > self.max_batch_tokens:
                     break
                 self._queue.popleft()
-                self._queued_tokens -= len(slot.item)
-                if slot.job.future.done():  # cancelled (client went away) or already failed
-                    continue
+                self._unqueue(job, len(slot.item))
                 taken.append(slot)
                 tokens += len(slot.item)
-            self.observer.set_queue_depth(self.name, len(self._queue))
+            self._busy_tokens = tokens
+            self.observer.set_queue_depth(self.name, self._queued_items)
             return taken
+
+    def _unqueue(self, job: _Job, n_tokens: int) -> None:  # under self._cond
+        job.queued_items -= 1
+        job.queued_tokens -= n_tokens
+        self._queued_items -= 1
+        self._queued_tokens -= n_tokens
 
     def _run(self) -> None:
         while (taken := self._take()) is not None:
@@ -226,9 +307,13 @@ class BatchingWorker:
                 [len(s.item) for s in taken], self.max_batch_tokens, self.padding_tolerance
             ):
                 self._forward([taken[i] for i in idx])
+            if not self._queued_items and time.monotonic() - self._trimmed_at > 2.0:
+                self._trimmed_at = time.monotonic()
+                _release_free_memory()
 
     def _forward(self, batch: list[_Slot]) -> None:
         t0 = time.perf_counter()
+        lengths = [len(s.item) for s in batch]
         try:
             scores = self.model.forward([s.item for s in batch])
         except Exception as exc:  # delivered to every waiting request, which answers 500
@@ -236,8 +321,13 @@ class BatchingWorker:
             for slot in batch:
                 _settle(slot.job.future, exc=exc)
             return
+        finally:
+            with self._cond:
+                self._busy_tokens = max(self._busy_tokens - sum(lengths), 0)
         seconds = time.perf_counter() - t0
-        lengths = [len(s.item) for s in batch]
+        with self._cond:
+            rate = sum(lengths) / max(seconds, 1e-6)
+            self.tokens_per_s = rate if self.tokens_per_s is None else 0.7 * self.tokens_per_s + 0.3 * rate
         self.batches_run += 1
         self.observer.observe_batch(self.name, len(batch), sum(lengths), len(batch) * max(lengths), seconds)
         for slot, score in zip(batch, scores, strict=True):
@@ -246,6 +336,26 @@ class BatchingWorker:
             job.remaining -= 1
             if job.remaining == 0:
                 _settle(job.future, result=job.scores)
+
+
+def _release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`) when a queue runs dry, so the resident
+    memory a burst's request bodies and activations took comes back down; a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
@@ -351,6 +461,7 @@ class ModelRegistry:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 2.0,
         max_queue_items: int = 4096,
+        max_queue_wait_s: float | None = None,
         padding_tolerance: float = math.inf,
         observer: Observer | None = None,
     ):
@@ -360,6 +471,7 @@ class ModelRegistry:
             "max_batch_tokens": max_batch_tokens,
             "max_wait_ms": max_wait_ms,
             "max_queue_items": max_queue_items,
+            "max_queue_wait_s": max_queue_wait_s,
             "padding_tolerance": padding_tolerance,
         }
         self.observer = observer or _NullObserver()
@@ -431,6 +543,11 @@ class ModelRegistry:
         self.observer.model_loaded(name, model.version, True)
         return ModelHandle(name, Path(path), model, worker)
 
+    def _variant_at(self, path: Path) -> str:
+        from karma.rm.model import load_config
+
+        return load_config(path).variant
+
     def declare(self, name: str) -> None:
         """Mark a configured model as loading (so /ready reports it before load() runs)."""
         with self._lock:
@@ -468,11 +585,28 @@ class ModelRegistry:
                     self.default = name
             return handle
 
-    def swap(self, name: str, path: Path) -> tuple[ModelHandle, ModelHandle]:
-        """Hot swap: load beside the old, switch atomically, retire the old in the background."""
+    def set_default(self, name: str) -> ModelHandle:
+        """Make `name` the model behind the un-prefixed routes (requests already leased keep theirs)."""
+        with self._lock:
+            handle = self._lookup(name)
+            self.default = name
+        log.info("default model is now %s", name)
+        return handle
+
+    def swap(self, name: str, path: Path, *, force: bool = False) -> tuple[ModelHandle, ModelHandle]:
+        """Hot swap: load beside the old, switch atomically, retire the old in the background. A swap that would
+        change the variant (what the model reads) under the name is refused (ModelExistsError) unless `force`:
+        a client that chose this name would silently get another kind of reward."""
         with self._admin_lock:
             with self._lock:
                 old = self._lookup(name)
+            if not force:
+                was, new_variant = old.model.config.variant, self._variant_at(path)
+                if new_variant != was:
+                    raise ModelExistsError(
+                        f"swapping model {name!r} would change its variant from {was!r} to {new_variant!r}; "
+                        "send force=true to swap anyway, or load it under a new name"
+                    )
             new = self._build(name, path)
             with self._lock:
                 self._handles[name] = new

@@ -14,7 +14,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.reward_api.api import deps, errors
-from services.reward_api.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from services.reward_api.api.middleware import (
+    BodyLimitMiddleware,
+    DisconnectMiddleware,
+    InternalErrorMiddleware,
+    MetricsMiddleware,
+)
 from services.reward_api.api.routes import health, models, openrlhf, score, vllm
 from services.reward_api.core.config import Settings
 from services.reward_api.core.metrics import Metrics
@@ -30,6 +35,7 @@ def build_registry(settings: Settings, metrics: Metrics | None = None) -> ModelR
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
         max_queue_items=settings.max_queue_items,
+        max_queue_wait_s=settings.max_queue_wait_s,
         padding_tolerance=settings.padding_tolerance,
         observer=metrics,
     )
@@ -119,6 +125,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         app.include_router(models.router)
 
     _document_settings(app, settings)
+    app.add_middleware(DisconnectMiddleware)
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s from the body limit too
     return app

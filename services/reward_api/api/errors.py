@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,9 +40,11 @@ _DESCRIPTIONS = {
     403: "credentials valid but not allowed here",
     404: "unknown model or route",
     409: "conflict with the current models",
-    413: "too many items or body too large",
-    422: "malformed request, empty items, unknown fields, or input too long with truncate=false",
-    429: "queue full; retry after the Retry-After header",
+    413: "body larger than max_body_bytes",
+    422: "malformed request, empty items, more items than maxItems, unknown fields, or input too long with "
+    "truncate=false",
+    429: "overloaded (the queued work would wait longer than max_queue_wait_s, or the queue is full); "
+    "retry after the Retry-After header (seconds, from the measured throughput)",
     503: "model not loaded yet",
 }
 
@@ -123,7 +126,8 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(QueueFullError)
     async def _full(_: Request, exc: QueueFullError):
-        return error_response(429, str(exc), "overloaded", {"Retry-After": str(retry_after_s)})
+        wait = retry_after_s if exc.retry_after is None else max(1, math.ceil(exc.retry_after))
+        return error_response(429, str(exc), "overloaded", {"Retry-After": str(wait)})
 
     @app.exception_handler(ModelExistsError)
     async def _exists(_: Request, exc: ModelExistsError):

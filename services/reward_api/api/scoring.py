@@ -1,5 +1,6 @@
-"""The one request path every scoring route shares: check limits, encode off the event loop, submit to the
-model's batching worker, await the scores."""
+"""The one request path every scoring route shares: check limits and admission, encode off the event loop,
+submit to the model's batching worker, await the scores. A request whose client disconnects is cancelled
+(`DisconnectMiddleware`), which drops its queued items."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ class Scored:
 
 
 def check_count(n: int, settings: Settings, what: str = "items") -> None:
+    """422: the OpenAPI document states the limit as `maxItems`, so more items is a schema violation (the body
+    byte limit, which no schema states, is the 413)."""
     if n > settings.max_client_batch_size:
         raise ServiceError(
-            413,
+            422,
             f"{n} {what} in one request; the limit is max_client_batch_size={settings.max_client_batch_size}",
         )
 
@@ -52,6 +55,7 @@ async def score(
     normalize: bool = False,
 ) -> Scored:
     check_count(len(items), settings)
+    handle.worker.admit(len(items))  # refuse before encoding when the queue is already too long
     loop = asyncio.get_running_loop()
     encoded = await loop.run_in_executor(handle.encoder, _encode_all, handle, items, truncate)
     scores = await asyncio.wrap_future(handle.worker.submit(encoded))

@@ -68,19 +68,44 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
-    max_client_batch_size: int = Field(256, ge=1, le=65536, description="items per request (413 above)")
-    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="request body size (413 above)")
+    max_client_batch_size: int = Field(256, ge=1, le=65536, description="items per request (422 above: the schema says maxItems)")
+    max_body_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        description="request body size (413 above); 8 MiB is 256 items of 32 KB, more text than a 512-token "
+        "model reads (each segment is cut to 16 characters a token before tokenising)",
+    )
     max_queue_items: int = Field(4096, ge=1, description="items waiting per model (429 above)")
+    max_queue_wait_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="admission by time: 429 when the work queued ahead of a request would keep it waiting "
+        "longer than this, at the model's measured throughput",
+    )
     max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward batch")
     max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits to fill")
     padding_tolerance: float = Field(
         0.25, ge=0, description="a batch's longest item may be this fraction longer than its shortest"
     )
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 429")
+    retry_after_s: int = Field(
+        1, ge=1, le=3600, description="Retry-After with 503, and with 429 before a model's throughput is known"
+    )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads (default: torch's)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    chat_templates: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="how /get_reward and /classify read chat-templated text, per model: [NAME=]TEMPLATE "
+        "with TEMPLATE auto | none | chatml | llama3 | gemma | mistral | a tokenizer folder (its chat "
+        "template and special tokens); without NAME= for every model; default auto (see karma.chat)",
+    )
+    normalize_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="models whose scores are normalised unless the request says otherwise ('*': all), for "
+        "clients that cannot ask (OpenRLHF)",
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -117,6 +142,66 @@ class Settings(BaseSettings):
                 raise ValueError(f"model root {root} is not a directory")
         return [root.expanduser().resolve() for root in value]
 
+    @field_validator("chat_templates", mode="before")
+    @classmethod
+    def _chat_templates(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("{") else [p for p in text.split(",") if p.strip()]
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        out: dict[str, str] = {}
+        for spec in value:
+            name, _, template = str(spec).partition("=") if "=" in str(spec) else ("*", "", str(spec))
+            name = name.strip() or "*"
+            if name in out:
+                raise ValueError(f"chat template for {name!r} given twice")
+            out[name] = template.strip()
+        return out
+
+    @field_validator("chat_templates")
+    @classmethod
+    def _chat_templates_known(cls, value: dict[str, str]) -> dict[str, str]:
+        from karma.chat import check_template
+
+        return {name: check_template(template) for name, template in value.items()}
+
+    @field_validator("normalize_models", mode="before")
+    @classmethod
+    def _normalize_models(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [p.strip() for p in text.split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _per_model_names(self) -> Settings:
+        """Per-model settings must name served models (a typo would silently do nothing), unless models may
+        still be added by the admin routes."""
+        for field in ("chat_templates", "normalize_models"):
+            for name in getattr(self, field):
+                if name != "*" and not _NAME.match(name):
+                    raise ValueError(f"{field}: model name {name!r} must match {MODEL_NAME_PATTERN} (or *)")
+                if name != "*" and self.models and self.admin_token is None and name not in self.models:
+                    raise ValueError(
+                        f"{field}: {name!r} is not among the served models ({', '.join(self.models)})"
+                    )
+        return self
+
+    def chat_template(self, model: str) -> str:
+        """The chat-template setting of a model (`karma.chat`: auto, none, a name or a tokenizer folder)."""
+        return self.chat_templates.get(model) or self.chat_templates.get("*", "auto")
+
+    def normalize_default(self, model: str) -> bool:
+        """Whether a request to `model` that does not say `normalize` gets normalised scores."""
+        return model in self.normalize_models or "*" in self.normalize_models
+
     @model_validator(mode="after")
     def _default(self) -> Settings:
         if self.default_model is None and self.models:
@@ -136,6 +221,7 @@ class Settings(BaseSettings):
             max_client_batch_size=self.max_client_batch_size,
             max_body_bytes=self.max_body_bytes,
             max_queue_items=self.max_queue_items,
+            max_queue_wait_s=self.max_queue_wait_s,
             max_batch_tokens=self.max_batch_tokens,
             max_wait_ms=self.max_wait_ms,
             padding_tolerance=self.padding_tolerance,

@@ -49,7 +49,10 @@ def make_router(model_dep: Callable) -> APIRouter:
             settings=settings,
             metrics=metrics,
             truncate=body.truncate,
-            normalize=body.normalize,
+            # a body that does not say gets the server's per-model default (`--normalize-model`)
+            normalize=body.normalize if "normalize" in body.model_fields_set else settings.normalize_default(
+                handle.name
+            ),
         )
         return ScoreResponse(
             model=handle.name, version=handle.version, scores=out.scores, truncated=out.truncated

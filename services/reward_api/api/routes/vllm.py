@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from karma import chat
 from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage
 from karma.rm.model import RMInput
 from services.reward_api.api import scoring
@@ -13,8 +14,10 @@ from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.engine import ModelHandle
 
 
-def classify_items(body: ClassifyRequest) -> list[RMInput]:
-    """`input` texts → responses without context; `messages` → the last message is the response."""
+def classify_items(body: ClassifyRequest, template: str | chat.ChatFormat = chat.AUTO) -> list[RMInput]:
+    """`input` texts → responses without context, or (chat-templated text, e.g. what verl renders with the
+    RM folder's chat template) its last assistant turn with the earlier turns as context; `messages` → the
+    last message is the response."""
     if (body.input is None) == (body.messages is None):
         raise ServiceError(422, "send exactly one of `input` (text or list of texts) and `messages`")
     if body.messages is not None:
@@ -24,7 +27,11 @@ def classify_items(body: ClassifyRequest) -> list[RMInput]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ServiceError(422, "`input` is an empty list")
-    return [RMInput(context="", response=t) for t in texts]
+    items = []
+    for text in texts:
+        conv = chat.conversation(text, None, template)
+        items.append(RMInput(context=conv.context, response=conv.response))
+    return items
 
 
 def make_router(model_dep: Callable) -> APIRouter:
@@ -45,9 +52,12 @@ def make_router(model_dep: Callable) -> APIRouter:
         metrics: MetricsDep,
     ) -> ClassifyResponse:
         """One `data[i].probs = [p]` per input: `p = sigmoid(score)` unless `use_activation` is false, then the
-        raw score (verl reads `data[-1].probs[-1]`). `model` in the body is ignored: choose the model by URL."""
-        items = classify_items(body)
-        out = await scoring.score(handle, items, settings=settings, metrics=metrics)
+        raw score (verl reads `data[-1].probs[-1]`). The score is normalised first when `normalize` says so
+        or, when it does not say, for the models in `--normalize-model`. Chat-templated `input` is read as a
+        conversation (`--chat-template`). `model` in the body is ignored: choose the model by URL."""
+        items = classify_items(body, chat.resolve(settings.chat_template(handle.name)))
+        normalize = settings.normalize_default(handle.name) if body.normalize is None else body.normalize
+        out = await scoring.score(handle, items, settings=settings, metrics=metrics, normalize=normalize)
         activate = body.use_activation if body.use_activation is not None else body.activation
         activate = True if activate is None else activate
         data = [

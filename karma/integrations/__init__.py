@@ -1,0 +1,3 @@
+"""Adapters that let RL frameworks call the KARMA reward service through their own extension points
+(`karma.integrations.verl`: a verl custom reward function). TRL's adapter is `karma.client.trl_reward_func`;
+OpenRLHF needs none (`--reward.remote_url http://host:8000/get_reward`)."""
