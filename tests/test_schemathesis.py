@@ -40,13 +40,15 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def schemathesis_run(url: str, *args: str) -> tuple[int, str]:
+def schemathesis_run(url: str, *args: str, cwd: Path) -> tuple[int, str]:
+    """The CLI as a user runs it (from `cwd`: it keeps a cache folder there)."""
     proc = subprocess.run(
         [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", "all", "--no-color", "--seed", "1", *args],
         capture_output=True,
         text=True,
         timeout=1500,
         check=False,
+        cwd=cwd,
     )
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -60,17 +62,17 @@ def assert_clean(code: int, out: str, min_cases: int) -> None:
     print(f"\n{tail[-1200:]}")
 
 
-def test_scoring_routes_unauthenticated(root):
+def test_scoring_routes_unauthenticated(root, tmp_path):
     app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}))
     with serve_in_thread(app) as url:
-        code, out = schemathesis_run(url)
+        code, out = schemathesis_run(url, cwd=tmp_path)
     assert_clean(code, out, 1000)
 
 
-def test_scoring_routes_with_an_api_key(root):
+def test_scoring_routes_with_an_api_key(root, tmp_path):
     app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}, api_key="score-secret"))
     with serve_in_thread(app) as url:
-        code, out = schemathesis_run(url, "-H", "Authorization: Bearer score-secret")
+        code, out = schemathesis_run(url, "-H", "Authorization: Bearer score-secret", cwd=tmp_path)
     assert_clean(code, out, 1000)
 
 
@@ -83,5 +85,7 @@ def test_admin_routes_with_the_admin_token(root, tmp_path):
         model_roots=[str(models)],
     )
     with serve_in_thread(create_app(settings)) as url:
-        code, out = schemathesis_run(url, "--include-tag", "admin", "-H", "Authorization: Bearer admin-secret")
+        code, out = schemathesis_run(
+            url, "--include-tag", "admin", "-H", "Authorization: Bearer admin-secret", cwd=tmp_path
+        )
     assert_clean(code, out, 200)
