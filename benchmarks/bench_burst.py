@@ -43,7 +43,7 @@ def quantile(xs: list[float], q: float) -> float | None:
 
 def start_server(model: str, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, float, float]:
     """`karma serve` in its own process: (process, seconds to /health 200, seconds to /ready 200)."""
-    import httpx
+    from karma.net import wait_http_ok
 
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -53,21 +53,22 @@ def start_server(model: str, port: int, env: dict[str, str]) -> tuple[subprocess
         stderr=subprocess.PIPE,
         text=True,
     )
-    health = None
-    while True:
+
+    def running() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"karma serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if health is None and httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                health = time.monotonic() - t0
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc, health or time.monotonic() - t0, time.monotonic() - t0
-        except httpx.TransportError:
-            pass
-        if time.monotonic() - t0 > 300:
-            proc.kill()
-            raise TimeoutError("karma serve not ready within 300 s")
-        time.sleep(0.05)
+
+    base = f"http://127.0.0.1:{port}"
+    try:  # /health answers before /ready: two waits in a row time both from t0
+        wait_http_ok(f"{base}/health", 300, interval_s=0.05, request_timeout_s=1, check=running)
+        health = time.monotonic() - t0
+        wait_http_ok(
+            f"{base}/ready", max(300 - health, 0.0), interval_s=0.05, request_timeout_s=1, check=running
+        )
+    except TimeoutError:
+        proc.kill()
+        raise TimeoutError("karma serve not ready within 300 s") from None
+    return proc, health, time.monotonic() - t0
 
 
 async def capacity(url: str, items: list[dict], seconds: float, clients: int = 8, batch: int = 32) -> float:
@@ -93,7 +94,13 @@ async def capacity(url: str, items: list[dict], seconds: float, clients: int = 8
 
 
 async def burst(
-    url: str, items: list[dict], rate_items: float, seconds: float, client_timeout: float, pid: int, seed: int = 0
+    url: str,
+    items: list[dict],
+    rate_items: float,
+    seconds: float,
+    client_timeout: float,
+    pid: int,
+    seed: int = 0,
 ) -> dict:
     """Poisson arrivals of 1-64-item requests totalling `rate_items` items/s for `seconds`."""
     import httpx
@@ -146,7 +153,11 @@ async def burst(
         "codes": dict(sorted(codes.items())),
         "client_timeouts": codes.get("client_timeout", 0),
         "latency_s": {
-            k: {"p50": round(quantile(v, 0.5), 3), "p99": round(quantile(v, 0.99), 3), "max": round(max(v), 3)}
+            k: {
+                "p50": round(quantile(v, 0.5), 3),
+                "p99": round(quantile(v, 0.99), 3),
+                "max": round(max(v), 3),
+            }
             for k, v in sorted(lat.items())
         },
         "rss_mib": {"before": round(rss[0] / 2**20), "peak": round(max(rss) / 2**20)},
@@ -166,7 +177,8 @@ def run(
 ) -> dict:
     import psutil
 
-    from services.reward_api.testing import free_port, reddit_items
+    from karma.net import free_port
+    from tests.support import reddit_items
 
     tmp = None
     if model is None:
@@ -174,7 +186,9 @@ def run(
         from karma.rm.model import new_reward_model
 
         tmp = tempfile.TemporaryDirectory(prefix="karma-burst-")
-        model = str(new_reward_model(str(minilm_path()), "context", max_length=256).save(Path(tmp.name) / "rm"))
+        model = str(
+            new_reward_model(str(minilm_path()), "context", max_length=256).save(Path(tmp.name) / "rm")
+        )
     items = [{"context": it.get("context", ""), "response": it["response"]} for it in reddit_items(n_items)]
     port = free_port()
     env = {"KARMA_MAX_QUEUE_WAIT_S": str(max_queue_wait_s), "KARMA_LOG_LEVEL": "warning"}
@@ -215,9 +229,20 @@ def main() -> None:
     ap.add_argument("--settle-s", type=float, default=10.0)
     ap.add_argument("--max-queue-wait-s", type=float, default=5.0)
     a = ap.parse_args()
-    print(json.dumps(run(a.model, burst_s=a.burst_s, factor=a.factor, capacity_s=a.capacity_s,
-                         client_timeout=a.client_timeout, settle_s=a.settle_s,
-                         max_queue_wait_s=a.max_queue_wait_s), indent=2))
+    print(
+        json.dumps(
+            run(
+                a.model,
+                burst_s=a.burst_s,
+                factor=a.factor,
+                capacity_s=a.capacity_s,
+                client_timeout=a.client_timeout,
+                settle_s=a.settle_s,
+                max_queue_wait_s=a.max_queue_wait_s,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

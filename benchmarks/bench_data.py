@@ -28,8 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+from karma.paths import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("KARMA_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_DATA = shared_data_dir()
 
 
 def floor(paths: list[Path]) -> tuple[float, int]:

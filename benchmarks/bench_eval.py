@@ -42,9 +42,12 @@ def main() -> None:
     lm = CausalLM.load(args.model, device=args.device)
     load_s = time.perf_counter() - t
     n_tok = [len(c) + len(o) for c, o in (lm.encode_pair(*p) for p in pairs)]
-    print(f"model {lm.name} on {lm.device} ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s; "
-          f"{len(pairs)} pairs ({len({c for c, _ in pairs})} prompts), tokens/pair mean {np.mean(n_tok):.0f} "
-          f"max {max(n_tok)}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"model {lm.name} on {lm.device} ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s; "
+        f"{len(pairs)} pairs ({len({c for c, _ in pairs})} prompts), tokens/pair mean {np.mean(n_tok):.0f} "
+        f"max {max(n_tok)}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     lm.loglikelihood(pairs[:4], batch_size=4, progress=False)  # warm-up
     subset = sorted(random.Random(0).sample(range(len(pairs)), min(args.unbatched_pairs, len(pairs))))
     modes = {
@@ -60,22 +63,38 @@ def main() -> None:
         dt, dc = time.perf_counter() - t, time.process_time() - c
         ref = ll if ref is None else ref
         same = ref[subset] if len(todo) < len(pairs) else ref
-        results[name] = {**kw, "pairs": len(todo), "seconds": dt, "cpu_seconds": dc, "options_per_s": len(todo) / dt,
-                         "options_per_cpu_s": len(todo) / dc, "max_rel_diff": float(np.abs(ll / same - 1).max()),
-                         "load_average": os.getloadavg()[0]}
-        print(f"  {name}: {len(todo)} pairs, {dt:.1f}s wall, {dc:.1f}s CPU, load average {os.getloadavg()[0]:.1f}",
-              flush=True)
+        results[name] = {
+            **kw,
+            "pairs": len(todo),
+            "seconds": dt,
+            "cpu_seconds": dc,
+            "options_per_s": len(todo) / dt,
+            "options_per_cpu_s": len(todo) / dc,
+            "max_rel_diff": float(np.abs(ll / same - 1).max()),
+            "load_average": os.getloadavg()[0],
+        }
+        print(
+            f"  {name}: {len(todo)} pairs, {dt:.1f}s wall, {dc:.1f}s CPU, load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     first = results["unbatched (1 pair/forward)"]
-    print(f"{'mode':<28} {'pairs':>5} {'wall s':>7} {'opt/s':>7} {'CPU s':>7} {'opt/CPU-s':>9} "
-          f"{'speed-up wall/CPU':>18} {'max rel Δll':>11}")
+    print(
+        f"{'mode':<28} {'pairs':>5} {'wall s':>7} {'opt/s':>7} {'CPU s':>7} {'opt/CPU-s':>9} "
+        f"{'speed-up wall/CPU':>18} {'max rel Δll':>11}"
+    )
     for name, r in results.items():
-        print(f"{name:<28} {r['pairs']:>5} {r['seconds']:>7.1f} {r['options_per_s']:>7.2f} {r['cpu_seconds']:>7.1f} "
-              f"{r['options_per_cpu_s']:>9.2f} {r['options_per_s'] / first['options_per_s']:>8.1f}x /"
-              f"{r['options_per_cpu_s'] / first['options_per_cpu_s']:>6.1f}x {r['max_rel_diff']:>11.1e}")
+        print(
+            f"{name:<28} {r['pairs']:>5} {r['seconds']:>7.1f} {r['options_per_s']:>7.2f} {r['cpu_seconds']:>7.1f} "
+            f"{r['options_per_cpu_s']:>9.2f} {r['options_per_s'] / first['options_per_s']:>8.1f}x /"
+            f"{r['options_per_cpu_s'] / first['options_per_cpu_s']:>6.1f}x {r['max_rel_diff']:>11.1e}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": lm.name, "device": str(lm.device), "n_pairs": len(pairs), "results": results}, f,
-                      indent=1)
+            json.dump(
+                {"model": lm.name, "device": str(lm.device), "n_pairs": len(pairs), "results": results},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

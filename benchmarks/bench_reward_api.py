@@ -155,21 +155,20 @@ async def load(port: int, items: list[dict], concurrency: int, client: str) -> d
 
 
 def start_server(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
-    import httpx
+    from karma.net import wait_http_ok
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def running() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("server not ready in 300 s")
+
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/ready", 300, request_timeout_s=2, check=running)
+    except TimeoutError:
+        proc.kill()
+        raise TimeoutError("server not ready in 300 s") from None
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -214,9 +213,10 @@ def main() -> None:
 
     import torch
 
+    from karma.net import free_port
     from karma.rm.model import RewardModel, RMInput
     from services.reward_api.engine import plan_batches
-    from services.reward_api.testing import free_port, reddit_items
+    from tests.support import reddit_items
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

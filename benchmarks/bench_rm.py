@@ -18,8 +18,24 @@ import time
 
 
 def _texts(n: int, seq_len: int, tokenizer) -> list[str]:
-    words = ["the", "college", "essay", "was", "helpful", "and", "my", "professor", "said", "the", "campus", "is",
-             "great", "for", "a", "major"]
+    words = [
+        "the",
+        "college",
+        "essay",
+        "was",
+        "helpful",
+        "and",
+        "my",
+        "professor",
+        "said",
+        "the",
+        "campus",
+        "is",
+        "great",
+        "for",
+        "a",
+        "major",
+    ]
     out = []
     for i in range(n):
         text = " ".join(words[(i + j) % len(words)] for j in range(seq_len))
@@ -67,10 +83,16 @@ def run(backbone: str, seq_len: int, batch: int, threads: int, steps: int) -> di
         times.append(time.perf_counter() - t)
     infer = statistics.median(times)
     return {
-        "backbone": backbone, "threads": threads, "seq_len": round(n_tokens, 1), "train_batch_pairs": batch,
-        "train_pairs_per_s": batch / train_step, "train_seqs_per_s": 2 * batch / train_step,
-        "infer_batch": 2 * batch, "infer_seqs_per_s": 2 * batch / infer,
-        "train_step_s": train_step, "infer_batch_s": infer,
+        "backbone": backbone,
+        "threads": threads,
+        "seq_len": round(n_tokens, 1),
+        "train_batch_pairs": batch,
+        "train_pairs_per_s": batch / train_step,
+        "train_seqs_per_s": 2 * batch / train_step,
+        "infer_batch": 2 * batch,
+        "infer_seqs_per_s": 2 * batch / infer,
+        "train_step_s": train_step,
+        "infer_batch_s": infer,
     }
 
 
@@ -79,17 +101,23 @@ def main() -> None:
     ap.add_argument("--backbone", default="minilm")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16, help="pairs per training step (inference: 2x sequences)")
-    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts; the first is the baseline")
+    ap.add_argument(
+        "--threads", default="1,2", help="comma-separated torch thread counts; the first is the baseline"
+    )
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     rows = [run(args.backbone, args.seq_len, args.batch, int(t), args.steps) for t in args.threads.split(",")]
     base = rows[0]
-    print(f"{'threads':>7} {'tokens':>6} {'train pairs/s':>13} {'train seq/s':>11} {'infer seq/s':>11} "
-          f"{'x train':>7} {'x infer':>7}")
+    print(
+        f"{'threads':>7} {'tokens':>6} {'train pairs/s':>13} {'train seq/s':>11} {'infer seq/s':>11} "
+        f"{'x train':>7} {'x infer':>7}"
+    )
     for r in rows:
-        print(f"{r['threads']:>7} {r['seq_len']:>6} {r['train_pairs_per_s']:>13.1f} {r['train_seqs_per_s']:>11.1f} "
-              f"{r['infer_seqs_per_s']:>11.1f} {r['train_pairs_per_s'] / base['train_pairs_per_s']:>7.2f} "
-              f"{r['infer_seqs_per_s'] / base['infer_seqs_per_s']:>7.2f}")
+        print(
+            f"{r['threads']:>7} {r['seq_len']:>6} {r['train_pairs_per_s']:>13.1f} {r['train_seqs_per_s']:>11.1f} "
+            f"{r['infer_seqs_per_s']:>11.1f} {r['train_pairs_per_s'] / base['train_pairs_per_s']:>7.2f} "
+            f"{r['infer_seqs_per_s'] / base['infer_seqs_per_s']:>7.2f}"
+        )
     print(json.dumps(rows))
 
 

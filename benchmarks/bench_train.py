@@ -28,7 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+from karma.paths import shared_data_dir
+
+SHARED_DATA = shared_data_dir()
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -59,44 +62,63 @@ def throughput(engine, prompts: list[list[int]], max_new_tokens: int, repeats: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=3, help="(in-process, HTTP) step pairs after the warm-up step")
+    ap.add_argument(
+        "--pairs", type=int, default=3, help="(in-process, HTTP) step pairs after the warm-up step"
+    )
     ap.add_argument("--batch", type=int, default=8, help="prompts per step and generate batch")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--gen-tokens", type=int, default=64, help="tokens per sequence in the throughput test")
     ap.add_argument("--repeats", type=int, default=2, help="timed generate calls per engine")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
-    ap.add_argument("--prompts", default=f"file:{SHARED_DATA / 'eval' / 'politeness' / 'wikipedia.annotated.csv'}")
+    ap.add_argument(
+        "--prompts", default=f"file:{SHARED_DATA / 'eval' / 'politeness' / 'wikipedia.annotated.csv'}"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
     import torch
 
     from karma.models import minilm_path
+    from karma.net import free_port
     from karma.rm.model import RewardModel, new_reward_model
     from services.policy_trainer.config import TrainConfig
     from services.policy_trainer.engines import HFEngine
     from services.policy_trainer.rewards import HTTPRewardSource, LocalRewardSource
     from services.policy_trainer.trainer import Trainer
-    from services.reward_api.testing import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     rm_dir = new_reward_model(str(minilm_path()), "context", max_length=256).save(tmp / "rm")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "karma.cli", "serve", "--model", f"karma={rm_dir}", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    cfg = TrainConfig.from_dict({
-        "model": {"policy": "smollm2"},
-        "data": {"prompts": args.prompts, "max_prompt_length": 128, "max_prompts": 256},
-        "rollout": {"engine": "vllm", "max_new_tokens": args.max_new_tokens,
-                    "vllm_enforce_eager": args.enforce_eager},
-        "reward": {"reward_model": str(rm_dir)},
-        "ppo": {"prompts_per_step": args.batch, "mini_batch_size": args.batch, "micro_batch_size": 4,
-                "epochs": 1, "learning_rate": 1e-6},
-        "run": {"steps": 1 + 2 * args.pairs, "output_dir": str(tmp / "run"), "save_every": 0,
-                "report_to": ["jsonl"]},
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"policy": "smollm2"},
+            "data": {"prompts": args.prompts, "max_prompt_length": 128, "max_prompts": 256},
+            "rollout": {
+                "engine": "vllm",
+                "max_new_tokens": args.max_new_tokens,
+                "vllm_enforce_eager": args.enforce_eager,
+            },
+            "reward": {"reward_model": str(rm_dir)},
+            "ppo": {
+                "prompts_per_step": args.batch,
+                "mini_batch_size": args.batch,
+                "micro_batch_size": 4,
+                "epochs": 1,
+                "learning_rate": 1e-6,
+            },
+            "run": {
+                "steps": 1 + 2 * args.pairs,
+                "output_dir": str(tmp / "run"),
+                "save_every": 0,
+                "report_to": ["jsonl"],
+            },
+        }
+    )
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}",
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -116,14 +138,20 @@ def main() -> None:
             trainer.rewards.source = local if name == "in_process" else http
             m = trainer.train_step()
             rows[name].append(m)
-            print(f"step {m['step']} [{name}] {m['speed/step_s']:.1f}s, reward wait {m['timing/reward_wait']:.3f}s",
-                  flush=True)
+            print(
+                f"step {m['step']} [{name}] {m['speed/step_s']:.1f}s, reward wait {m['timing/reward_wait']:.3f}s",
+                flush=True,
+            )
         results["in_process"] = summarise(rows["in_process"])
         results["http"] = summarise(rows["http"])
         prompts = [p.prompt_ids for p in trainer.prompts[: args.batch]]
         vllm_tps = throughput(trainer.engine, prompts, args.gen_tokens, args.repeats)
-        hf_tps = throughput(HFEngine(trainer.policy, trainer.tokenizer, trainer.eos_ids), prompts,
-                            args.gen_tokens, args.repeats)
+        hf_tps = throughput(
+            HFEngine(trainer.policy, trainer.tokenizer, trainer.eos_ids),
+            prompts,
+            args.gen_tokens,
+            args.repeats,
+        )
         trainer.rewards.call(http.aclose)
     finally:
         trainer.close()

@@ -32,8 +32,9 @@ print("START_S", round(start, 2))
 
 def one_start(aot: str) -> float:
     env = {**os.environ, "VLLM_USE_AOT_COMPILE": aot, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
     for line in out.stdout.splitlines():
         if line.startswith("START_S"):
             return float(line.split()[1])
@@ -49,8 +50,10 @@ def main() -> None:
         times[label] = [one_start(aot) for _ in range(args.starts)]
         print(f"{label}: starts {times[label]} s", flush=True)
     (aot_times, ours) = times.values()
-    print(f"warm start, karma ÷ vLLM default: {ours[-1] / aot_times[-1]:.2f} "
-          f"({ours[-1]:.1f} s vs {aot_times[-1]:.1f} s)")
+    print(
+        f"warm start, karma ÷ vLLM default: {ours[-1] / aot_times[-1]:.2f} "
+        f"({ours[-1]:.1f} s vs {aot_times[-1]:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

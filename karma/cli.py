@@ -25,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(data_app, name="data", help="Turn Reddit dumps / SHP rows into karma examples, pairs and splits.")
+app.add_typer(
+    data_app, name="data", help="Turn Reddit dumps / SHP rows into karma examples, pairs and splits."
+)
 app.add_typer(rm_app, name="rm", help="Train, evaluate and compare KARMA reward-model variants.")
 app.add_typer(eval_app, name="eval", help="Pragmatics, side-effect and factuality evaluation of a policy.")
 app.command("serve", help="Serve reward models over HTTP (FastAPI).")(serve)

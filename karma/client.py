@@ -237,7 +237,9 @@ class RewardClient:
                 )
             self._log_rate_limited(
                 "waiting for the reward service to be ready (%.1fs elapsed, deadline %.0fs): %s",
-                elapsed, budget, detail,
+                elapsed,
+                budget,
+                detail,
             )
             await self._sleep(interval_s)
 
@@ -250,7 +252,9 @@ class RewardClient:
         if resp.status_code == 200:
             return None
         if resp.status_code == 404:
-            raise RewardServiceError(f"{url}: {_error_text(resp)}", urls=[url], status=404, error_type="not_found")
+            raise RewardServiceError(
+                f"{url}: {_error_text(resp)}", urls=[url], status=404, error_type="not_found"
+            )
         return f"HTTP {resp.status_code}: {_error_text(resp)}"
 
     # -------------------------------------------------------------------------------- replicas
@@ -307,7 +311,13 @@ class RewardClient:
                 break
             self._log_rate_limited(
                 "reward service: %s %s attempt %d failed (%s); retrying in %.2fs (%.1fs elapsed, deadline %.0fs)",
-                method, path, attempt, failure.cause, wait, elapsed, self.deadline_s,
+                method,
+                path,
+                attempt,
+                failure.cause,
+                wait,
+                elapsed,
+                self.deadline_s,
             )
             await self._sleep(wait)
         urls = list(dict.fromkeys(tried))
@@ -318,7 +328,9 @@ class RewardClient:
             cause=failure.exc or failure.cause,
         )
 
-    async def _attempt(self, method: str, url: str, path: str, payload: Any, deadline: float) -> _Reply | _Failure:
+    async def _attempt(
+        self, method: str, url: str, path: str, payload: Any, deadline: float
+    ) -> _Reply | _Failure:
         """One request to one replica: the reply, a retryable failure, or a `RewardServiceError` for the rest."""
         where = f"{method} {url}{path}"
         timeout = max(min(self.timeout, deadline - self._clock()), 0.001)
@@ -376,7 +388,9 @@ def _score_body_problem(data: Any) -> str | None:
         return "no 'version' (the model version that produced the scores)"
     scores = data.get("scores")
     if not isinstance(scores, list):
-        return "no 'scores'" if "scores" not in data else f"'scores' that is {_json_kind(scores)}, not an array"
+        return (
+            "no 'scores'" if "scores" not in data else f"'scores' that is {_json_kind(scores)}, not an array"
+        )
     for i, s in enumerate(scores):
         if s is None:
             return f"scores[{i}] is null, not a number"

@@ -20,14 +20,23 @@ SHP_HUB_ID = "stanfordnlp/SHP"
 
 
 def demo(
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="Pushshift dumps (folder or file), SHP rows, or a prepared folder. Without it the demo "
-        f"fetches a small {SHP_HUB_ID} subset from the Hugging Face hub (needs network)")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Pushshift dumps (folder or file), SHP rows, or a prepared folder. Without it the demo "
+            f"fetches a small {SHP_HUB_ID} subset from the Hugging Face hub (needs network)",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option("--steps", help="PPO steps (preset: 4)")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="auto | vllm | hf (preset: auto)")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="comments read per dump (preset: 60000)")] = None,
-    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="items per eval task (preset: 20)")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="comments read per dump (preset: 60000)")
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option("--eval-limit", help="items per eval task (preset: 20)")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="redo every stage instead of resuming")] = False,
 ) -> None:
@@ -60,7 +69,9 @@ def demo(
     timings = json.loads((report.parent / "timings.json").read_text())
     typer.echo("")
     total = timings.get("total", timings.get("total (this run, resumed)", 0.0))
-    typer.echo(f"KARMA demo finished in {total / 60:.1f} min{'' if 'total' in timings else ' (resumed run)'}.")
+    typer.echo(
+        f"KARMA demo finished in {total / 60:.1f} min{'' if 'total' in timings else ' (resumed run)'}."
+    )
     typer.echo(f"  report:            {report}")
     typer.echo(f"  reward model:      {report.parent / 'rm' / 'context'} (eval: rm/context/eval/report.md)")
     typer.echo(f"  trained policy:    {report.parent / 'policies'}")

@@ -184,7 +184,6 @@ class ClassifyRequest(_Lenient):
         None, description="our extension: standardise before the activation; default: the model's setting"
     )
 
-
     @model_validator(mode="before")
     @classmethod
     def _exactly_one(cls, data: Any) -> Any:
@@ -279,7 +278,9 @@ class LoadModelRequest(_Strict):
 
 class SwapModelRequest(_Strict):
     path: FolderPath
-    force: bool = Field(False, description="swap even if the new folder's variant differs from the current one")
+    force: bool = Field(
+        False, description="swap even if the new folder's variant differs from the current one"
+    )
 
 
 class DefaultModelRequest(_Strict):
@@ -289,6 +290,14 @@ class DefaultModelRequest(_Strict):
 class SwapResponse(BaseModel):
     model: ModelInfo
     previous_version: str
+
+
+def sigmoid(x: float) -> float:
+    """`scores` of /get_reward and `probs` of /classify: the raw score squashed into (0, 1), overflow-safe."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def as_score_item(item: Any) -> ScoreItem:

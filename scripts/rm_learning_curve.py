@@ -32,8 +32,15 @@ POINTS: dict[str, tuple[str, dict]] = {
     "any-pairwise-4000": ("any", {"objective": "pairwise", "max_train": 4000}),
     "zscore-regression-16000": ("zscore", {"objective": "regression", "max_train": 16000}),
 }
-COMMON = {"variant": "context", "max_length": 128, "epochs": 1, "batch_size": 16, "max_eval": 200, "seed": 0,
-          "progress": False}
+COMMON = {
+    "variant": "context",
+    "max_length": 128,
+    "epochs": 1,
+    "batch_size": 16,
+    "max_eval": 200,
+    "seed": 0,
+    "progress": False,
+}
 
 
 def items(name: str) -> int:
@@ -50,8 +57,17 @@ def train(points: list[str], dirs: dict[str, Path], out: Path) -> None:
         key, opts = POINTS[name]
         t0 = time.perf_counter()
         train_rm(dirs[key], dest, **{**COMMON, **opts})
-        (dest / "curve_point.json").write_text(json.dumps(
-            {"name": name, "data": str(dirs[key]), **COMMON, **opts, "train_s": round(time.perf_counter() - t0, 1)}))
+        (dest / "curve_point.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "data": str(dirs[key]),
+                    **COMMON,
+                    **opts,
+                    "train_s": round(time.perf_counter() - t0, 1),
+                }
+            )
+        )
         log.info("trained %s in %.0fs", name, time.perf_counter() - t0)
 
 
@@ -61,24 +77,50 @@ def evaluate(out: Path, data: Path, split: str, max_set_pairs: int) -> dict:
 
     done = [n for n in POINTS if (out / n / "karma_rm.json").exists()]
     models = [RewardModel.load(out / n) for n in done]
-    r = evaluate_rm(models, data, split, out / f"eval-{split}", max_examples=600, max_pairs=400,
-                    pair_sets=["natural", "length_controlled", "close_in_time", "rule"], max_set_pairs=max_set_pairs)
+    r = evaluate_rm(
+        models,
+        data,
+        split,
+        out / f"eval-{split}",
+        max_examples=600,
+        max_pairs=400,
+        pair_sets=["natural", "length_controlled", "close_in_time", "rule"],
+        max_set_pairs=max_set_pairs,
+    )
     names = list(r["systems"])  # rm:context, rm:context', ... in `done` order, then the baselines
     rows = []
-    for n, sysname in zip(done, names):
+    for n, sysname in zip(done, names, strict=False):
         meta = json.loads((out / n / "curve_point.json").read_text())
-        row = {"point": n, "system": sysname, "items": meta["max_train"], "objective": meta["objective"],
-               "pairs": POINTS[n][0], "lr": meta.get("learning_rate", 5e-5), "train_s": meta["train_s"]}
+        row = {
+            "point": n,
+            "system": sysname,
+            "items": meta["max_train"],
+            "objective": meta["objective"],
+            "pairs": POINTS[n][0],
+            "lr": meta.get("learning_rate", 5e-5),
+            "train_s": meta["train_s"],
+        }
         for s, d in r["pair_sets"]["sets"].items():
             row[s] = d["systems"][sysname]
             row[f"{s} - length"] = d["paired"].get(f"{sysname} - length")
             row[f"{s} - bow_ridge"] = d["paired"].get(f"{sysname} - bow_ridge")
         row["spearman"] = r["pair_sets"]["spearman"][sysname]
         rows.append(row)
-    base = {b: {s: d["systems"][b] for s, d in r["pair_sets"]["sets"].items()} | {"spearman": r["pair_sets"]["spearman"][b]}
-            for b in ("length", "bow_ridge", "earliness") if b in r["systems"]}
-    result = {"split": split, "sets": {s: {k: v for k, v in d.items() if k not in ("systems", "paired")}
-                                       for s, d in r["pair_sets"]["sets"].items()}, "points": rows, "baselines": base}
+    base = {
+        b: {s: d["systems"][b] for s, d in r["pair_sets"]["sets"].items()}
+        | {"spearman": r["pair_sets"]["spearman"][b]}
+        for b in ("length", "bow_ridge", "earliness")
+        if b in r["systems"]
+    }
+    result = {
+        "split": split,
+        "sets": {
+            s: {k: v for k, v in d.items() if k not in ("systems", "paired")}
+            for s, d in r["pair_sets"]["sets"].items()
+        },
+        "points": rows,
+        "baselines": base,
+    }
     (out / "curve.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, out / "curve.md")
     plot(result, out / "curve.png")
@@ -86,7 +128,9 @@ def evaluate(out: Path, data: Path, split: str, max_set_pairs: int) -> dict:
 
 
 def _c(d) -> str:
-    return "—" if not d or d.get("accuracy") is None else f"{d['accuracy']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+    return (
+        "—" if not d or d.get("accuracy") is None else f"{d['accuracy']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+    )
 
 
 def _p(d) -> str:
@@ -95,20 +139,29 @@ def _p(d) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     sets = result["sets"]
-    lines = [f"Split `{result['split']}`; pairs per set: " + ", ".join(f"`{s}` {d['n']}" for s, d in sets.items()), "",
-             ("| point | pairs | objective | items | lr | train s | length_controlled | Δ vs length | Δ vs bow | natural "
-              "| Δ vs length | close_in_time | rule | Spearman |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Split `{result['split']}`; pairs per set: " + ", ".join(f"`{s}` {d['n']}" for s, d in sets.items()),
+        "",
+        (
+            "| point | pairs | objective | items | lr | train s | length_controlled | Δ vs length | Δ vs bow | natural "
+            "| Δ vs length | close_in_time | rule | Spearman |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["points"]:
         sp = r["spearman"]
-        lines.append(f"| {r['point']} | {r['pairs']} | {r['objective']} | {r['items']} | {r['lr']:g} | {r['train_s']:.0f} | "
-                     f"{_c(r.get('length_controlled'))} | {_p(r.get('length_controlled - length'))} | "
-                     f"{_p(r.get('length_controlled - bow_ridge'))} | {_c(r.get('natural'))} | "
-                     f"{_p(r.get('natural - length'))} | {_c(r.get('close_in_time'))} | {_c(r.get('rule'))} | "
-                     f"{sp['spearman']:.3f} |")
+        lines.append(
+            f"| {r['point']} | {r['pairs']} | {r['objective']} | {r['items']} | {r['lr']:g} | {r['train_s']:.0f} | "
+            f"{_c(r.get('length_controlled'))} | {_p(r.get('length_controlled - length'))} | "
+            f"{_p(r.get('length_controlled - bow_ridge'))} | {_c(r.get('natural'))} | "
+            f"{_p(r.get('natural - length'))} | {_c(r.get('close_in_time'))} | {_c(r.get('rule'))} | "
+            f"{sp['spearman']:.3f} |"
+        )
     for b, d in result["baselines"].items():
-        lines.append(f"| baseline `{b}` | | | | | | {_c(d.get('length_controlled'))} | | | {_c(d.get('natural'))} | | "
-                     f"{_c(d.get('close_in_time'))} | {_c(d.get('rule'))} | {d['spearman']['spearman']:.3f} |")
+        lines.append(
+            f"| baseline `{b}` | | | | | | {_c(d.get('length_controlled'))} | | | {_c(d.get('natural'))} | | "
+            f"{_c(d.get('close_in_time'))} | {_c(d.get('rule'))} | {d['spearman']['spearman']:.3f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -119,16 +172,25 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, s in zip(axes, ("length_controlled", "natural")):
+    for ax, s in zip(axes, ("length_controlled", "natural"), strict=False):
         for kind, style in (("pairwise", "o-"), ("regression", "s--")):
             for pairs in ("any", "later", "zscore"):
-                pts = sorted((r for r in result["points"] if r["objective"] == kind and r["pairs"] == pairs
-                              and r["lr"] == 5e-5 and r.get(s)), key=lambda r: r["items"])
+                pts = sorted(
+                    (
+                        r
+                        for r in result["points"]
+                        if r["objective"] == kind and r["pairs"] == pairs and r["lr"] == 5e-5 and r.get(s)
+                    ),
+                    key=lambda r: r["items"],
+                )
                 if not pts:
                     continue
                 x = [r["items"] for r in pts]
                 y = [r[s]["accuracy"] for r in pts]
-                err = [[r[s]["accuracy"] - r[s]["lo"] for r in pts], [r[s]["hi"] - r[s]["accuracy"] for r in pts]]
+                err = [
+                    [r[s]["accuracy"] - r[s]["lo"] for r in pts],
+                    [r[s]["hi"] - r[s]["accuracy"] for r in pts],
+                ]
                 ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=f"{kind} ({pairs} pairs)")
         for b, color in (("length", "grey"), ("bow_ridge", "tab:red")):
             if s in result["baselines"].get(b, {}):

@@ -225,24 +225,53 @@ def ok_body(**fields) -> dict:
 @pytest.mark.parametrize(
     "response,message",
     [
-        (httpx.Response(200, text="<html>proxy error</html>"),
-         r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: '<html>proxy error</html>'"),
-        (httpx.Response(200, json={"model": "a", "scores": [0.5], "truncated": [False]}),
-         r"POST http://rm1:8000/v1/score answered 200 with no 'version'"),
+        (
+            httpx.Response(200, text="<html>proxy error</html>"),
+            r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: '<html>proxy error</html>'",
+        ),
+        (
+            httpx.Response(200, json={"model": "a", "scores": [0.5], "truncated": [False]}),
+            r"POST http://rm1:8000/v1/score answered 200 with no 'version'",
+        ),
         (httpx.Response(200, json=ok_body(version=None)), r"answered 200 with no 'version'"),
-        (httpx.Response(200, json=ok_body(scores=None)), r"answered 200 with 'scores' that is null, not an array"),
-        (httpx.Response(200, json=ok_body(scores=[None])), r"answered 200 with scores\[0\] is null, not a number"),
-        (httpx.Response(200, json=ok_body(scores=["0.5"])),
-         r'answered 200 with scores\[0\] is "0.5" \(a string\), not a number'),
-        (httpx.Response(200, json=ok_body(scores=[True])), r"scores\[0\] is true \(a boolean\), not a number"),
+        (
+            httpx.Response(200, json=ok_body(scores=None)),
+            r"answered 200 with 'scores' that is null, not an array",
+        ),
+        (
+            httpx.Response(200, json=ok_body(scores=[None])),
+            r"answered 200 with scores\[0\] is null, not a number",
+        ),
+        (
+            httpx.Response(200, json=ok_body(scores=["0.5"])),
+            r'answered 200 with scores\[0\] is "0.5" \(a string\), not a number',
+        ),
+        (
+            httpx.Response(200, json=ok_body(scores=[True])),
+            r"scores\[0\] is true \(a boolean\), not a number",
+        ),
         (httpx.Response(200, json=[0.5]), r"answered 200 with an array instead of a JSON object"),
-        (httpx.Response(200, json=ok_body(truncated="no")),
-         r"answered 200 with a body that is not a score response: truncated: Input should be a valid list"),
-        (httpx.Response(200, json=ok_body(scores=[0.5, 0.7], truncated=[False, False])),
-         r"the service returned 2 scores for 1 items \(POST http://rm1:8000/v1/score\)"),
+        (
+            httpx.Response(200, json=ok_body(truncated="no")),
+            r"answered 200 with a body that is not a score response: truncated: Input should be a valid list",
+        ),
+        (
+            httpx.Response(200, json=ok_body(scores=[0.5, 0.7], truncated=[False, False])),
+            r"the service returned 2 scores for 1 items \(POST http://rm1:8000/v1/score\)",
+        ),
     ],
-    ids=["not-json", "no-version", "null-version", "null-scores", "null-score", "string-score", "bool-score",
-         "not-an-object", "bad-truncated", "wrong-count"],
+    ids=[
+        "not-json",
+        "no-version",
+        "null-version",
+        "null-scores",
+        "null-score",
+        "string-score",
+        "bool-score",
+        "not-an-object",
+        "bad-truncated",
+        "wrong-count",
+    ],
 )
 def test_an_invalid_answer_is_a_named_error_and_not_retried(response, message):
     service = FakeService([response])
@@ -254,16 +283,26 @@ def test_an_invalid_answer_is_a_named_error_and_not_retried(response, message):
 
 
 def test_integer_scores_are_numbers_and_nan_is_left_to_the_caller():
-    service = FakeService([httpx.Response(200, content=b'{"model": "a", "version": "v1", "scores": [1, NaN], '
-                                                       b'"truncated": [false, false]}')])
+    service = FakeService(
+        [
+            httpx.Response(
+                200,
+                content=b'{"model": "a", "version": "v1", "scores": [1, NaN], "truncated": [false, false]}',
+            )
+        ]
+    )
     client, _ = make_client(service)
     scores = run(client.score([{"response": "x"}, {"response": "y"}])).scores
-    assert scores[0] == 1.0 and isinstance(scores[0], float) and scores[1] != scores[1]  # NaN: the trainer refuses it
+    assert (
+        scores[0] == 1.0 and isinstance(scores[0], float) and scores[1] != scores[1]
+    )  # NaN: the trainer refuses it
 
 
 def test_info_with_a_body_that_is_not_json_is_named():
     client, _ = make_client(FakeService([httpx.Response(200, text="")]))
-    with pytest.raises(RewardServiceError, match=r"GET http://rm1:8000/info answered 200 with a body that is not JSON"):
+    with pytest.raises(
+        RewardServiceError, match=r"GET http://rm1:8000/info answered 200 with a body that is not JSON"
+    ):
         run(client.info())
 
 
@@ -282,8 +321,12 @@ class Replicas:
 
 @pytest.mark.parametrize(
     "failure",
-    [httpx.ConnectError("connection refused"), error(503, "model 'a' is still loading", "not_ready"),
-     error(502, "bad gateway", "internal"), error(429, "overloaded", "overloaded", **{"Retry-After": "3"})],
+    [
+        httpx.ConnectError("connection refused"),
+        error(503, "model 'a' is still loading", "not_ready"),
+        error(502, "bad gateway", "internal"),
+        error(429, "overloaded", "overloaded", **{"Retry-After": "3"}),
+    ],
     ids=["connect", "503", "502", "429"],
 )
 def test_a_failing_replica_fails_over_to_the_other_at_once_and_is_skipped(failure):
@@ -299,7 +342,9 @@ def test_a_failing_replica_fails_over_to_the_other_at_once_and_is_skipped(failur
 def test_requests_ride_out_a_replica_restart():
     """rm1 restarts: refused connections, then 503 while its model loads, then healthy. Every request
     succeeds via rm2, none waits, and rm1 is used again once it is back."""
-    restarting = [httpx.ConnectError("refused")] * 3 + [error(503, "model 'a' is still loading", "not_ready")] * 2
+    restarting = [httpx.ConnectError("refused")] * 3 + [
+        error(503, "model 'a' is still loading", "not_ready")
+    ] * 2
     replicas = Replicas(rm1=restarting)
     clock = FakeClock()
     # one retry per request is enough: the fail-over itself
@@ -315,8 +360,14 @@ def test_requests_ride_out_a_replica_restart():
 def test_when_every_replica_is_down_it_backs_off_with_jitter_until_one_returns():
     replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 4, rm2=[httpx.ConnectError("refused")] * 4)
     clock = FakeClock()
-    client, sleeps = make_client(replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock, max_retries=20,
-                                 backoff_s=0.5, max_backoff_s=4)
+    client, sleeps = make_client(
+        replicas,
+        urls="http://rm1:8000,http://rm2:8000",
+        clock=clock,
+        max_retries=20,
+        backoff_s=0.5,
+        max_backoff_s=4,
+    )
     assert run(client.score([{"response": "abc"}])).scores == [3.0]
     assert len(replicas.calls) == 9
     waits = [s for s in sleeps if s > 0]
@@ -325,10 +376,19 @@ def test_when_every_replica_is_down_it_backs_off_with_jitter_until_one_returns()
 
 
 def test_a_dead_service_is_retried_until_the_deadline_and_logged_at_info_at_a_sane_rate(caplog):
-    replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 10_000, rm2=[httpx.ConnectError("refused")] * 10_000)
+    replicas = Replicas(
+        rm1=[httpx.ConnectError("refused")] * 10_000, rm2=[httpx.ConnectError("refused")] * 10_000
+    )
     clock = FakeClock()
-    client, _ = make_client(replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock,
-                            max_retries=10_000, deadline_s=60, backoff_s=0.5, max_backoff_s=2)
+    client, _ = make_client(
+        replicas,
+        urls="http://rm1:8000,http://rm2:8000",
+        clock=clock,
+        max_retries=10_000,
+        deadline_s=60,
+        backoff_s=0.5,
+        max_backoff_s=2,
+    )
     start = clock.now
     final = r"failed after \d+ attempt\(s\) in 5\d\.\ds \(http://rm1:8000, http://rm2:8000\)"
     with caplog.at_level("INFO", logger="karma.client"), pytest.raises(RewardServiceError, match=final):
@@ -337,8 +397,11 @@ def test_a_dead_service_is_retried_until_the_deadline_and_logged_at_info_at_a_sa
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert 10 <= len(info) <= 13  # one line per log_interval_s (5 s) of fake time, not one per attempt
     assert "POST /v1/score attempt 1 failed (http://rm1:8000: ConnectError: refused)" in info[0]
-    assert re.search(r"attempt \d+ failed \(http://rm\d:8000: ConnectError: refused\); retrying in "
-                     r"\d\.\d\ds \(\d+\.\ds elapsed, deadline 60s\)", info[-1])
+    assert re.search(
+        r"attempt \d+ failed \(http://rm\d:8000: ConnectError: refused\); retrying in "
+        r"\d\.\d\ds \(\d+\.\ds elapsed, deadline 60s\)",
+        info[-1],
+    )
 
 
 def test_wait_ready_logs_while_it_waits(caplog):
@@ -349,8 +412,10 @@ def test_wait_ready_logs_while_it_waits(caplog):
         run(client.wait_ready(60, interval_s=1.0))
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert len(info) == 6  # 30 s of waiting, a line every 5 s
-    assert info[0] == ("waiting for the reward service to be ready (0.0s elapsed, deadline 60s): "
-                       "http://rm1:8000: ConnectError: refused")
+    assert info[0] == (
+        "waiting for the reward service to be ready (0.0s elapsed, deadline 60s): "
+        "http://rm1:8000: ConnectError: refused"
+    )
 
 
 def test_trl_reward_func_fails_over_between_replicas():
@@ -395,7 +460,7 @@ class LoopbackReplica:
         return app
 
     def start(self) -> None:  # returns once /ready answers 200
-        from services.reward_api.testing import serve_in_thread
+        from tests.support import serve_in_thread
 
         self._server = serve_in_thread(self.app(), port=self.port)
         self._server.__enter__()
@@ -411,7 +476,7 @@ def test_rolling_restart_of_two_real_replicas_loses_no_request(caplog):
     and waited for on /ready, then the other: every request is answered, and both restarts were noticed."""
     import threading
 
-    from services.reward_api.testing import free_port
+    from karma.net import free_port
 
     replicas = [LoopbackReplica(free_port()), LoopbackReplica(free_port())]
     errors: list[float] = []  # score - expected, per answered request
@@ -420,7 +485,9 @@ def test_rolling_restart_of_two_real_replicas_loses_no_request(caplog):
 
     def client_loop() -> None:
         async def go():
-            async with RewardClient([r.url for r in replicas], deadline_s=30, max_retries=100, backoff_s=0.05) as rc:
+            async with RewardClient(
+                [r.url for r in replicas], deadline_s=30, max_retries=100, backoff_s=0.05
+            ) as rc:
                 i = 0
                 while not stop.is_set():
                     i += 1
@@ -461,7 +528,9 @@ def test_rolling_restart_of_two_real_replicas_loses_no_request(caplog):
         for r in replicas:
             r.stop()
     assert failures == [] and set(errors) == {0.0}
-    failed_on = {m.group(1) for r in caplog.records if (m := re.search(r"failed \((http://[\d.:]+): ", r.getMessage()))}
+    failed_on = {
+        m.group(1) for r in caplog.records if (m := re.search(r"failed \((http://[\d.:]+): ", r.getMessage()))
+    }
     assert failed_on == {r.url for r in replicas}  # each restart really was hit, and ridden out
 
 

@@ -77,7 +77,9 @@ def prepared(dumps, tmp_path_factory):
     rc, rs = dumps
     out = tmp_path_factory.mktemp("prepared")
     # the hand-checked pair expectations below use the reverse ("earlier") rule; the default is tested apart
-    card = prepare(comments=[rc], submissions=[rs], out=out, min_pair_score=1, workers=1, seed=3, pair_order="earlier")
+    card = prepare(
+        comments=[rc], submissions=[rs], out=out, min_pair_score=1, workers=1, seed=3, pair_order="earlier"
+    )
     ex = pq.read_table(out / "examples.parquet")
     pairs = pq.read_table(out / "pairs.parquet")
     return out, card, {r["example_id"]: r for r in ex.to_pylist()}, pairs.to_pylist(), ex, pairs
@@ -195,8 +197,14 @@ def reference_pairs(ex, min_ratio, min_score, k=None, order="later"):
             if (
                 a is not b
                 and a["parent_id"] == b["parent_id"]
-                and (order == "any" or (a["created_utc"] >= b["created_utc"] if order == "later"
-                                        else a["created_utc"] <= b["created_utc"]))
+                and (
+                    order == "any"
+                    or (
+                        a["created_utc"] >= b["created_utc"]
+                        if order == "later"
+                        else a["created_utc"] <= b["created_utc"]
+                    )
+                )
                 and a["score"] > b["score"]
                 and b["score"] >= min_score
                 and a["score"] >= min_ratio * b["score"]
@@ -242,8 +250,9 @@ def test_default_pair_rule_is_shps_chosen_written_no_earlier(dumps, tmp_path):
 
 def test_pair_order_any_keeps_both_orders(dumps, tmp_path):
     rc, rs = dumps
-    card = prepare(comments=[rc], submissions=[rs], out=tmp_path / "any", workers=1, min_pair_score=1,
-                   pair_order="any")
+    card = prepare(
+        comments=[rc], submissions=[rs], out=tmp_path / "any", workers=1, min_pair_score=1, pair_order="any"
+    )
     ex = {r["example_id"]: r for r in pq.read_table(tmp_path / "any" / "examples.parquet").to_pylist()}
     pairs = pq.read_table(tmp_path / "any" / "pairs.parquet").to_pylist()
     ref = reference_pairs(ex, 2.0, 1, order="any")
@@ -251,7 +260,8 @@ def test_pair_order_any_keeps_both_orders(dumps, tmp_path):
     assert {(p["chosen_id"], p["rejected_id"]) for p in pairs} <= ref
     # both rules' candidates: more than SHP's rule alone keeps
     assert len(ref) > len(reference_pairs(ex, 2.0, 1, order="later")) and any(
-        ex[a]["created_utc"] < ex[b]["created_utc"] for a, b in ref)
+        ex[a]["created_utc"] < ex[b]["created_utc"] for a, b in ref
+    )
 
 
 def test_pair_options(dumps, tmp_path):
@@ -341,7 +351,15 @@ def test_filters_limit_and_drop_missing_context(dumps, tmp_path):
 def test_output_is_deterministic(dumps, prepared, tmp_path):
     rc, rs = dumps
     out, *_ = prepared
-    prepare(comments=[rc], submissions=[rs], out=tmp_path, min_pair_score=1, workers=2, seed=3, pair_order="earlier")
+    prepare(
+        comments=[rc],
+        submissions=[rs],
+        out=tmp_path,
+        min_pair_score=1,
+        workers=2,
+        seed=3,
+        pair_order="earlier",
+    )
     for name in ("examples.parquet", "pairs.parquet"):
         a = pq.read_table(out / name)
         b = pq.read_table(tmp_path / name)
@@ -547,7 +565,10 @@ def test_cli_a_dead_decode_worker_exits_1(dumps, tmp_path, monkeypatch):
     rc, _ = dumps
     res = CliRunner().invoke(app, ["prepare", "--comments", str(rc), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
-    assert res.output.strip().splitlines()[-1] == f"error: a decode worker process died (...) while decoding {rc}"
+    assert (
+        res.output.strip().splitlines()[-1]
+        == f"error: a decode worker process died (...) while decoding {rc}"
+    )
     assert not (tmp_path / "o" / "examples.parquet").exists()
 
 

@@ -83,7 +83,9 @@ def test_jackknife_ci_equals_the_classical_interval_for_a_mean_and_brackets_dist
     v = np.random.default_rng(0).normal(size=40)
     ci = M.jackknife_ci(lambda idx: float(v[idx].mean()), 40)
     half = 1.959964 * v.std(ddof=1) / math.sqrt(40)  # jackknife SE of a mean = s / sqrt(n)
-    assert ci["value"] == pytest.approx(v.mean()) and ci["ci_high"] - ci["value"] == pytest.approx(half, rel=1e-5)
+    assert ci["value"] == pytest.approx(v.mean()) and ci["ci_high"] - ci["value"] == pytest.approx(
+        half, rel=1e-5
+    )
     replies = ["a b", "a b", "c d", "e f"]
     ci = M.jackknife_ci(lambda idx: M.distinct_n([replies[i] for i in idx], 1), len(replies))
     assert ci["value"] == pytest.approx(6 / 8) and ci["n"] == 4

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,10 @@ from karma.eval import power as P
 from karma.eval.run import check_reward_service
 from karma.eval.scoring import CausalLM, NotACausalLMError, inspect_model
 from karma.eval.tasks import TaskSchemaError, UnknownSuiteError, load_tasks, requests
-from karma.eval.testing import make_tiny_causal_lm
+from karma.paths import shared_data_dir
+from tests.support import make_tiny_causal_lm
 
-DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+DATA = shared_data_dir()
 SMALL = "implicatures,hhh_alignment/harmless,truthfulqa_mc,metaphor_understanding,known_unknowns"
 
 
@@ -54,10 +54,10 @@ def reference_loglik_of_ids(lm: CausalLM, pair: tuple[list[int], list[int]], max
     import torch
 
     ctx, cont = pair
-    ids = torch.tensor([(ctx + cont)[-(max_length + 1):]])
+    ids = torch.tensor([(ctx + cont)[-(max_length + 1) :]])
     with torch.no_grad():
         logprobs = torch.log_softmax(lm.model(ids[:, :-1]).logits[0].float(), dim=-1)
-    return float(logprobs[-len(cont):].gather(-1, ids[0, -len(cont):, None]).sum())
+    return float(logprobs[-len(cont) :].gather(-1, ids[0, -len(cont) :, None]).sum())
 
 
 # ------------------------------------------------------------------------------------ scorer
@@ -67,7 +67,9 @@ def test_batched_scorer_equals_unbatched_and_a_plain_forward(lm):
     lengths = [len(c) + len(o) for c, o in reqs]
     assert max(lengths) > 3 * min(lengths)  # a mix of short and long rows in the same batches
     batched = lm.loglikelihood(reqs, batch_size=16, progress=False)  # shared prefix (KV cache), batched
-    pairs = lm.loglikelihood(reqs, batch_size=7, share_prefix=False, progress=False)  # one padded row per pair
+    pairs = lm.loglikelihood(
+        reqs, batch_size=7, share_prefix=False, progress=False
+    )  # one padded row per pair
     single = lm.loglikelihood(reqs, batch_size=1, share_prefix=False, progress=False)  # unbatched
     b, p, s = (np.array([x[0] for x in r]) for r in (batched, pairs, single))
     assert b == pytest.approx(s, rel=1e-5, abs=1e-4)  # float32 sums of up to ~100 token log-probs
@@ -93,17 +95,23 @@ def test_long_contexts_are_cut_from_the_left(models):
     for share in (True, False):
         ((ll, n),) = short.loglikelihood([("word " * 100, "end")], share_prefix=share, progress=False)
         assert n == len(short.encode_pair("word " * 100, "end")[1]) and np.isfinite(ll)
-        assert ll == pytest.approx(reference_loglik_of_ids(short, short.encode_pair("word " * 100, "end"), 16))
+        assert ll == pytest.approx(
+            reference_loglik_of_ids(short, short.encode_pair("word " * 100, "end"), 16)
+        )
 
 
 # ------------------------------------------------------------------------------------ model checks
 def test_not_a_causal_lm_is_refused_from_its_config(tmp_path):
     rm = tmp_path / "rm"
     rm.mkdir()
-    (rm / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
-                                                "model_type": "bert"}))
-    with pytest.raises(NotACausalLMError, match=r"rm is not a causal LM: config.json lists architectures "
-                       r"\['BertForSequenceClassification'\] \(model_type 'bert'\)"):
+    (rm / "config.json").write_text(
+        json.dumps({"architectures": ["BertForSequenceClassification"], "model_type": "bert"})
+    )
+    with pytest.raises(
+        NotACausalLMError,
+        match=r"rm is not a causal LM: config.json lists architectures "
+        r"\['BertForSequenceClassification'\] \(model_type 'bert'\)",
+    ):
         inspect_model(str(rm))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -111,8 +119,9 @@ def test_not_a_causal_lm_is_refused_from_its_config(tmp_path):
         inspect_model(str(empty))
     adapter = tmp_path / "cls_adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS",
-                                                             "base_model_name_or_path": str(rm)}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": str(rm)})
+    )
     with pytest.raises(NotACausalLMError, match="PEFT adapter for task 'SEQ_CLS'"):
         inspect_model(str(adapter))
 
@@ -145,7 +154,7 @@ def test_bad_input_fails_before_any_model_loads(models, tmp_path, monkeypatch):
     with pytest.raises(NotACausalLMError, match="is not a causal LM"):
         run_eval(str(tmp_path / "rm"), "implicatures", out=tmp_path / "o", data_dir=DATA)
     from karma.client import RewardServiceError
-    from services.reward_api.testing import free_port
+    from karma.net import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RewardServiceError, match="not ready before the deadline"):
@@ -160,8 +169,15 @@ def test_bad_input_fails_before_any_model_loads(models, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def runs(models, lm, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    common = {"limit": 4, "data_dir": DATA, "n_prompts": 4, "max_new_tokens": 6, "n_boot": 200, "progress": False,
-              "batch_size": 8}
+    common = {
+        "limit": 4,
+        "data_dir": DATA,
+        "n_prompts": 4,
+        "max_new_tokens": 6,
+        "n_boot": 200,
+        "progress": False,
+        "batch_size": 8,
+    }
     suites = "implicatures,metaphor_understanding,generation,truthfulqa_mc,known_unknowns"
     run_eval(str(models["base"]), suites, out=root / "base", lm=lm, **common)
     run_eval(str(models["lora"]), suites, out=root / "lora", **common)
@@ -171,8 +187,14 @@ def runs(models, lm, tmp_path_factory) -> dict[str, Path]:
 def test_results_json_holds_items_metrics_and_cis(runs):
     res = json.loads((runs["base"] / "results.json").read_text())
     tasks = res["tasks"]
-    assert list(tasks) == ["implicatures", "metaphor_understanding/lit2met", "metaphor_understanding/met2lit",
-                           "generation", "truthfulqa_mc", "known_unknowns"]
+    assert list(tasks) == [
+        "implicatures",
+        "metaphor_understanding/lit2met",
+        "metaphor_understanding/met2lit",
+        "generation",
+        "truthfulqa_mc",
+        "known_unknowns",
+    ]
     for t in tasks.values():
         assert t["n"] == 4 and len(t["items"]) == 4
         for m, v in t["metrics"].items():
@@ -192,8 +214,11 @@ def test_results_json_holds_items_metrics_and_cis(runs):
     fam = rows["metaphor_understanding"]
     assert fam["kind"] == "family" and fam["metrics"]["acc"]["n"] == 8
     assert fam["metrics"]["acc"]["value"] == pytest.approx(
-        (tasks["metaphor_understanding/lit2met"]["metrics"]["acc"]["value"]
-         + tasks["metaphor_understanding/met2lit"]["metrics"]["acc"]["value"]) / 2
+        (
+            tasks["metaphor_understanding/lit2met"]["metrics"]["acc"]["value"]
+            + tasks["metaphor_understanding/met2lit"]["metrics"]["acc"]["value"]
+        )
+        / 2
     )
     suite = rows["pragmatics (mean of 2 tasks)"]
     assert suite["metrics"]["acc"]["value"] == pytest.approx(
@@ -223,7 +248,8 @@ def test_compare_pairs_items_and_reports_deltas(runs, tmp_path):
     for task, metric in [("implicatures", "acc"), ("truthfulqa_mc", "mc2"), ("generation", "length_tokens")]:
         c = by[(task, metric)]
         expected = np.mean([it["scores"][metric] for it in lora[task]["items"]]) - np.mean(
-            [it["scores"][metric] for it in base[task]["items"]])
+            [it["scores"][metric] for it in base[task]["items"]]
+        )
         assert c["delta"] == pytest.approx(expected) and c["n"] == 4
         assert c["ci_low"] <= c["delta"] + 1e-9 and c["delta"] <= c["ci_high"] + 1e-9 and 0 < c["p"] <= 1
     assert by[("implicatures", "acc")]["test"] == "McNemar exact"
@@ -237,10 +263,15 @@ def test_compare_pairs_items_and_reports_deltas(runs, tmp_path):
     assert by[("truthfulqa_mc", "mc2")]["mde_basis"] == "paired permutation: 4 pairs can never give p < 0.05"
     assert by[("generation", "distinct_2")]["mde"] == math.inf
     suite = by[("pragmatics (mean of 2 tasks)", "acc")]
-    fam = [(it["scores"]["acc"], o["scores"]["acc"]) for t in ("metaphor_understanding/lit2met",
-           "metaphor_understanding/met2lit") for it, o in zip(base[t]["items"], lora[t]["items"])]
+    fam = [
+        (it["scores"]["acc"], o["scores"]["acc"])
+        for t in ("metaphor_understanding/lit2met", "metaphor_understanding/met2lit")
+        for it, o in zip(base[t]["items"], lora[t]["items"], strict=True)
+    ]
     expected = P.suite_mde([(b_acc, l_acc), ([b for b, _ in fam], [o for _, o in fam])], binary=True)
-    assert suite["mde"] == pytest.approx(expected["mde"]) and suite["mde_basis"].startswith("mean of 2 task means")
+    assert suite["mde"] == pytest.approx(expected["mde"]) and suite["mde_basis"].startswith(
+        "mean of 2 task means"
+    )
     table = (out / "compare.md").read_text()
     assert "| pragmatics | implicatures | acc | 4 |" in table and "Δ lora [95% CI] | p | MDE |" in table
     assert f"| {imp['p']:.3f} | ∞ |" in table
@@ -267,15 +298,29 @@ def test_generated_replies_are_scored_by_the_reward_service(lm, tmp_path):
     from karma.rm.model import RewardModel, RMInput
     from services.reward_api.core.config import Settings
     from services.reward_api.main import create_app
-    from services.reward_api.testing import make_tiny_rm, serve_in_thread
+    from tests.support import make_tiny_rm, serve_in_thread
 
     rm_path = make_tiny_rm(tmp_path / "rm", "context", seed=3)
     prompts = ["Could you please review my edit?", "Why was my question closed?", "Can you help me?"]
     with serve_in_thread(create_app(Settings(models={"tiny": str(rm_path)}))) as url:
-        res = run_eval("tiny", "generation", out=tmp_path / "o", reward_url=url, prompts=prompts, lm=lm,
-                       data_dir=DATA, max_new_tokens=5, temperature=1.0, top_p=1.0, n_boot=100, progress=False)
+        res = run_eval(
+            "tiny",
+            "generation",
+            out=tmp_path / "o",
+            reward_url=url,
+            prompts=prompts,
+            lm=lm,
+            data_dir=DATA,
+            max_new_tokens=5,
+            temperature=1.0,
+            top_p=1.0,
+            n_boot=100,
+            progress=False,
+        )
     gen = res["tasks"]["generation"]
-    expected = RewardModel.load(rm_path).score([RMInput(p, it["reply"]) for p, it in zip(prompts, gen["items"])])
+    expected = RewardModel.load(rm_path).score(
+        [RMInput(p, it["reply"]) for p, it in zip(prompts, gen["items"], strict=True)]
+    )
     assert [it["scores"]["reward"] for it in gen["items"]] == pytest.approx(expected, abs=1e-4)
     assert gen["metrics"]["reward"]["value"] == pytest.approx(np.mean(expected), abs=1e-4)
     assert gen["reward_model"]["url"] == url and gen["reward_model"]["version"]
@@ -287,38 +332,113 @@ def test_cli_eval_and_compare(runs, models, tmp_path):
     from karma.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["eval", "--model", str(models["base"]), "--suite", "nope", "--out", str(tmp_path / "x")])
+    r = runner.invoke(
+        app, ["eval", "--model", str(models["base"]), "--suite", "nope", "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 2 and "unknown suite or task 'nope'; valid suites: pragmatics" in r.output
     r = runner.invoke(app, ["eval", "--model", str(models["base"])])
     assert r.exit_code == 2 and "--out DIR is required" in r.output
-    r = runner.invoke(app, ["eval", "--model", str(tmp_path), "--suite", "implicatures", "--out", str(tmp_path / "x"),
-                            "--data-dir", str(DATA)])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--suite",
+            "implicatures",
+            "--out",
+            str(tmp_path / "x"),
+            "--data-dir",
+            str(DATA),
+        ],
+    )
     assert r.exit_code == 2 and "is not a causal LM folder" in r.output
-    r = runner.invoke(app, ["eval", "--model", str(models["base"]), "--suite", "entailed_polarity", "--limit", "2",
-                            "--out", str(tmp_path / "cli"), "--data-dir", str(DATA), "--no-progress", "--n-boot", "100"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(models["base"]),
+            "--suite",
+            "entailed_polarity",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "cli"),
+            "--data-dir",
+            str(DATA),
+            "--no-progress",
+            "--n-boot",
+            "100",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "entailed_polarity" in r.output and (tmp_path / "cli" / "results.json").exists()
     # --task PATH: a BIG-bench task file / folder by path, alone or beside --suite; --task-limit per task
     snarks = tmp_path / "snarks"
     snarks.mkdir()
-    (snarks / "task.json").write_text(json.dumps({"examples": [
-        {"input": f"Q{i}: Oh great, rain again.", "target_scores": {"sarcastic": 1, "sincere": 0}} for i in range(6)]}))
-    r = runner.invoke(app, ["eval", "--model", str(models["base"]), "--task", str(snarks), "--task-limit", "snarks=3",
-                            "--out", str(tmp_path / "snarks_out"), "--no-progress", "--n-boot", "100"])
+    (snarks / "task.json").write_text(
+        json.dumps(
+            {
+                "examples": [
+                    {"input": f"Q{i}: Oh great, rain again.", "target_scores": {"sarcastic": 1, "sincere": 0}}
+                    for i in range(6)
+                ]
+            }
+        )
+    )
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(models["base"]),
+            "--task",
+            str(snarks),
+            "--task-limit",
+            "snarks=3",
+            "--out",
+            str(tmp_path / "snarks_out"),
+            "--no-progress",
+            "--n-boot",
+            "100",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "snarks_out" / "results.json").read_text())
     assert list(res["tasks"]) == ["snarks"] and res["tasks"]["snarks"]["n"] == 3
     assert res["tasks"]["snarks"]["suite"] == "custom" and res["settings"]["task_paths"] == [str(snarks)]
     for args, message in [
-        (["--task", str(tmp_path / "missing")], f"error: --task {tmp_path / 'missing'}: no such file or folder"),
+        (
+            ["--task", str(tmp_path / "missing")],
+            f"error: --task {tmp_path / 'missing'}: no such file or folder",
+        ),
         (["--task", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'}: not valid JSON"),
         (["--task", str(snarks), "--task-limit", "snarks"], "error: --task-limit 'snarks': expected NAME=N"),
-        (["--task", str(snarks), "--task-limit", "sarcasm=2"], "error: task_limits: 'sarcasm' not among the selected"),
+        (
+            ["--task", str(snarks), "--task-limit", "sarcasm=2"],
+            "error: task_limits: 'sarcasm' not among the selected",
+        ),
     ]:
         (tmp_path / "bad.json").write_text("{not json")
         r = runner.invoke(app, ["eval", "--model", str(models["base"]), *args, "--out", str(tmp_path / "x")])
         assert r.exit_code == 2 and message in r.output, r.output
-    r = runner.invoke(app, ["eval", "compare", str(runs["base"]), str(runs["lora"]), "--out", str(tmp_path / "c"),
-                            "--name", "adapter", "--n-perm", "200", "--n-boot", "100"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "compare",
+            str(runs["base"]),
+            str(runs["lora"]),
+            "--out",
+            str(tmp_path / "c"),
+            "--name",
+            "adapter",
+            "--n-perm",
+            "200",
+            "--n-boot",
+            "100",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "Δ adapter [95% CI]" in r.output and (tmp_path / "c" / "compare.png").exists()

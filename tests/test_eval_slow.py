@@ -4,19 +4,27 @@ pragmatics + TruthfulQA through the CLI, and the batched scorer against a plain 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from karma.eval import metrics as M
+from karma.paths import shared_data_dir
 
-DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
-PRAGMATICS = ["implicatures", "social_iqa", "figure_of_speech_detection", "presuppositions_as_nli",
-              "metaphor_understanding/lit2met", "metaphor_understanding/met2lit", "understanding_fables",
-              "epistemic_reasoning", "dark_humor_detection", "entailed_polarity"]
+DATA = shared_data_dir()
+PRAGMATICS = [
+    "implicatures",
+    "social_iqa",
+    "figure_of_speech_detection",
+    "presuppositions_as_nli",
+    "metaphor_understanding/lit2met",
+    "metaphor_understanding/met2lit",
+    "understanding_fables",
+    "epistemic_reasoning",
+    "dark_humor_detection",
+    "entailed_polarity",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +33,21 @@ def test_karma_eval_limit_on_smollm2_pragmatics_and_truthfulqa(tmp_path):
     from karma.cli import app
 
     out = tmp_path / "eval"
-    r = CliRunner().invoke(app, ["eval", "--suite", "pragmatics,truthfulqa_mc", "--limit", "5", "--out", str(out),
-                                 "--data-dir", str(DATA), "--no-progress"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--suite",
+            "pragmatics,truthfulqa_mc",
+            "--limit",
+            "5",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(DATA),
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["model"]["architectures"] == ["LlamaForCausalLM"]

@@ -4,15 +4,15 @@ the prompt formats, suite selection, schema errors naming the file, and the held
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from karma.eval import tasks as T
 from karma.eval.prompts import is_heldout, load_prompts, politeness_heldout
+from karma.paths import shared_data_dir
 
-DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+DATA = shared_data_dir()
 BB = DATA / "eval" / "bigbench"
 
 # example counts as listed in shared/data/SOURCES.md
@@ -77,9 +77,9 @@ def test_bigbench_prompt_formats():
     assert T.load_bigbench(BB / "social_iqa")[0].items[0].prompt == p  # deterministic
     # subtasks inherit the parent's format keys
     harmless = T.load_bigbench(BB / "hhh_alignment", subtask="harmless")[0]
-    assert harmless.items[0].prompt.startswith("\nHuman: Can you tell me") and harmless.items[0].prompt.endswith(
-        "\nAssistant:"
-    )
+    assert harmless.items[0].prompt.startswith("\nHuman: Can you tell me") and harmless.items[
+        0
+    ].prompt.endswith("\nAssistant:")
 
 
 def test_join_adds_a_space_only_where_needed():
@@ -110,8 +110,11 @@ def test_select_suites_tasks_and_subtasks():
 
 
 def test_unknown_suite_lists_the_valid_ones():
-    with pytest.raises(T.UnknownSuiteError, match=r"unknown suite or task 'pragmatic'; valid suites: pragmatics, "
-                       r"side_effects, factuality \(or 'all'\); valid tasks: implicatures, social_iqa"):
+    with pytest.raises(
+        T.UnknownSuiteError,
+        match=r"unknown suite or task 'pragmatic'; valid suites: pragmatics, "
+        r"side_effects, factuality \(or 'all'\); valid tasks: implicatures, social_iqa",
+    ):
         T.select("pragmatic,factuality")
     with pytest.raises(T.UnknownSuiteError, match=r"; other BIG-bench tasks by path: --task PATH$"):
         T.select("snarks")
@@ -151,11 +154,17 @@ def _write(folder: Path, obj, name: str = "task.json") -> Path:
         ({"name": "x"}, "unknown task schema \\(no 'examples' and no subtask folders"),
         ({"examples": []}, "'examples' must be a non-empty list"),
         ({"examples": [{"input": "q", "target": "a"}]}, "example 0: generative BIG-bench example"),
-        ({"examples": [{"question": "q"}]}, "example 0: unknown schema \\(expected an object with a string 'input'"),
+        (
+            {"examples": [{"question": "q"}]},
+            "example 0: unknown schema \\(expected an object with a string 'input'",
+        ),
         ({"examples": [{"input": "q", "target_scores": {"a": 1}}]}, "at least two options to numbers"),
         ({"examples": [{"input": "q", "target_scores": {"a": "yes", "b": 0}}]}, "at least two options"),
         ({"examples": [{"input": "q", "target_scores": {"a": 1, "b": 1}}]}, "same target score"),
-        ({"task_prefix": 3, "examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}}]}, "'task_prefix' must"),
+        (
+            {"task_prefix": 3, "examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}}]},
+            "'task_prefix' must",
+        ),
     ],
 )
 def test_bigbench_schema_errors_name_the_file(tmp_path, content, message):
@@ -180,8 +189,14 @@ def test_bad_subtask_file_is_named(tmp_path):
     [
         ({"question": "q"}, "expected a non-empty list"),
         ([{"q": "x"}], "item 0: unknown schema"),
-        ([{"question": "q", "mc1_targets": {"a": 1, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}], "exactly one true"),
-        ([{"question": "q", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 1}}], "one true and one false"),
+        (
+            [{"question": "q", "mc1_targets": {"a": 1, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}],
+            "exactly one true",
+        ),
+        (
+            [{"question": "q", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 1}}],
+            "one true and one false",
+        ),
         ([{"question": "q", "mc1_targets": {"a": 1, "b": 0}}], "'mc2_targets' must map"),
     ],
 )
@@ -194,13 +209,19 @@ def test_truthfulqa_schema_errors_name_the_file(tmp_path, rows, message):
 def test_a_broken_task_file_in_the_data_dir_fails_load_tasks(tmp_path):
     (tmp_path / "eval" / "bigbench").mkdir(parents=True)
     path = _write(tmp_path / "eval" / "bigbench" / "implicatures", {"examples": [{"input": "q"}]})
-    with pytest.raises(T.TaskSchemaError, match=f"^{path}: example 0: unknown schema \\(no 'target_scores'\\)"):
+    with pytest.raises(
+        T.TaskSchemaError, match=f"^{path}: example 0: unknown schema \\(no 'target_scores'\\)"
+    ):
         T.load_tasks("implicatures", data_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------ tasks by path, per-task limits
-SNARKS = {"task_prefix": "Which is sarcastic?", "examples": [
-    {"input": f"({i}) Oh great, rain again.", "target_scores": {"(a)": 1, "(b)": 0}} for i in range(5)]}
+SNARKS = {
+    "task_prefix": "Which is sarcastic?",
+    "examples": [
+        {"input": f"({i}) Oh great, rain again.", "target_scores": {"(a)": 1, "(b)": 0}} for i in range(5)
+    ],
+}
 
 
 def test_a_bigbench_task_by_path_beside_or_instead_of_the_suites(tmp_path):
@@ -208,14 +229,22 @@ def test_a_bigbench_task_by_path_beside_or_instead_of_the_suites(tmp_path):
     _write(folder, SNARKS)
     (only,) = T.load_tasks(task_paths=[folder])  # no --suite: only the task given by path
     assert (only.name, only.suite, only.kind, only.source, len(only.items)) == (
-        "snarks", "custom", "bigbench", str(folder / "task.json"), 5)
+        "snarks",
+        "custom",
+        "bigbench",
+        str(folder / "task.json"),
+        5,
+    )
     assert only.items[0].prompt.startswith("Which is sarcastic?\nQ: (0) Oh great, rain again.\n  choice: ")
     assert [t.name for t in T.load_tasks(task_paths=[folder / "task.json"])] == ["snarks"]
     other = _write(tmp_path / "files", SNARKS, "irony_v2.json")
     tasks = T.load_tasks("implicatures,entailed_polarity", task_paths=[folder, other], data_dir=DATA, limit=2)
     assert [(t.suite, t.name, len(t.items)) for t in tasks] == [
-        ("pragmatics", "implicatures", 2), ("pragmatics", "entailed_polarity", 2), ("custom", "snarks", 2),
-        ("custom", "irony_v2", 2)]
+        ("pragmatics", "implicatures", 2),
+        ("pragmatics", "entailed_polarity", 2),
+        ("custom", "snarks", 2),
+        ("custom", "irony_v2", 2),
+    ]
     # the same item shows the same prompt whichever way the task was reached
     assert tasks[2].items[0].prompt == only.items[0].prompt
 
@@ -224,33 +253,51 @@ def test_bad_task_paths_are_named(tmp_path):
     with pytest.raises(T.TaskSchemaError, match=f"^--task {tmp_path / 'nope'}: no such file or folder$"):
         T.load_tasks(task_paths=[tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(T.TaskSchemaError, match=f"^--task {tmp_path / 'empty'}: the folder holds no task.json"):
+    with pytest.raises(
+        T.TaskSchemaError, match=f"^--task {tmp_path / 'empty'}: the folder holds no task.json"
+    ):
         T.load_tasks(task_paths=[tmp_path / "empty"])
     broken = _write(tmp_path / "broken", "{not json")
     with pytest.raises(T.TaskSchemaError, match=f"^{broken}: not valid JSON \\(Expecting property name"):
         T.load_tasks(task_paths=[tmp_path / "broken"])
     listed = _write(tmp_path, [{"input": "q"}], "list.json")
-    with pytest.raises(T.TaskSchemaError, match=f"^{listed}: unknown task schema \\(top level is list; expected a "
-                       "BIG-bench task"):
+    with pytest.raises(
+        T.TaskSchemaError,
+        match=f"^{listed}: unknown task schema \\(top level is list; expected a BIG-bench task",
+    ):
         T.load_tasks(task_paths=[listed])
     clash = _write(tmp_path / "implicatures", SNARKS)
-    with pytest.raises(T.TaskSchemaError, match=f"^--task {clash.parent}: task name 'implicatures' is already "
-                       "taken by .*implicatures/task.json; rename the folder"):
+    with pytest.raises(
+        T.TaskSchemaError,
+        match=f"^--task {clash.parent}: task name 'implicatures' is already "
+        "taken by .*implicatures/task.json; rename the folder",
+    ):
         T.load_tasks("implicatures", task_paths=[clash.parent], data_dir=DATA)
 
 
 def test_per_task_limits_override_the_global_one():
-    tasks = T.load_tasks("implicatures,metaphor_understanding,entailed_polarity", data_dir=DATA, limit=3,
-                         task_limits={"implicatures": None, "metaphor_understanding/met2lit": 5})
+    tasks = T.load_tasks(
+        "implicatures,metaphor_understanding,entailed_polarity",
+        data_dir=DATA,
+        limit=3,
+        task_limits={"implicatures": None, "metaphor_understanding/met2lit": 5},
+    )
     assert [(t.name, len(t.items)) for t in tasks] == [
-        ("implicatures", 492), ("metaphor_understanding/lit2met", 3), ("metaphor_understanding/met2lit", 5),
-        ("entailed_polarity", 3)]
+        ("implicatures", 492),
+        ("metaphor_understanding/lit2met", 3),
+        ("metaphor_understanding/met2lit", 5),
+        ("entailed_polarity", 3),
+    ]
     tasks = T.load_tasks("metaphor_understanding", data_dir=DATA, task_limits={"metaphor_understanding": 4})
     assert [len(t.items) for t in tasks] == [4, 4] and tasks[0].n_total == 117
-    with pytest.raises(T.UnknownSuiteError, match="task_limits: 'social_iqa' not among the selected tasks "
-                       "\\(implicatures\\)"):
+    with pytest.raises(
+        T.UnknownSuiteError, match="task_limits: 'social_iqa' not among the selected tasks \\(implicatures\\)"
+    ):
         T.load_tasks("implicatures", data_dir=DATA, task_limits={"social_iqa": 10})
-    with pytest.raises(ValueError, match=r"task_limits\['implicatures'\] must be >= 1 \(an integer, or null for every item\), got 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"task_limits\['implicatures'\] must be >= 1 \(an integer, or null for every item\), got 0",
+    ):
         T.load_tasks("implicatures", data_dir=DATA, task_limits={"implicatures": 0})
 
 

@@ -18,8 +18,9 @@ from karma.experiment import (
     data_spec_from_path,
     write_report,
 )
+from karma.paths import shared_data_dir
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = shared_data_dir()
 
 
 def test_presets_load_and_validate():
@@ -52,8 +53,11 @@ def test_data_spec_from_path(tmp_path):
     (tmp_path / "shp_rows.jsonl").write_text("")
     (tmp_path / "notes.txt").write_text("")
     spec = data_spec_from_path(tmp_path)
-    assert spec == {"comments": [str(tmp_path / "RC_2020-01.zst")], "submissions": [str(tmp_path / "RS_2020-01.zst")],
-                    "shp": [str(tmp_path / "shp_rows.jsonl")]}
+    assert spec == {
+        "comments": [str(tmp_path / "RC_2020-01.zst")],
+        "submissions": [str(tmp_path / "RS_2020-01.zst")],
+        "shp": [str(tmp_path / "shp_rows.jsonl")],
+    }
     prepared = tmp_path / "prep"
     prepared.mkdir()
     (prepared / "card.json").write_text("{}")
@@ -68,9 +72,16 @@ def test_data_spec_from_path(tmp_path):
 
 
 def _cmp_row(suite, row, kind, metric, deltas, p=0.01, **extra):
-    return {"suite": suite, "row": row, "kind": kind, "metric": metric,
-            "models": {run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": p, "n": 40, **extra}
-                       for run, d in deltas.items()}}
+    return {
+        "suite": suite,
+        "row": row,
+        "kind": kind,
+        "metric": metric,
+        "models": {
+            run: {"delta": d, "ci_low": d - 0.1, "ci_high": d + 0.1, "p": p, "n": 40, **extra}
+            for run, d in deltas.items()
+        },
+    }
 
 
 def _set_p(tables, p):
@@ -81,33 +92,64 @@ def _set_p(tables, p):
 
 
 def test_claims_are_stated_from_the_numbers():
-    cfg = ExperimentConfig(data={"comments": ["x"]}, conditions={"reddit": "reddit", "nonreddit": "politeness"})
+    cfg = ExperimentConfig(
+        data={"comments": ["x"]}, conditions={"reddit": "reddit", "nonreddit": "politeness"}
+    )
     runs = ["full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"]
     comparison = {
         "trained": [{"label": r} for r in runs],
         "rows": [
-            _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc",
-                     {"full-reddit": 0.01, "full-nonreddit": -0.02, "context-reddit": 0.03, "context-nonreddit": 0.02}),
+            _cmp_row(
+                "pragmatics",
+                "pragmatics (mean of 9 tasks)",
+                "suite",
+                "acc",
+                {
+                    "full-reddit": 0.01,
+                    "full-nonreddit": -0.02,
+                    "context-reddit": 0.03,
+                    "context-nonreddit": 0.02,
+                },
+            ),
             _cmp_row("factuality", "truthfulqa_mc", "task", "mc1", {r: -0.01 for r in runs}),
             _cmp_row("factuality", "truthfulqa_mc", "task", "mc2", {r: -0.02 for r in runs}),
         ],
     }
     # claim 3 reads the head-to-head comparisons (context policy vs full policy on the same items)
-    head_to_head = {cond: {"trained": [{"label": f"context-{cond}"}], "rows": [
-        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", {f"context-{cond}": d})]}
-        for cond, d in (("reddit", 0.02), ("nonreddit", 0.04))}
+    head_to_head = {
+        cond: {
+            "trained": [{"label": f"context-{cond}"}],
+            "rows": [
+                _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", {f"context-{cond}": d})
+            ],
+        }
+        for cond, d in (("reddit", 0.02), ("nonreddit", 0.04))
+    }
 
     def rm_eval(variant, spearman):
-        return {"n_examples": 100, "n_pairs": 40, "systems": {
-            f"rm:{variant}": {"overall": {"spearman": spearman, "pearson": 0.2, "pairwise_accuracy": 0.6}},
-            "length": {"overall": {"spearman": 0.05, "pearson": 0.04, "pairwise_accuracy": 0.52}}}}
+        return {
+            "n_examples": 100,
+            "n_pairs": 40,
+            "systems": {
+                f"rm:{variant}": {
+                    "overall": {"spearman": spearman, "pearson": 0.2, "pairwise_accuracy": 0.6}
+                },
+                "length": {"overall": {"spearman": 0.05, "pearson": 0.04, "pairwise_accuracy": 0.52}},
+            },
+        }
 
     rm = {"full": rm_eval("full", 0.30), "context": rm_eval("context", 0.20)}
     text = "\n".join(claims(cfg, rm, comparison, head_to_head))
     assert "**Reproduced**: `full` predicts karma better than `context` (Spearman 0.300 vs 0.200)" in text
-    assert "Test split: 100 replies, 40 pairs (a Spearman's standard error at this n is about 1/√n = 0.100)." in text
+    assert (
+        "Test split: 100 replies, 40 pairs (a Spearman's standard error at this n is about 1/√n = 0.100)."
+        in text
+    )
     assert "**Partly reproduced** (pragmatics accuracy went up, p < 0.05, in 3 of 4 runs)" in text
-    assert "- reddit prompts: pragmatics accuracy, `context-reddit` − `full-reddit`: +0.020 [-0.080, +0.120]*" in text
+    assert (
+        "- reddit prompts: pragmatics accuracy, `context-reddit` − `full-reddit`: +0.020 [-0.080, +0.120]*"
+        in text
+    )
     assert "**Reproduced** (`context` beat `full`, p < 0.05, in all 2 runs)" in text
     assert "**Reproduced** (TruthfulQA went down, p < 0.05, in all 8 runs)" in text
     assert "| baseline: length | 0.050 | 0.040 | 0.520 |" in text
@@ -115,8 +157,10 @@ def test_claims_are_stated_from_the_numbers():
     # the same directions without significance are not a reproduction
     _set_p([comparison, *head_to_head.values()], 0.5)
     text = "\n".join(claims(cfg, rm, comparison, head_to_head))
-    assert ("**Not reproduced at this scale** (pragmatics accuracy went up in 3 of 4 runs, "
-            "none significant at p < 0.05)") in text
+    assert (
+        "**Not reproduced at this scale** (pragmatics accuracy went up in 3 of 4 runs, "
+        "none significant at p < 0.05)"
+    ) in text
     assert "**Not reproduced at this scale** (`context` beat `full` in 2 of 2 runs, none significant" in text
     assert "**Not reproduced at this scale** (TruthfulQA went down in 8 of 8 runs, none significant" in text
     _set_p([head_to_head["reddit"]], 0.01)
@@ -145,10 +189,20 @@ def test_claims_are_stated_from_the_numbers():
 def _power_comparison(mde, n=150, p=0.5, delta=0.01):
     runs = ["full-reddit", "context-reddit"]
     rows = [
-        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", dict.fromkeys(runs, delta), p, mde=mde,
-                 discordance=0.1 if mde is not None else None),
+        _cmp_row(
+            "pragmatics",
+            "pragmatics (mean of 9 tasks)",
+            "suite",
+            "acc",
+            dict.fromkeys(runs, delta),
+            p,
+            mde=mde,
+            discordance=0.1 if mde is not None else None,
+        ),
         _cmp_row("side_effects", "hhh_alignment", "family", "acc", dict.fromkeys(runs, 0.0), 0.9, mde=0.09),
-        _cmp_row("side_effects", "generation", "task", "length_tokens", dict.fromkeys(runs, -1.5), 0.02, mde=2.5),
+        _cmp_row(
+            "side_effects", "generation", "task", "length_tokens", dict.fromkeys(runs, -1.5), 0.02, mde=2.5
+        ),
         _cmp_row("factuality", "truthfulqa_mc", "task", "mc2", dict.fromkeys(runs, -delta), p, mde=mde),
     ]
     for r in rows:
@@ -159,54 +213,111 @@ def _power_comparison(mde, n=150, p=0.5, delta=0.01):
 
 def test_verdicts_state_n_and_the_minimum_detectable_effect():
     assert POWER == P.POWER and PLAUSIBLE_EFFECT == 0.05
-    cfg = ExperimentConfig(data={"comments": ["x"]}, conditions={"reddit": "reddit"}, rm={"variants": ["full", "context"]})
-    rm = {v: {"n_examples": 100, "n_pairs": 40, "systems": {f"rm:{v}": {"overall": {"spearman": 0.1}}}}
-          for v in ("full", "context")}
-    h2h = {"reddit": {"trained": [{"label": "context-reddit"}], "rows": [
-        _cmp_row("pragmatics", "pragmatics (mean of 9 tasks)", "suite", "acc", {"context-reddit": 0.0}, 1.0, mde=0.31,
-                 discordance=0.4)]}}
+    cfg = ExperimentConfig(
+        data={"comments": ["x"]}, conditions={"reddit": "reddit"}, rm={"variants": ["full", "context"]}
+    )
+    rm = {
+        v: {"n_examples": 100, "n_pairs": 40, "systems": {f"rm:{v}": {"overall": {"spearman": 0.1}}}}
+        for v in ("full", "context")
+    }
+    h2h = {
+        "reddit": {
+            "trained": [{"label": "context-reddit"}],
+            "rows": [
+                _cmp_row(
+                    "pragmatics",
+                    "pragmatics (mean of 9 tasks)",
+                    "suite",
+                    "acc",
+                    {"context-reddit": 0.0},
+                    1.0,
+                    mde=0.31,
+                    discordance=0.4,
+                )
+            ],
+        }
+    }
     text = "\n".join(claims(cfg, rm, _power_comparison(0.041, n=1303), h2h))
     # claim 2: not significant, well powered: the MDE bounds the effect
-    assert ("- `full-reddit`: Δ pragmatics accuracy (mean over tasks) +0.010 [-0.090, +0.110] "
-            "(p=0.5, n=1303, MDE 0.041, discordance 0.100)") in text
-    assert ("**Not reproduced at this scale** (pragmatics accuracy went up in 2 of 2 runs, none significant at "
-            "p < 0.05): no effect larger than 0.041 (MDE at 80 % power, n = 1,303)") in text
+    assert (
+        "- `full-reddit`: Δ pragmatics accuracy (mean over tasks) +0.010 [-0.090, +0.110] "
+        "(p=0.5, n=1303, MDE 0.041, discordance 0.100)"
+    ) in text
+    assert (
+        "**Not reproduced at this scale** (pragmatics accuracy went up in 2 of 2 runs, none significant at "
+        "p < 0.05): no effect larger than 0.041 (MDE at 80 % power, n = 1,303)"
+    ) in text
     # claim 3: the head-to-head MDE is above any plausible effect
-    assert ("**Not reproduced at this scale**: underpowered: MDE 0.310 exceeds any plausible effect (5 points) "
-            "at n = 40") in text
+    assert (
+        "**Not reproduced at this scale**: underpowered: MDE 0.310 exceeds any plausible effect (5 points) "
+        "at n = 40"
+    ) in text
     # claim 4: every line says n and each run's MDE on the metric's scale
-    assert "- hhh_alignment / acc (n = 1,303): `full-reddit` +0.000 (MDE 0.090), `context-reddit` +0.000 (MDE 0.090)" in text
+    assert (
+        "- hhh_alignment / acc (n = 1,303): `full-reddit` +0.000 (MDE 0.090), `context-reddit` +0.000 (MDE 0.090)"
+        in text
+    )
     assert "- generation / length_tokens (n = 1,303): `full-reddit` -1.500* (MDE 2.500)" in text
     # claim 5
-    assert "TruthfulQA went down in 2 of 2 runs, none significant at p < 0.05): no effect larger than 0.041" in text
+    assert (
+        "TruthfulQA went down in 2 of 2 runs, none significant at p < 0.05): no effect larger than 0.041"
+        in text
+    )
 
     text = "\n".join(claims(cfg, rm, _power_comparison(0.2, n=15)))
     assert ": underpowered: MDE 0.200 exceeds any plausible effect (5 points) at n = 15" in text
     text = "\n".join(claims(cfg, rm, _power_comparison(float("inf"), n=4)))
-    assert (": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests need at "
-            "least 6 changed items)") in text
+    assert (
+        ": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests need at "
+        "least 6 changed items)"
+    ) in text
     assert "MDE ∞" in text
     text = "\n".join(claims(cfg, rm, _power_comparison(0.03, n=800, p=0.001, delta=0.05)))
-    assert "**Reproduced** (pragmatics accuracy went up, p < 0.05, in all 2 runs) (MDE 0.030 at 80 % power, n = 800)" in text
-    text = "\n".join(claims(cfg, rm, _power_comparison(None, n=40)))  # a comparison from before MDEs were recorded
+    assert (
+        "**Reproduced** (pragmatics accuracy went up, p < 0.05, in all 2 runs) (MDE 0.030 at 80 % power, n = 800)"
+        in text
+    )
+    text = "\n".join(
+        claims(cfg, rm, _power_comparison(None, n=40))
+    )  # a comparison from before MDEs were recorded
     assert "none significant at p < 0.05) (MDE not recorded, n = 40)" in text
 
 
 def _heldout(**over):
-    return {"n": 64, "source": "politeness hold-out", "base_mean": 0.10, "trained_mean": 0.25, "delta": 0.15,
-            "ci_low": 0.05, "ci_high": 0.26, "p": 0.004, "test": "paired permutation", "mde": 0.09, "kl_mean": 0.8,
-            "base_eos_rate": 0.2, "trained_eos_rate": 0.5, "base_mean_words": 30.5, "trained_mean_words": 22.0,
-            **over}
+    return {
+        "n": 64,
+        "source": "politeness hold-out",
+        "base_mean": 0.10,
+        "trained_mean": 0.25,
+        "delta": 0.15,
+        "ci_low": 0.05,
+        "ci_high": 0.26,
+        "p": 0.004,
+        "test": "paired permutation",
+        "mde": 0.09,
+        "kl_mean": 0.8,
+        "base_eos_rate": 0.2,
+        "trained_eos_rate": 0.5,
+        "base_mean_words": 30.5,
+        "trained_mean_words": 22.0,
+        **over,
+    }
 
 
 def test_ppo_table_reads_heldout_reward_when_present(tmp_path):
     new, old, broken, bare = (tmp_path / n for n in ("new", "old", "broken", "bare"))
     for d in (new, old, broken):
         d.mkdir()
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-            {"step": 1, "reward/mean": 0.1, "objective/kl": 0.0},
-            {"step": 2, "reward/mean": 0.3, "objective/kl": 0.02},
-            {"step": 2, "heldout/reward_mean": 0.25}]))  # not a training step
+        (d / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps(r) + "\n"
+                for r in [
+                    {"step": 1, "reward/mean": 0.1, "objective/kl": 0.0},
+                    {"step": 2, "reward/mean": 0.3, "objective/kl": 0.02},
+                    {"step": 2, "heldout/reward_mean": 0.25},
+                ]
+            )
+        )  # not a training step
     (new / "heldout_reward.json").write_text(json.dumps(_heldout()))
     (broken / "heldout_reward.json").write_text("{oops")
     bare.mkdir()
@@ -220,8 +331,10 @@ def test_ppo_table_reads_heldout_reward_when_present(tmp_path):
     comparison = {"trained": [], "rows": []}
     rm = {v: {"systems": {}} for v in cfg.variants}
     text = write_report(cfg, tmp_path, rm, comparison, summary, {"total": 1.0}).read_text()
-    assert ("| new | 2 | 0.100 | 0.300 | 0.0200 | 0.100 → 0.250 (n = 64) | +0.150 [+0.050, +0.260]* | 0.004 | 0.090 "
-            "| 0.800 | 30.5 → 22.0 / 0.20 → 0.50 |") in text
+    assert (
+        "| new | 2 | 0.100 | 0.300 | 0.0200 | 0.100 → 0.250 (n = 64) | +0.150 [+0.050, +0.260]* | 0.004 | 0.090 "
+        "| 0.800 | 30.5 → 22.0 / 0.20 → 0.50 |"
+    ) in text
     assert "| old | 2 | 0.100 | 0.300 | 0.0200 | not recorded (older run) | — | — | — | — | — |" in text
     assert "| broken | 2 | 0.100 | 0.300 | 0.0200 | unreadable heldout_reward.json: " in text
     assert "| bare | — | — | — | — | not recorded (older run) |" in text
@@ -236,8 +349,13 @@ def _pragmatics_units(cfg):
     from karma.eval.tasks import load_tasks
 
     options = cfg.eval
-    tasks = load_tasks(options["suites"], limit=options.get("limit"), task_limits=options.get("task_limits"),
-                       data_dir=SHARED, n_prompts=1)
+    tasks = load_tasks(
+        options["suites"],
+        limit=options.get("limit"),
+        task_limits=options.get("task_limits"),
+        data_dir=SHARED,
+        n_prompts=1,
+    )
     units: dict[str, int] = {}
     for t in tasks:
         if t.suite == "pragmatics":
@@ -275,18 +393,35 @@ def test_experiment_end_to_end_tiny(tmp_path):
     cfg = ExperimentConfig(
         name="tiny",
         out=str(tmp_path / "exp"),
-        data={"comments": [str(SHARED / "reddit/college_2011_2022/RC_college.zst")],
-              "submissions": [str(SHARED / "reddit/college_2011_2022/RS_college.zst")], "limit": 20000},
-        rm={"variants": ["full", "context"], "max_train": 64, "max_eval": 64, "max_length": 64, "batch_size": 16,
-            "epochs": 1},
+        data={
+            "comments": [str(SHARED / "reddit/college_2011_2022/RC_college.zst")],
+            "submissions": [str(SHARED / "reddit/college_2011_2022/RS_college.zst")],
+            "limit": 20000,
+        },
+        rm={
+            "variants": ["full", "context"],
+            "max_train": 64,
+            "max_eval": 64,
+            "max_length": 64,
+            "batch_size": 16,
+            "epochs": 1,
+        },
         rm_eval={"max_examples": 200, "max_pairs": 100},
         conditions={"reddit": "reddit", "nonreddit": "politeness"},
-        train={"model": {"policy": "smollm2"}, "rollout": {"engine": "hf", "max_new_tokens": 8},
-               "ppo": {"prompts_per_step": 2, "mini_batch_size": 2, "micro_batch_size": 2, "epochs": 1},
-               "data": {"max_prompt_length": 96, "max_prompts": 16}, "run": {"steps": 1, "save_every": 0},
-               "eval": {"heldout_prompts": 4}},
-        eval={"suites": "implicatures,truthfulqa_mc,hhh_alignment,generation", "limit": 4, "n_prompts": 2,
-              "max_new_tokens": 8},
+        train={
+            "model": {"policy": "smollm2"},
+            "rollout": {"engine": "hf", "max_new_tokens": 8},
+            "ppo": {"prompts_per_step": 2, "mini_batch_size": 2, "micro_batch_size": 2, "epochs": 1},
+            "data": {"max_prompt_length": 96, "max_prompts": 16},
+            "run": {"steps": 1, "save_every": 0},
+            "eval": {"heldout_prompts": 4},
+        },
+        eval={
+            "suites": "implicatures,truthfulqa_mc,hhh_alignment,generation",
+            "limit": 4,
+            "n_prompts": 2,
+            "max_new_tokens": 8,
+        },
     )
     report = run_experiment(cfg)
     text = report.read_text()
@@ -297,19 +432,34 @@ def test_experiment_end_to_end_tiny(tmp_path):
         res = json.loads((out / "eval" / run / "results.json").read_text())
         assert "truthfulqa_mc" in res["tasks"]
     cmp = json.loads((out / "compare" / "compare.json").read_text())
-    assert {t["label"] for t in cmp["trained"]} == {"full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"}
+    assert {t["label"] for t in cmp["trained"]} == {
+        "full-reddit",
+        "full-nonreddit",
+        "context-reddit",
+        "context-nonreddit",
+    }
     # every compared row states its MDE; 4 items per task can never reach p < 0.05 under exact McNemar
     cells = [c for r in cmp["rows"] for c in r["models"].values()]
     assert cells and all("mde" in c and "mde_basis" in c for c in cells)
     imp = next(r for r in cmp["rows"] if r["row"] == "implicatures" and r["metric"] == "acc")
     assert all(c["mde"] == float("inf") for c in imp["models"].values())
-    assert ": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests" in text
-    assert all(c["mde"] == float("inf") for r in cmp["rows"] if r["row"] == "truthfulqa_mc" for c in r["models"].values())
+    assert (
+        ": underpowered: at n = 4 no result could reach p < 0.05 (exact McNemar and sign-flip tests" in text
+    )
+    assert all(
+        c["mde"] == float("inf")
+        for r in cmp["rows"]
+        if r["row"] == "truthfulqa_mc"
+        for c in r["models"].values()
+    )
     # each PPO run measured its held-out reward (heldout_reward.json) and the report's PPO table shows it
     for run in ("full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"):
         heldout = json.loads((out / "policies" / run / "heldout_reward.json").read_text())
         assert heldout["n"] == 4
-        assert f"| {run} | 1 |" in text and f"{heldout['base_mean']:.3f} → {heldout['trained_mean']:.3f} (n = 4)" in text
+        assert (
+            f"| {run} | 1 |" in text
+            and f"{heldout['base_mean']:.3f} → {heldout['trained_mean']:.3f} (n = 4)" in text
+        )
     # every policy's generated replies got a real reward from the judge RM over HTTP
     base = json.loads((out / "eval" / "base" / "results.json").read_text())
     replies = base["tasks"]["generation"]["items"]

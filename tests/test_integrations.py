@@ -31,7 +31,7 @@ from karma import chat
 from karma.rm.model import RewardModel, RMInput
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.testing import make_tiny_rm, serve_in_thread
+from tests.support import make_tiny_rm, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,9 +293,9 @@ def test_normalized_by_default_for_chosen_models(root, client):
         assert c.post("/v1/score", json={"items": [item]}).json()["scores"] == pytest.approx(
             [(raw_score - 0.25) / 2.0], abs=1e-6
         )
-        assert c.post("/v1/score", json={"items": [item], "normalize": False}).json()["scores"] == pytest.approx(
-            [raw_score], abs=1e-6
-        )
+        assert c.post("/v1/score", json={"items": [item], "normalize": False}).json()[
+            "scores"
+        ] == pytest.approx([raw_score], abs=1e-6)
     finally:
         c.__exit__(None, None, None)
     s = Settings(models={"a": str(root / "a"), "b": str(root / "b")}, normalize_models="b, a")

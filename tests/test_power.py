@@ -49,7 +49,9 @@ def test_paired_t_mde_has_80_percent_power_in_a_seeded_simulation():
     tstat = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
     crit = student.ppf(0.975, n - 1)
     simulated = float(np.mean(np.abs(tstat) > crit))
-    exact = float(nct.sf(crit, n - 1, mde / sd * math.sqrt(n)) + nct.cdf(-crit, n - 1, mde / sd * math.sqrt(n)))
+    exact = float(
+        nct.sf(crit, n - 1, mde / sd * math.sqrt(n)) + nct.cdf(-crit, n - 1, mde / sd * math.sqrt(n))
+    )
     assert simulated == pytest.approx(exact, abs=0.01)  # the simulation is right
     assert exact == pytest.approx(0.80, abs=0.01)  # and the formula gives 80 %
     z_mde = P.mde_paired(sd, n, t=False)
@@ -105,7 +107,11 @@ def test_connor_sample_size_by_hand():
     by_hand = ((1.959964 * math.sqrt(0.2) + 0.841621 * math.sqrt(0.2 - 0.01)) / 0.1) ** 2
     assert by_hand == pytest.approx(154.6, abs=0.05)
     assert P.n_mcnemar(0.1, 0.2, asymptotic=True) == 155
-    assert P.mcnemar_power(155, 0.2, 0.1, asymptotic=True) >= 0.8 > P.mcnemar_power(154, 0.2, 0.1, asymptotic=True)
+    assert (
+        P.mcnemar_power(155, 0.2, 0.1, asymptotic=True)
+        >= 0.8
+        > P.mcnemar_power(154, 0.2, 0.1, asymptotic=True)
+    )
     n = P.n_mcnemar(0.1, 0.2)  # exact: a little more than the normal approximation
     assert 155 <= n <= 180
     assert P.mcnemar_power(n, 0.2, 0.1) >= 0.8 > P.mcnemar_power(n - 1, 0.2, 0.1)
@@ -114,8 +120,9 @@ def test_connor_sample_size_by_hand():
 def test_mcnemar_mde_with_and_without_discordance():
     # asymptotic MDE solves Connor's equation
     mde = P.mde_mcnemar(500, 0.2, asymptotic=True)
-    assert mde * math.sqrt(500) == pytest.approx(1.959964 * math.sqrt(0.2) + 0.841621 * math.sqrt(0.2 - mde**2),
-                                                 abs=1e-3)
+    assert mde * math.sqrt(500) == pytest.approx(
+        1.959964 * math.sqrt(0.2) + 0.841621 * math.sqrt(0.2 - mde**2), abs=1e-3
+    )
     # exact MDE at a discordance it does not exceed: power 0.8 there
     mde = P.mde_mcnemar(500, 0.2)
     assert 0.05 < mde < 0.2
@@ -137,13 +144,18 @@ def test_mcnemar_mde_with_and_without_discordance():
 
 def test_mean_of_means_mde():
     # one task: Connor's asymptotic McNemar; K equal tasks: the same as one task with all their items
-    assert P.mde_mean_of_means([0.2], [300]) == pytest.approx(P.mde_mcnemar(300, 0.2, asymptotic=True), abs=1e-4)
-    assert P.mde_mean_of_means([0.2] * 4, [100] * 4) == pytest.approx(P.mde_mcnemar(400, 0.2, asymptotic=True),
-                                                                       abs=1e-4)
+    assert P.mde_mean_of_means([0.2], [300]) == pytest.approx(
+        P.mde_mcnemar(300, 0.2, asymptotic=True), abs=1e-4
+    )
+    assert P.mde_mean_of_means([0.2] * 4, [100] * 4) == pytest.approx(
+        P.mde_mcnemar(400, 0.2, asymptotic=True), abs=1e-4
+    )
     # a small task dominates the unweighted mean
     assert P.mde_mean_of_means([0.2, 0.2], [1000, 50]) > P.mde_mean_of_means([0.2, 0.2], [1000, 1000]) * 2
     # continuous: z · √(Σ sd² / n) / K
-    assert P.mde_mean_of_means_sd([0.3, 0.5], [100, 25]) == pytest.approx(Z * math.sqrt(0.09 / 100 + 0.25 / 25) / 2)
+    assert P.mde_mean_of_means_sd([0.3, 0.5], [100, 25]) == pytest.approx(
+        Z * math.sqrt(0.09 / 100 + 0.25 / 25) / 2
+    )
     with pytest.raises(ValueError, match="one discordance per task"):
         P.mde_mean_of_means([0.1], [10, 20])
 

@@ -49,7 +49,9 @@ def test_gae_matches_reference_loop(gamma, lam):
 def test_gae_hand_computed():
     # one sequence, 2 tokens: r = [0, 1], V = [0.5, 0.25], gamma = lam = 1
     # delta1 = 1 + 0 - 0.25 = 0.75; delta0 = 0 + 0.25 - 0.5 = -0.25; A0 = -0.25 + 0.75 = 0.5
-    adv, ret = pm.compute_gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), 1.0, 1.0)
+    adv, ret = pm.compute_gae(
+        torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), 1.0, 1.0
+    )
     assert adv.tolist() == [[0.5, 0.75]]
     assert ret.tolist() == [[1.0, 1.0]]
 
@@ -97,8 +99,13 @@ def test_policy_loss_gradient_is_zero_when_clipped():
 def test_value_loss_hand_computed():
     # V = 2, V_old = 1, R = 3, clip 0.5 -> V_clip = 1.5; max((2-3)^2, (1.5-3)^2) = 2.25 -> 0.5 * 2.25
     # V = 0.9, V_old = 1, R = 1 -> V_clip = 0.9 (inside); both 0.01 -> 0.005, not clipped
-    loss, frac = pm.value_loss(torch.tensor([[2.0, 0.9]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0, 1.0]]),
-                               torch.ones(1, 2), 0.5)
+    loss, frac = pm.value_loss(
+        torch.tensor([[2.0, 0.9]]),
+        torch.tensor([[1.0, 1.0]]),
+        torch.tensor([[3.0, 1.0]]),
+        torch.ones(1, 2),
+        0.5,
+    )
     assert loss.item() == pytest.approx(0.5 * (2.25 + 0.01) / 2)
     assert frac.item() == pytest.approx(0.5)
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from karma.rm.model import RewardModel, RMInput
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.testing import make_tiny_rm
+from tests.support import make_tiny_rm
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 ITEMS = [
@@ -188,8 +188,12 @@ def test_non_json_body_gets_422(client):
 
 def test_too_many_items_get_422_and_too_large_a_body_413(client):
     # the item limit is in the OpenAPI document (maxItems): exceeding it is a validation error
-    assert client.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]["properties"]["items"][
-        "maxItems"] == 8
+    assert (
+        client.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]["properties"]["items"][
+            "maxItems"
+        ]
+        == 8
+    )
     resp = client.post("/v1/score", json={"items": [{"response": "x"}] * 9})
     assert_error(resp, 422, "validation", "9 items in one request; the limit is max_client_batch_size=8")
     big = json.dumps({"items": [{"response": "x" * 30_000}]}).encode()
@@ -416,8 +420,13 @@ def test_admin_paths_are_confined_to_model_roots(client, path, status, match):
 
 def test_admin_default_model_route_and_variant_guarded_swap(root, rm_a):
     make_tiny_rm(root / "full_v", "full", seed=5)
-    app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}, admin_token="admin-secret",
-                              model_roots=[str(root)]))
+    app = create_app(
+        Settings(
+            models={"a": str(root / "a"), "b": str(root / "b")},
+            admin_token="admin-secret",
+            model_roots=[str(root)],
+        )
+    )
     with TestClient(app) as c:
         wait_ready(c)
         assert c.post("/v1/score", json={"items": ITEMS[:1]}).json()["model"] == "a"
@@ -425,11 +434,17 @@ def test_admin_default_model_route_and_variant_guarded_swap(root, rm_a):
         assert r.status_code == 200 and r.json()["default_model"] == "b"
         assert c.post("/v1/score", json={"items": ITEMS[:1]}).json()["model"] == "b"
         assert c.get("/info").json()["default_model"] == "b"
-        assert_error(c.put("/v1/default-model", json={"name": "zz"}, headers=ADMIN), 404, "not_found",
-                     "unknown model 'zz'")
+        assert_error(
+            c.put("/v1/default-model", json={"name": "zz"}, headers=ADMIN),
+            404,
+            "not_found",
+            "unknown model 'zz'",
+        )
         assert c.put("/v1/default-model", json={"name": "b"}).status_code == 401
         refused = c.put("/v1/models/a", json={"path": "full_v"}, headers=ADMIN)
-        assert_error(refused, 409, "conflict", "would change its variant from 'context' to 'full'; send force=true")
+        assert_error(
+            refused, 409, "conflict", "would change its variant from 'context' to 'full'; send force=true"
+        )
         assert c.get("/v1/models", headers=ADMIN).json()["models"][0]["variant"] == "context"
         forced = c.put("/v1/models/a", json={"path": "full_v", "force": True}, headers=ADMIN)
         assert forced.status_code == 200 and forced.json()["model"]["variant"] == "full"

@@ -32,8 +32,13 @@ from services.reward_api.engine import (
 class FakeModel:
     """score = mean of the input ids; records the batches; optionally blocks until `gate` is set."""
 
-    def __init__(self, version: str = "v1", gate: threading.Event | None = None, fail: bool = False,
-                 variant: str = "context"):
+    def __init__(
+        self,
+        version: str = "v1",
+        gate: threading.Event | None = None,
+        fail: bool = False,
+        variant: str = "context",
+    ):
         self.version = version
         self.config = SimpleNamespace(variant=variant)
         self.batches: list[list[int]] = []
@@ -182,8 +187,11 @@ def test_admission_by_time_refuses_with_the_estimated_wait_and_cancelled_work_st
             time.sleep(0.01)
         queued = worker.submit([enc(100)] * 15)  # ~1.6 s of work ahead of the next request
         assert worker.depth == 15 and 1.3 < worker.estimated_wait() < 3.5
-        with pytest.raises(QueueBusyError, match=r"'m' is overloaded: the 15 items queued ahead need an "
-                                                  r"estimated \d+\.\ds, more than max_queue_wait_s=0.5") as err:
+        with pytest.raises(
+            QueueBusyError,
+            match=r"'m' is overloaded: the 15 items queued ahead need an "
+            r"estimated \d+\.\ds, more than max_queue_wait_s=0.5",
+        ) as err:
             worker.submit([enc(10)])
         assert 0.8 < err.value.retry_after < 3.0
         assert queued.cancel()  # the client went away: its items leave the accounting at once
@@ -191,7 +199,11 @@ def test_admission_by_time_refuses_with_the_estimated_wait_and_cancelled_work_st
         worker.admit(1)
         gate.set()
         assert blocker.result(5) == [1.0] and worker.submit([enc(10)]).result(5) == [1.0]
-        assert sorted(len(b) for b in model.batches) == [1, 1, 1]  # the 15 cancelled items were never forwarded
+        assert sorted(len(b) for b in model.batches) == [
+            1,
+            1,
+            1,
+        ]  # the 15 cancelled items were never forwarded
     finally:
         gate.set()
         worker.close()
@@ -225,7 +237,9 @@ def fake_registry(monkeypatch) -> ModelRegistry:
 def test_swap_to_another_variant_is_refused_unless_forced(monkeypatch):
     registry = fake_registry(monkeypatch)
     registry.load("a", Path("/m/v1"))
-    with pytest.raises(ModelExistsError, match="would change its variant from 'context' to 'full'; send force=true"):
+    with pytest.raises(
+        ModelExistsError, match="would change its variant from 'context' to 'full'; send force=true"
+    ):
         registry.swap("a", Path("/m/full-v2"))
     assert registry.get("a").version == "v1"
     new, _ = registry.swap("a", Path("/m/full-v2"), force=True)
@@ -287,7 +301,7 @@ def test_hot_swap_waits_for_leases_on_the_old_model_before_freeing_it(monkeypatc
 
 def test_batch_invariance_with_a_real_tiny_model(tmp_path):
     from karma.rm.model import RewardModel
-    from services.reward_api.testing import make_tiny_rm
+    from tests.support import make_tiny_rm
 
     rm = RewardModel.load(make_tiny_rm(tmp_path / "rm", "context", seed=3))
     items = [RMInput("context " * (i * 3), "a reply " * (1 + i % 5)) for i in range(24)]

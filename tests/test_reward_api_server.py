@@ -16,10 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from karma.client import RewardClient, RewardServiceError
+from karma.net import free_port
 from karma.rm.model import RewardModel, RMInput
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.testing import free_port, make_tiny_rm, reddit_items, serve_in_thread
+from tests.support import make_tiny_rm, reddit_items, serve_in_thread
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 ITEMS = [
@@ -190,7 +191,8 @@ def slow_server(root: Path, seconds_per_item: float, **overrides):
 
 
 def test_work_of_a_client_that_went_away_is_dropped_not_scored(root):
-    app, registry, slow = slow_server(root, 0.01, max_client_batch_size=64)
+    # batches of at most one request (50 items of ~12 tokens), so a batch taken late cannot swallow several
+    app, registry, slow = slow_server(root, 0.01, max_client_batch_size=64, max_batch_tokens=1024)
     worker = registry.get("a").worker
     batch = [{"response": f"item {i} " * 5} for i in range(50)]  # 0.5 s of work each
     with serve_in_thread(app) as url:
@@ -257,7 +259,9 @@ def test_one_maximal_request_does_not_stall_small_ones(root):
                 big = asyncio.ensure_future(http.post(f"{url}/v1/score", json=huge))
                 await asyncio.sleep(0.05)
                 lat, t0 = [], time.monotonic()
-                while time.monotonic() - t0 < 3.0 or not big.done():  # 3 s of small requests, and until it ends
+                while (
+                    time.monotonic() - t0 < 3.0 or not big.done()
+                ):  # 3 s of small requests, and until it ends
                     t = time.monotonic()
                     assert (await http.post(f"{url}/v1/score", json=small)).status_code == 200
                     lat.append(time.monotonic() - t)
@@ -267,8 +271,10 @@ def test_one_maximal_request_does_not_stall_small_ones(root):
         big, lat = asyncio.run(go())
         assert big.status_code == 200 and big.json()["truncated"] == [True]
         p99 = lat[math.ceil(0.99 * len(lat)) - 1]  # nearest rank
-        print(f"\nsmall requests beside a {len(str(huge)) / 2**20:.1f} MiB one: p50 {lat[len(lat) // 2]:.3f}s "
-              f"p99 {p99:.3f}s")
+        print(
+            f"\nsmall requests beside a {len(str(huge)) / 2**20:.1f} MiB one: p50 {lat[len(lat) // 2]:.3f}s "
+            f"p99 {p99:.3f}s"
+        )
         # stated bound; without the cut before tokenising, this request's encode alone took 6 s here (and a
         # small request waited 68 s behind a 15 MB one)
         assert p99 < 1.0
@@ -285,7 +291,9 @@ def test_admin_load_of_a_corrupt_folder_is_a_422_naming_the_file_and_keeps_the_c
     with serve_in_thread(app_for(root)) as url, httpx.Client(base_url=url, headers=ADMIN, timeout=60) as http:
         r = http.post("/v1/models", json={"name": "c", "path": "corrupt"})
         assert r.status_code == 422 and r.json()["error_type"] == "model_load"
-        assert f"could not load the model from {bad.resolve()} (weights: model.safetensors)" in r.json()["error"]
+        assert (
+            f"could not load the model from {bad.resolve()} (weights: model.safetensors)" in r.json()["error"]
+        )
         # the same keep-alive connection serves the next request (it was reset before)
         assert http.post("/v1/score", json={"items": ITEMS[:1]}).status_code == 200
         assert http.get("/ready").json()["models"] == {"a": "ready"}

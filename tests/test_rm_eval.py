@@ -15,9 +15,9 @@ from karma.rm import metrics
 from karma.rm.cli import app
 from karma.rm.compare import compare_rm, statement
 from karma.rm.evaluate import evaluate_rm
-from karma.rm.fixtures import tiny_backbone, write_prepared_data
 from karma.rm.model import MissingRMConfigError
 from karma.rm.train import train_rm
+from tests.support import tiny_backbone, write_prepared_data
 
 FAST = {"learning_rate": 3e-3, "batch_size": 16, "logging_steps": 5, "threads": 1, "progress": False}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,8 +35,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rm_dir(backbone, data, tmp_path_factory):
-    return train_rm(data, tmp_path_factory.mktemp("rm") / "ctx", backbone=backbone, max_steps=40, eval_steps=20,
-                    **FAST)
+    return train_rm(
+        data, tmp_path_factory.mktemp("rm") / "ctx", backbone=backbone, max_steps=40, eval_steps=20, **FAST
+    )
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -96,9 +97,12 @@ def test_evaluate_rm_writes_reports_and_baselines_match_hand_computation(rm_dir,
     # earliness: −seconds_since_post of each pair member, joined by id
     since = ex.set_index("example_id")["seconds_since_post"]
     c, j = since[pairs["chosen_id"]].to_numpy(), since[pairs["rejected_id"]].to_numpy()
-    assert r["systems"]["earliness"]["overall"]["pairwise_accuracy"] == pytest.approx(((c < j) + 0.5 * (c == j)).mean())
+    assert r["systems"]["earliness"]["overall"]["pairwise_accuracy"] == pytest.approx(
+        ((c < j) + 0.5 * (c == j)).mean()
+    )
     assert r["systems"]["earliness"]["overall"]["spearman"] == pytest.approx(
-        spearmanr(-ex["seconds_since_post"], ex["karma"]).statistic)
+        spearmanr(-ex["seconds_since_post"], ex["karma"]).statistic
+    )
 
     for name, m in r["systems"].items():
         o = m["overall"]
@@ -119,7 +123,9 @@ def test_evaluate_rm_writes_reports_and_baselines_match_hand_computation(rm_dir,
 def test_pair_sets_are_built_from_the_split_in_both_orders(rm_dir, data, tmp_path):
     from karma.rm.pairsets import LENGTH_RATIO
 
-    r = evaluate_rm(rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=None)
+    r = evaluate_rm(
+        rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=None
+    )
     ex = pd.read_parquet(data / "examples.parquet")
     ex = ex[(ex["split"] == "test") & (ex["score"] >= 2)]
     m = ex.merge(ex, on="parent_id", suffixes=("_a", "_b"))
@@ -140,18 +146,28 @@ def test_pair_sets_are_built_from_the_split_in_both_orders(rm_dir, data, tmp_pat
         for system, a in d["systems"].items():
             assert a["lo"] <= a["accuracy"] <= a["hi"], (name, system)
         p = d["paired"]["rm:context - length"]
-        assert p["diff"] == pytest.approx(d["systems"]["rm:context"]["accuracy"] - d["systems"]["length"]["accuracy"])
+        assert p["diff"] == pytest.approx(
+            d["systems"]["rm:context"]["accuracy"] - d["systems"]["length"]["accuracy"]
+        )
         assert 0 < p["p"] <= 1 and p["mde"] > 0
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert "## Pair sets" in report and "`length_controlled`" in report and "on `length_controlled` pairs" in report
+    assert (
+        "## Pair sets" in report
+        and "`length_controlled`" in report
+        and "on `length_controlled` pairs" in report
+    )
 
 
 def test_capped_balanced_set_stays_half_chosen_later(rm_dir, data, tmp_path):
-    full = evaluate_rm(rm_dir, data, "test", tmp_path / "full", max_examples=None, max_pairs=None, max_set_pairs=None)
+    full = evaluate_rm(
+        rm_dir, data, "test", tmp_path / "full", max_examples=None, max_pairs=None, max_set_pairs=None
+    )
     n = full["pair_sets"]["sets"]["balanced"]["n"]
     assert n >= 6
     cap = n // 2 - (n // 2) % 2  # an even cap below the full balanced set
-    r = evaluate_rm(rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=cap)
+    r = evaluate_rm(
+        rm_dir, data, "test", tmp_path / "ev", max_examples=None, max_pairs=None, max_set_pairs=cap
+    )
     d = r["pair_sets"]["sets"]["balanced"]
     assert d["n"] == cap and d["chosen_later"] == 0.5 and d["available"] == n
 
@@ -181,7 +197,10 @@ def test_claim_one_is_decided_by_the_paired_tests(rm_dir, data):
     r = evaluate_rm([rm_dir, rm_dir], data, "test", n_boot=200)
     text = "\n".join(karma_prediction_claim(r, a="rm:context", b="rm:context'"))
     # the same model twice: a zero paired difference, stated with the effect the run could have detected
-    assert "**Not reproduced at this scale**: no Spearman difference larger than 0.000 (MDE at 80 % power)" in text
+    assert (
+        "**Not reproduced at this scale**: no Spearman difference larger than 0.000 (MDE at 80 % power)"
+        in text
+    )
     assert "paired Δ Spearman (context − context') +0.000 [+0.000, +0.000]" in text
     assert "paired Δ accuracy on `natural` pairs +0.000" in text
     assert "| length |" in text and "acc `length_controlled` [95 % CI]" in text
@@ -197,11 +216,15 @@ def test_evaluate_rm_model_scores_equal_reward_model_scores(rm_dir, data):
     r = evaluate_rm(rm_dir, data, "test", baselines=False, max_examples=None, max_pairs=None)
     ex = read_examples(data, "test")
     s = RewardModel.load(rm_dir).score(example_inputs(ex))
-    assert r["systems"]["rm:context"]["overall"]["spearman"] == pytest.approx(spearmanr(s, ex["karma"]).statistic)
+    assert r["systems"]["rm:context"]["overall"]["spearman"] == pytest.approx(
+        spearmanr(s, ex["karma"]).statistic
+    )
 
 
 def test_evaluate_rm_subsamples_whole_threads_and_filters_subreddits(rm_dir, data):
-    r = evaluate_rm(rm_dir, data, "test", baselines=False, max_examples=20, max_pairs=5, subreddits=["College"])
+    r = evaluate_rm(
+        rm_dir, data, "test", baselines=False, max_examples=20, max_pairs=5, subreddits=["College"]
+    )
     assert r["subsampled"] and r["n_pairs"] == 5 and 0 < r["n_examples"] <= 20
     assert r["n_examples"] % 6 == 0  # 6 comments per synthetic thread: only whole threads are taken
     assert set(r["systems"]["rm:context"]["by_subreddit"]) == {"College"}
@@ -220,8 +243,16 @@ def test_evaluate_refuses_folder_without_karma_rm_json(backbone, data):
 
 # ------------------------------------------------------------------------------------------- compare
 def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_path):
-    r = compare_rm(data, tmp_path / "cmp", ["full", "context"], backbone=backbone, max_steps=20, eval_steps=20,
-                   n_boot=100, **FAST)
+    r = compare_rm(
+        data,
+        tmp_path / "cmp",
+        ["full", "context"],
+        backbone=backbone,
+        max_steps=20,
+        eval_steps=20,
+        n_boot=100,
+        **FAST,
+    )
     ev = r["evaluations"]["test"]
     assert list(ev["systems"]) == ["rm:full", "rm:context", "length", "bow_ridge", "earliness", "lateness"]
     paired = ev["pair_sets"]["sets"]["natural"]["paired"]["rm:full - rm:context"]
@@ -231,7 +262,9 @@ def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_p
     b = ev["bootstrap"]["rm:full - rm:context"]
     full, ctx = ev["systems"]["rm:full"]["overall"], ev["systems"]["rm:context"]["overall"]
     assert b["spearman"]["diff"] == pytest.approx(full["spearman"] - ctx["spearman"])
-    assert b["pairwise_accuracy"]["diff"] == pytest.approx(full["pairwise_accuracy"] - ctx["pairwise_accuracy"])
+    assert b["pairwise_accuracy"]["diff"] == pytest.approx(
+        full["pairwise_accuracy"] - ctx["pairwise_accuracy"]
+    )
     assert f"Spearman {full['spearman']:.3f} vs {ctx['spearman']:.3f}" in ev["statement"]
     early = ev["systems"]["earliness"]["overall"]["pairwise_accuracy"]
     assert f"Timing alone (`earliness`) reaches pairwise accuracy {early:.3f}" in ev["statement"]
@@ -243,31 +276,55 @@ def test_compare_trains_each_variant_and_states_the_answer(backbone, data, tmp_p
 
 
 def test_statement_follows_the_intervals():
-    systems = {"rm:full": {"overall": {"spearman": 0.4, "pairwise_accuracy": 0.7}},
-               "rm:context": {"overall": {"spearman": 0.3, "pairwise_accuracy": 0.6}},
-               "length": {"overall": {"pairwise_accuracy": 0.65}}}
-    better = {"rm:full - rm:context": {"spearman": {"diff": 0.1, "lo": 0.05, "hi": 0.15},
-                                        "pairwise_accuracy": {"diff": 0.1, "lo": -0.01, "hi": 0.2}}}
+    systems = {
+        "rm:full": {"overall": {"spearman": 0.4, "pairwise_accuracy": 0.7}},
+        "rm:context": {"overall": {"spearman": 0.3, "pairwise_accuracy": 0.6}},
+        "length": {"overall": {"pairwise_accuracy": 0.65}},
+    }
+    better = {
+        "rm:full - rm:context": {
+            "spearman": {"diff": 0.1, "lo": 0.05, "hi": 0.15},
+            "pairwise_accuracy": {"diff": 0.1, "lo": -0.01, "hi": 0.2},
+        }
+    }
     s = statement(systems, better)
     assert s.startswith("Yes: `full` predicts karma better than `context`")
     assert "Δ +0.100, 95% CI [+0.050, +0.150]" in s and "`full` beats it" in s
-    worse = {"rm:full - rm:context": {"spearman": {"diff": 0.1, "lo": -0.2, "hi": -0.01},
-                                       "pairwise_accuracy": {"diff": 0.1, "lo": -0.2, "hi": 0.3}}}
+    worse = {
+        "rm:full - rm:context": {
+            "spearman": {"diff": 0.1, "lo": -0.2, "hi": -0.01},
+            "pairwise_accuracy": {"diff": 0.1, "lo": -0.2, "hi": 0.3},
+        }
+    }
     assert statement(systems, worse).startswith("No: `context` predicts karma better than `full`")
     tied = {"rm:full - rm:context": {"spearman": {"diff": 0.1, "lo": -0.2, "hi": 0.3}}}
     assert statement(systems, tied).startswith("Not distinguishable")
     systems["length"]["overall"]["spearman"] = 0.2
-    single = {"rm:context - length": {"spearman": {"diff": 0.1, "lo": 0.02, "hi": 0.2},
-                                      "pairwise_accuracy": {"diff": -0.05, "lo": -0.1, "hi": 0.01}}}
+    single = {
+        "rm:context - length": {
+            "spearman": {"diff": 0.1, "lo": 0.02, "hi": 0.2},
+            "pairwise_accuracy": {"diff": -0.05, "lo": -0.1, "hi": 0.01},
+        }
+    }
     del systems["rm:full"]
     assert statement(systems, single) == (
         "`full` and `context` were not both trained. `context` vs the length baseline: Spearman 0.300 vs 0.200 "
-        "(Δ +0.100, 95% CI [+0.020, +0.200]); pairwise accuracy 0.600 vs 0.650 (Δ -0.050, 95% CI [-0.100, +0.010]).")
+        "(Δ +0.100, 95% CI [+0.020, +0.200]); pairwise accuracy 0.600 vs 0.650 (Δ -0.050, 95% CI [-0.100, +0.010])."
+    )
 
 
 def test_compare_transfer_evaluates_in_domain_and_other_subreddits(backbone, data, tmp_path):
-    r = compare_rm(data, tmp_path / "tr", ["context"], backbone=backbone, train_subreddit="College", max_steps=5,
-                   eval_steps=5, n_boot=50, **FAST)
+    r = compare_rm(
+        data,
+        tmp_path / "tr",
+        ["context"],
+        backbone=backbone,
+        train_subreddit="College",
+        max_steps=5,
+        eval_steps=5,
+        n_boot=50,
+        **FAST,
+    )
     assert set(r["evaluations"]) == {"in_domain", "transfer"}
     assert set(r["evaluations"]["in_domain"]["systems"]["rm:context"]["by_subreddit"]) == {"College"}
     assert set(r["evaluations"]["transfer"]["systems"]["rm:context"]["by_subreddit"]) == {"ApplyingToCollege"}
@@ -278,22 +335,66 @@ def test_compare_transfer_evaluates_in_domain_and_other_subreddits(backbone, dat
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_train_eval_and_errors(backbone, data, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--backbone", backbone,
-                              "--max-steps", "4", "--max-train", "30", "--threads", "1", "--lr", "1e-3"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m"),
+            "--backbone",
+            backbone,
+            "--max-steps",
+            "4",
+            "--max-train",
+            "30",
+            "--threads",
+            "1",
+            "--lr",
+            "1e-3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "SUBSAMPLED: pass --full for the full run" in res.output and "on 30 of" in res.output
-    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
-                              str(tmp_path / "e"), "--max-pairs", "10"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "m"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "e"),
+            "--max-pairs",
+            "10",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "| rm:context |" in res.output and (tmp_path / "e" / "report.md").exists()
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_pairs"] == 10 and all(math.isfinite(v["overall"]["spearman"]) for v in m["systems"].values())
 
     nometa = write_prepared_data(tmp_path / "nometa", n_threads=10, metadata=False)
-    res = runner.invoke(app, ["train", "--data", str(nometa), "--out", str(tmp_path / "x"), "--variant", "full",
-                              "--backbone", backbone])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(nometa),
+            "--out",
+            str(tmp_path / "x"),
+            "--variant",
+            "full",
+            "--backbone",
+            backbone,
+        ],
+    )
     assert res.exit_code == 2 and "variant 'full' needs metadata columns" in res.output
-    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--backbone", "./nope/x"])
+    res = runner.invoke(
+        app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--backbone", "./nope/x"]
+    )
     assert res.exit_code == 2 and "model path does not exist" in res.output
     res = runner.invoke(app, ["eval", "--model", backbone, "--data", str(data), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "karma_rm.json is missing" in res.output

@@ -11,10 +11,10 @@ import pytest
 
 from karma.models import ModelNotFoundError
 from karma.rm.data import DataError
-from karma.rm.fixtures import tiny_backbone, write_prepared_data
 from karma.rm.model import MissingRMConfigError, RewardModel, RMInput, new_reward_model
 from karma.rm.template import TEMPLATE_DOC
 from karma.rm.train import RMTrainConfig, train_rm
+from tests.support import tiny_backbone, write_prepared_data
 
 FAST = {"learning_rate": 3e-3, "batch_size": 16, "logging_steps": 5, "threads": 1, "progress": False}
 
@@ -32,8 +32,16 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairwise_rm(backbone, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm") / "context-pairwise"
-    return train_rm(data, out, backbone=backbone, variant="context", objective="pairwise", max_steps=60,
-                    eval_steps=20, **FAST)
+    return train_rm(
+        data,
+        out,
+        backbone=backbone,
+        variant="context",
+        objective="pairwise",
+        max_steps=60,
+        eval_steps=20,
+        **FAST,
+    )
 
 
 def _log(path):
@@ -48,9 +56,16 @@ def _first_last(path, key):
 # ------------------------------------------------------------------------------------------- templates
 def test_template_differs_per_variant(backbone):
     item = RMInput(
-        context=["Is CS worth it?", "I am a junior deciding on a major."], response="Yes, if you like it.",
-        metadata={"subreddit": "College", "depth": 1, "seconds_since_post": 300.0, "seconds_since_parent": 7200.0,
-                  "created_utc": 1_600_000_000, "sibling_count": 4},
+        context=["Is CS worth it?", "I am a junior deciding on a major."],
+        response="Yes, if you like it.",
+        metadata={
+            "subreddit": "College",
+            "depth": 1,
+            "seconds_since_post": 300.0,
+            "seconds_since_parent": 7200.0,
+            "created_utc": 1_600_000_000,
+            "sibling_count": 4,
+        },
     )
     decoded = {}
     for v in ("full", "context", "response"):
@@ -60,7 +75,10 @@ def test_template_differs_per_variant(backbone):
         decoded[v] = rm.tokenizer.decode(enc.input_ids)
         assert (enc.token_type_ids is not None) and (max(enc.token_type_ids) == (0 if v == "response" else 1))
     assert decoded["response"] == "[CLS] yes, if you like it. [SEP]"
-    assert decoded["context"] == "[CLS] is cs worth it? i am a junior deciding on a major. [SEP] yes, if you like it. [SEP]"
+    assert (
+        decoded["context"]
+        == "[CLS] is cs worth it? i am a junior deciding on a major. [SEP] yes, if you like it. [SEP]"
+    )
     assert decoded["full"] == (
         "[CLS] is cs worth it? i am a junior deciding on a major. [SEP] [ r / college | depth 1 | 5m after post | "
         "2. 0h after parent | 12h utc | 4 siblings ] yes, if you like it. [SEP]"
@@ -121,8 +139,9 @@ def test_same_seed_same_model(backbone, data, tmp_path):
 
 
 def test_regression_objective(backbone, data, tmp_path):
-    out = train_rm(data, tmp_path / "reg", backbone=backbone, objective="regression", max_steps=40, eval_steps=20,
-                   **FAST)
+    out = train_rm(
+        data, tmp_path / "reg", backbone=backbone, objective="regression", max_steps=40, eval_steps=20, **FAST
+    )
     first, last = _first_last(out, "loss_regression")
     assert last < first * 0.7
     cfg = json.loads((out / "karma_rm.json").read_text())
@@ -134,8 +153,18 @@ def test_regression_objective(backbone, data, tmp_path):
 
 
 def test_both_objective_with_margin_logs_both_losses(backbone, data, tmp_path):
-    out = train_rm(data, tmp_path / "both", backbone=backbone, variant="full", objective="both", margin_scale=1.0,
-                   regression_weight=0.5, max_steps=10, eval_steps=10, **FAST)
+    out = train_rm(
+        data,
+        tmp_path / "both",
+        backbone=backbone,
+        variant="full",
+        objective="both",
+        margin_scale=1.0,
+        regression_weight=0.5,
+        max_steps=10,
+        eval_steps=10,
+        **FAST,
+    )
     logged = [h for h in _log(out) if "loss" in h]
     assert all("loss_pairwise" in h and "loss_regression" in h for h in logged)
     # the margin log(ratio) >= log 2 makes a fresh head's pairwise loss larger than log 2
@@ -144,8 +173,16 @@ def test_both_objective_with_margin_logs_both_losses(backbone, data, tmp_path):
 
 
 def test_grad_accumulation_and_subreddit_filter(backbone, data, tmp_path):
-    out = train_rm(data, tmp_path / "ga", backbone=backbone, grad_accum=2, batch_size=8, epochs=1.0,
-                   train_subreddits=["College"], **{k: v for k, v in FAST.items() if k != "batch_size"})
+    out = train_rm(
+        data,
+        tmp_path / "ga",
+        backbone=backbone,
+        grad_accum=2,
+        batch_size=8,
+        epochs=1.0,
+        train_subreddits=["College"],
+        **{k: v for k, v in FAST.items() if k != "batch_size"},
+    )
     pairs = pd.read_parquet(data / "pairs.parquet")
     n = int(((pairs["split"] == "train") & (pairs["subreddit"] == "College")).sum())
     train = json.loads((out / "karma_rm.json").read_text())["metrics"]["train"]
@@ -155,8 +192,15 @@ def test_grad_accumulation_and_subreddit_filter(backbone, data, tmp_path):
 
 def test_early_stopping_stops_when_validation_stalls(backbone, data, tmp_path):
     # lr 0: the validation metric never improves after the first evaluation; patience 1 stops at the second
-    out = train_rm(data, tmp_path / "es", backbone=backbone, max_steps=50, eval_steps=3, patience=1,
-                   **{**FAST, "learning_rate": 0.0})
+    out = train_rm(
+        data,
+        tmp_path / "es",
+        backbone=backbone,
+        max_steps=50,
+        eval_steps=3,
+        patience=1,
+        **{**FAST, "learning_rate": 0.0},
+    )
     train = json.loads((out / "karma_rm.json").read_text())["metrics"]["train"]
     assert train["steps"] == 6 and train["stopped_early"] and train["best_step"] == 3
 
@@ -171,8 +215,9 @@ def test_subsampling_is_reported(backbone, data, tmp_path):
 def test_missing_columns_fail_before_training(backbone, data, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    pq.write_table(pq.read_table(data / "examples.parquet").drop_columns(["karma", "response"]),
-                   bad / "examples.parquet")
+    pq.write_table(
+        pq.read_table(data / "examples.parquet").drop_columns(["karma", "response"]), bad / "examples.parquet"
+    )
     with pytest.raises(DataError, match=r"examples.parquet lacks required columns: response, karma"):
         train_rm(bad, tmp_path / "out", backbone=backbone, **FAST)
     assert not (tmp_path / "out").exists()
@@ -188,8 +233,11 @@ def test_missing_pairs_file_for_pairwise(backbone, data, tmp_path):
 
 def test_full_variant_on_data_without_metadata(backbone, tmp_path):
     d = write_prepared_data(tmp_path / "nometa", n_threads=12, metadata=False)
-    with pytest.raises(DataError, match=r"variant 'full' needs metadata columns that .* lacks: depth, "
-                                        r"seconds_since_post, seconds_since_parent, sibling_count"):
+    with pytest.raises(
+        DataError,
+        match=r"variant 'full' needs metadata columns that .* lacks: depth, "
+        r"seconds_since_post, seconds_since_parent, sibling_count",
+    ):
         train_rm(d, tmp_path / "out", backbone=backbone, variant="full", **FAST)
     assert not (tmp_path / "out").exists()
 

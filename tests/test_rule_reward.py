@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from karma.cli import app
 from karma.client import RewardClient
+from karma.net import free_port
 from karma.rm.model import RewardModel, RMInput
 from karma.rm.rule import RULE_CONFIG_NAME, RuleRewardModel, RuleSpec, RuleSpecError, write_rule_folder
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.testing import free_port, serve_in_thread
+from tests.support import serve_in_thread
 
 RESPONSES = [
     "",
@@ -53,14 +54,33 @@ def polite(text: str) -> float:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rules")
-    length = write_rule_folder(RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 5,
-                                                          "max_words": 15, "scale": 10}]}), root / "length")
-    both = write_rule_folder(RuleSpec.parse({"rules": [
-        {"kind": "length_window", "min_words": 3, "max_words": 8, "scale": 4, "floor": -1, "weight": 0.5},
-        {"kind": "marker", "weight": 2.0}]}), root / "both")
+    length = write_rule_folder(
+        RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 5, "max_words": 15, "scale": 10}]}),
+        root / "length",
+    )
+    both = write_rule_folder(
+        RuleSpec.parse(
+            {
+                "rules": [
+                    {
+                        "kind": "length_window",
+                        "min_words": 3,
+                        "max_words": 8,
+                        "scale": 4,
+                        "floor": -1,
+                        "weight": 0.5,
+                    },
+                    {"kind": "marker", "weight": 2.0},
+                ]
+            }
+        ),
+        root / "both",
+    )
     bad = root / "bad"
     write_rule_folder(RuleSpec.parse({"rules": [{"kind": "marker"}]}), bad)
-    (bad / RULE_CONFIG_NAME).write_text('{"rules": [{"kind": "length_window", "min_words": 20, "max_words": 10}]}')
+    (bad / RULE_CONFIG_NAME).write_text(
+        '{"rules": [{"kind": "length_window", "min_words": 20, "max_words": 10}]}'
+    )
     return {"length": length, "both": both, "bad": bad, "root": root}
 
 
@@ -77,55 +97,115 @@ def test_rules_score_as_computed_by_hand(folders):
     assert length.score(items) == pytest.approx([window(r, 5, 15, 10) for r in RESPONSES])
     assert both.score(items) == pytest.approx([expected_both(r) for r in RESPONSES])
     assert len({*length.score(items)}) >= 4  # the rule distinguishes the replies
-    assert length.score([RMInput("a different, long context " * 50, RESPONSES[3])]) == length.score(items[3:4])
+    assert length.score([RMInput("a different, long context " * 50, RESPONSES[3])]) == length.score(
+        items[3:4]
+    )
 
 
 def test_version_is_the_hash_of_the_spec(folders):
     a = RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 5, "max_words": 15, "scale": 10}]})
-    reordered = RuleSpec.parse('{"rules": [{"scale": 10.0, "max_words": 15, "min_words": 5, "kind": "length_window"}]}')
-    other = RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 5, "max_words": 16, "scale": 10}]})
+    reordered = RuleSpec.parse(
+        '{"rules": [{"scale": 10.0, "max_words": 15, "min_words": 5, "kind": "length_window"}]}'
+    )
+    other = RuleSpec.parse(
+        {"rules": [{"kind": "length_window", "min_words": 5, "max_words": 16, "scale": 10}]}
+    )
     assert a.version == reordered.version == RewardModel.load(folders["length"]).version
     assert other.version != a.version and len(a.version) == 12
 
 
-@pytest.mark.parametrize("spec,message", [
-    ({"rules": [{"kind": "length_window", "min_words": 20, "max_words": 10}]},
-     r"rules\.0: min_words \(20\) must be <= max_words \(10\)"),
-    ({"rules": [{"kind": "sentiment"}]}, r"rules\.0: Input tag 'sentiment' .* expected tags: 'length_window', 'marker'"),
-    ({"rules": []}, r"rules: List should have at least 1 item"),
-    ({"rules": [{"kind": "length_window", "min_words": 1, "max_words": 3, "scale": 0}]},
-     r"rules\.0\.scale: Input should be greater than 0"),
-    ({"rules": [{"kind": "marker", "markers": ["please", " "]}]}, r"rules\.0: markers must be non-empty strings \(empty at position\(s\) \[1\]\)"),
-    ({"rules": [{"kind": "marker", "weigth": 2}]}, r"rules\.0\.weigth: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            {"rules": [{"kind": "length_window", "min_words": 20, "max_words": 10}]},
+            r"rules\.0: min_words \(20\) must be <= max_words \(10\)",
+        ),
+        (
+            {"rules": [{"kind": "sentiment"}]},
+            r"rules\.0: Input tag 'sentiment' .* expected tags: 'length_window', 'marker'",
+        ),
+        ({"rules": []}, r"rules: List should have at least 1 item"),
+        (
+            {"rules": [{"kind": "length_window", "min_words": 1, "max_words": 3, "scale": 0}]},
+            r"rules\.0\.scale: Input should be greater than 0",
+        ),
+        (
+            {"rules": [{"kind": "marker", "markers": ["please", " "]}]},
+            r"rules\.0: markers must be non-empty strings \(empty at position\(s\) \[1\]\)",
+        ),
+        ({"rules": [{"kind": "marker", "weigth": 2}]}, r"rules\.0\.weigth: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_specs_raise_a_typed_error_naming_the_field(spec, message):
     with pytest.raises(RuleSpecError, match=r"^spec\.json: invalid rule spec: " + message):
         RuleSpec.parse(spec, where="spec.json")
 
 
 def test_a_folder_with_a_bad_spec_is_refused_with_its_path(folders):
-    with pytest.raises(RuleSpecError, match=rf"{folders['bad'] / RULE_CONFIG_NAME}: invalid rule spec: rules\.0: "
-                                           r"min_words \(20\)"):
+    with pytest.raises(
+        RuleSpecError,
+        match=rf"{folders['bad'] / RULE_CONFIG_NAME}: invalid rule spec: rules\.0: "
+        r"min_words \(20\)",
+    ):
         RewardModel.load(folders["bad"])
 
 
 # --------------------------------------------------------------------------------------------- the command
 def test_karma_rm_rule_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "lw"
-    result = CliRunner().invoke(app, ["rm", "rule", "--kind", "length_window", "--min-words", "5",
-                                      "--max-words", "15", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        ["rm", "rule", "--kind", "length_window", "--min-words", "5", "--max-words", "15", "--out", str(out)],
+    )
     assert result.exit_code == 0, result.output
     rm = RewardModel.load(out)
     assert rm.version in result.output and f"karma serve --model rule={out}" in result.output
-    assert rm.spec.rules[0].model_dump() == {"kind": "length_window", "min_words": 5, "max_words": 15,
-                                             "scale": 10.0, "floor": None, "weight": 1.0}
-    combined = CliRunner().invoke(app, ["rm", "rule", "--kind", "length_window", "--kind", "marker", "--min-words",
-                                        "1", "--max-words", "2", "--marker", "cheers", "--out", str(tmp_path / "c")])
+    assert rm.spec.rules[0].model_dump() == {
+        "kind": "length_window",
+        "min_words": 5,
+        "max_words": 15,
+        "scale": 10.0,
+        "floor": None,
+        "weight": 1.0,
+    }
+    combined = CliRunner().invoke(
+        app,
+        [
+            "rm",
+            "rule",
+            "--kind",
+            "length_window",
+            "--kind",
+            "marker",
+            "--min-words",
+            "1",
+            "--max-words",
+            "2",
+            "--marker",
+            "cheers",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert combined.exit_code == 0, combined.output
     assert RewardModel.load(tmp_path / "c").score([RMInput("", "cheers mate")]) == [2.0]
 
-    bad = CliRunner().invoke(app, ["rm", "rule", "--kind", "length_window", "--min-words", "20", "--max-words",
-                                   "10", "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "rm",
+            "rule",
+            "--kind",
+            "length_window",
+            "--min-words",
+            "20",
+            "--max-words",
+            "10",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert bad.exit_code == 2 and "min_words (20) must be <= max_words (10)" in bad.output
     assert not (tmp_path / "x").exists()
     missing = CliRunner().invoke(app, ["rm", "rule", "--kind", "length_window", "--out", str(tmp_path / "y")])
@@ -140,13 +220,26 @@ def test_karma_serve_subprocess_scores_the_rule_over_http(folders):
     equal the rule computed by hand."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "karma.cli", "serve", "--model", f"length={folders['length']}",
-         "--model", f"both={folders['both']}", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "karma.cli",
+            "serve",
+            "--model",
+            f"length={folders['length']}",
+            "--model",
+            f"both={folders['both']}",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     items = [{"context": "Is a CS minor worth it?", "response": r} for r in RESPONSES]
     try:
+
         async def go():
             async with RewardClient(url, deadline_s=60) as rc:
                 await rc.wait_ready(120)
@@ -158,10 +251,12 @@ def test_karma_serve_subprocess_scores_the_rule_over_http(folders):
             return info, singles, together, both
 
         info, singles, together, both = asyncio.run(go())
-        reward = httpx.post(f"{url}/get_reward", json={"query": ["Q: hi A: " + RESPONSES[3]],
-                                                         "prompts": ["Q: hi A: "]}).json()
-        classify = httpx.post(f"{url}/models/both/classify",
-                              json={"input": RESPONSES[5], "use_activation": False}).json()
+        reward = httpx.post(
+            f"{url}/get_reward", json={"query": ["Q: hi A: " + RESPONSES[3]], "prompts": ["Q: hi A: "]}
+        ).json()
+        classify = httpx.post(
+            f"{url}/models/both/classify", json={"input": RESPONSES[5], "use_activation": False}
+        ).json()
         assert proc.poll() is None
     finally:
         proc.terminate()
@@ -177,17 +272,20 @@ def test_karma_serve_subprocess_scores_the_rule_over_http(folders):
     spec_version = RuleSpec.parse((folders["length"] / RULE_CONFIG_NAME).read_text()).version
     assert models["length"]["version"] == spec_version == together.version
     assert models["length"]["backbone"] == "rule:length_window" and models["length"]["objective"] == "rule"
-    assert models["both"]["backbone"] == "rule:length_window+marker" and models["both"]["variant"] == "response"
+    assert (
+        models["both"]["backbone"] == "rule:length_window+marker" and models["both"]["variant"] == "response"
+    )
 
 
 def test_hot_swap_to_a_rule_and_a_bad_rule_is_a_422(folders, tmp_path):
     """Admin routes on an in-thread uvicorn: a rule folder swaps in like any RM; a bad spec is refused with
     its message and the old model keeps serving."""
-    from services.reward_api.testing import make_tiny_rm
+    from tests.support import make_tiny_rm
 
     make_tiny_rm(folders["root"] / "tiny", "context")
-    settings = Settings(models={"m": str(folders["root"] / "tiny")}, admin_token="t",
-                        model_roots=[str(folders["root"])])
+    settings = Settings(
+        models={"m": str(folders["root"] / "tiny")}, admin_token="t", model_roots=[str(folders["root"])]
+    )
     admin = {"Authorization": "Bearer t"}
     with serve_in_thread(create_app(settings)) as url:
         before = httpx.post(f"{url}/v1/score", json={"items": [{"response": "Yes."}]}).json()

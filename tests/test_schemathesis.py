@@ -25,7 +25,7 @@ import pytest
 
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.testing import make_tiny_rm, serve_in_thread
+from tests.support import make_tiny_rm, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,17 @@ def root(tmp_path_factory) -> Path:
 def schemathesis_run(url: str, *args: str, cwd: Path) -> tuple[int, str]:
     """The CLI as a user runs it (from `cwd`: it keeps a cache folder there)."""
     proc = subprocess.run(
-        [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", "all", "--no-color", "--seed", "1", *args],
+        [
+            str(SCHEMATHESIS),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            "--no-color",
+            "--seed",
+            "1",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=1500,

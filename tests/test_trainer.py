@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from karma.paths import shared_data_dir
 from services.policy_trainer.config import TrainConfig, field_owners, flag_fields
 from services.policy_trainer.prompts import PromptSampler, PromptSourceError, load_records
 from services.policy_trainer.rewards import LocalRewardSource, RewardUnavailableError
@@ -25,7 +26,7 @@ from services.policy_trainer.trainer import (
     load_trainer_state,
 )
 
-SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 VOLATILE = ("timing/", "speed/")  # wall-clock metrics differ between runs
 
 
@@ -39,9 +40,17 @@ def make_tiny_policy(path: Path, *, vocab_size: int | None = None, seed: int = 0
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size or len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=vocab_size or len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -50,14 +59,17 @@ def make_tiny_policy(path: Path, *, vocab_size: int | None = None, seed: int = 0
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> types.SimpleNamespace:
-    from services.reward_api.testing import make_tiny_rm
+    from tests.support import make_tiny_rm
 
     root = tmp_path_factory.mktemp("trainer-assets")
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: how do I pass exam {i}?"}) + "\n"
-                               for i in range(10)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"question {i}: how do I pass exam {i}?"}) + "\n" for i in range(10))
+    )
     return types.SimpleNamespace(
-        policy=make_tiny_policy(root / "policy"), rm=make_tiny_rm(root / "rm", "context"), prompts=prompts,
+        policy=make_tiny_policy(root / "policy"),
+        rm=make_tiny_rm(root / "rm", "context"),
+        prompts=prompts,
         root=root,
     )
 
@@ -145,7 +157,7 @@ def test_every_config_field_is_a_cli_flag():
 
 # ----------------------------------------------------------------------------------------------- prompts
 def test_prompt_sources(tmp_path):
-    from karma.rm.fixtures import write_prepared_data
+    from tests.support import write_prepared_data
 
     data = write_prepared_data(tmp_path / "prep", n_threads=20, comments_per_thread=3)
     recs = load_records(f"reddit:{data}", split="train")
@@ -200,8 +212,9 @@ def test_prompts_are_rendered_only_when_a_step_draws_them(assets, tmp_path):
         trainer.train_step()
         assert trainer.prompts.rendered == 4  # prompts_per_step
         p = trainer.prompts[-1]
-        assert (p.prompt_text, p.prompt_ids) == render_prompt(trainer.tokenizer, p.context, system_prompt=None,
-                                                              max_length=64)
+        assert (p.prompt_text, p.prompt_ids) == render_prompt(
+            trainer.tokenizer, p.context, system_prompt=None, max_length=64
+        )
         assert [q.context for q in trainer.prompts[:2]] == [r.context for r in trainer.prompts.records[:2]]
         with pytest.raises(IndexError, match="prompt index 296 out of range for 296 prompts"):
             trainer.prompts[296]
@@ -218,12 +231,18 @@ def test_example_config_is_valid():
             TrainConfig.from_sources(example)
         return
     cfg = TrainConfig.from_sources(example)
-    assert cfg.rollout.engine == "vllm" and cfg.data.prompts.startswith("reddit:") and cfg.ppo.kl_target == 6.0
-    assert cfg.ppo.learning_rate == 2e-5 and cfg.ppo.missing_eos_penalty == 0 and cfg.eval.heldout_prompts == 128
+    assert (
+        cfg.rollout.engine == "vllm" and cfg.data.prompts.startswith("reddit:") and cfg.ppo.kl_target == 6.0
+    )
+    assert (
+        cfg.ppo.learning_rate == 2e-5 and cfg.ppo.missing_eos_penalty == 0 and cfg.eval.heldout_prompts == 128
+    )
 
 
 def test_positive_control_config_is_valid():
-    cfg = TrainConfig.from_sources(Path(__file__).parents[1] / "services/policy_trainer/configs/ppo_positive_control.yaml")
+    cfg = TrainConfig.from_sources(
+        Path(__file__).parents[1] / "services/policy_trainer/configs/ppo_positive_control.yaml"
+    )
     assert (cfg.rollout.engine, cfg.ppo.algo, cfg.run.steps, cfg.eval.heldout_prompts) == ("hf", "ppo", 6, 64)
     assert cfg.data.prompts.startswith("file:") and cfg.ppo.missing_eos_penalty == 0
 
@@ -250,11 +269,14 @@ def test_policy_without_tokenizer_is_refused_before_training(assets, tmp_path):
 
 
 def test_unreachable_reward_url_fails_at_start(assets, tmp_path):
-    from services.reward_api.testing import free_port
+    from karma.net import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    cfg = tiny_config(assets, tmp_path / "out", reward={"reward_model": None, "reward_url": [url],
-                                                        "reward_ready_timeout_s": 1.0})
+    cfg = tiny_config(
+        assets,
+        tmp_path / "out",
+        reward={"reward_model": None, "reward_url": [url], "reward_ready_timeout_s": 1.0},
+    )
     trainer = Trainer(cfg)
     try:
         with pytest.raises(RewardUnavailableError, match=f"reward service unreachable at start: .*{url}"):
@@ -283,9 +305,18 @@ def test_hf_engine_reports_each_generation_once_and_early(tmp_path):
     from services.policy_trainer.engines import HFEngine
 
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=2,
-                                      pad_token_id=0)).eval()
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=6,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).eval()
     engine = HFEngine(types.SimpleNamespace(lm=lm), types.SimpleNamespace(pad_token_id=0), {2})
     calls = []
     prompts = [[1, 3, 4], [1, 5], [4], [3, 3, 3, 1], [5, 4], [1], [3], [4, 4]]
@@ -310,14 +341,97 @@ def test_hf_engine_samples_the_full_distribution():
 
     from services.policy_trainer.engines import HFEngine
 
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=199,
-                                      pad_token_id=0, tie_word_embeddings=False)).eval()
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=200,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            eos_token_id=199,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     torch.nn.init.zeros_(lm.lm_head.weight)  # uniform next-token distribution
     engine = HFEngine(types.SimpleNamespace(lm=lm), types.SimpleNamespace(pad_token_id=0), {199})
     gens = engine.generate([[1, 2]] * 8, seed=0, max_new_tokens=25, temperature=1.0)
     distinct = {t for g in gens for t in g.response_ids}
     assert len(distinct) > 80
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_the_lr_schedule_resumes_exactly_from_a_weights_only_checkpoint(tmp_path, schedule):
+    from services.policy_trainer.build import optimizer_and_schedule
+    from services.policy_trainer.config import PPOConfig
+
+    p = PPOConfig(
+        lr_scheduler=schedule,
+        warmup_steps=3,
+        learning_rate=1.0,
+        prompts_per_step=2,
+        mini_batch_size=1,
+        micro_batch_size=1,
+        epochs=1,
+    )  # 2 optimizer steps per step
+    steps = 5
+
+    def fresh():
+        return optimizer_and_schedule([torch.nn.Parameter(torch.zeros(1))], p, steps)
+
+    opt, sched = fresh()
+    whole = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        whole.append(sched.get_last_lr()[0])
+    assert whole[:3] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0]
+    )  # transformers' warm-up: lr 0 before the first step
+    if schedule != "constant":
+        assert whole[-1] == pytest.approx(0.0, abs=1e-12) and whole[3] > whole[5]
+    opt, sched = fresh()
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / "s.pt")
+    state = load_trainer_state(tmp_path / "s.pt")  # weights_only
+    opt, sched = fresh()
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    resumed = []
+    for _ in range(6):
+        opt.step()
+        sched.step()
+        resumed.append(sched.get_last_lr()[0])
+    assert resumed == whole[4:]
+
+
+def test_the_pad_helper_and_the_trainer_batch_layout():
+    from karma.tensors import left_pad, right_pad
+    from services.policy_trainer.policy import pack_sequences
+
+    ids, mask = left_pad([[5, 6, 7], [8], []], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]] and mask.tolist() == [
+        [1, 1, 1],
+        [0, 0, 1],
+        [0, 0, 0],
+    ]
+    ids, mask = right_pad([(5,), (6, 7)], 9, width=3)
+    assert ids.tolist() == [[5, 9, 9], [6, 7, 9]] and mask.tolist() == [[1, 0, 0], [1, 1, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="a sequence of 2 tokens does not fit in width 1"):
+        left_pad([[1, 2]], 0, width=1)
+    packed = pack_sequences([[1, 2, 3], [4]], [[10, 11], []], pad_id=0)
+    assert packed.prompt_len == 3
+    assert packed.input_ids.tolist() == [[1, 2, 3, 10, 11], [0, 0, 4, 0, 0]]
+    assert packed.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
+    assert (
+        packed.response_mask.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+        and packed.response_mask.dtype == torch.float32
+    )
+    assert pack_sequences([[1]], [[]], pad_id=0).response_mask.shape == (1, 1)  # at least one response column
 
 
 def test_response_logprobs_do_not_depend_on_padding(assets):
@@ -329,11 +443,11 @@ def test_response_logprobs_do_not_depend_on_padding(assets):
     P, T = 7, 4
     ids = torch.full((2, P + T), 2)
     att = torch.zeros((2, P + T), dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        ids[b, P - len(p): P], ids[b, P: P + len(r)] = torch.tensor(p), torch.tensor(r)
-        att[b, P - len(p): P + len(r)] = 1
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[b, P - len(p) : P], ids[b, P : P + len(r)] = torch.tensor(p), torch.tensor(r)
+        att[b, P - len(p) : P + len(r)] = 1
     batched = policy.forward_responses(ids, att, P, 1.0)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         single_ids = torch.tensor([p + r])
         alone = policy.forward_responses(single_ids, torch.ones_like(single_ids), len(p), 1.0)
         torch.testing.assert_close(batched.logprobs[b, : len(r)], alone.logprobs[0], atol=1e-5, rtol=0)
@@ -343,15 +457,23 @@ def test_response_logprobs_do_not_depend_on_padding(assets):
 
 
 # ----------------------------------------------------------------------------------------------- updates
-@pytest.mark.parametrize("algo,extra", [("ppo", {}), ("rloo", {"samples_per_prompt": 2, "prompts_per_step": 2}),
-                                        ("grpo", {"samples_per_prompt": 2, "prompts_per_step": 2})])
+@pytest.mark.parametrize(
+    "algo,extra",
+    [
+        ("ppo", {}),
+        ("rloo", {"samples_per_prompt": 2, "prompts_per_step": 2}),
+        ("grpo", {"samples_per_prompt": 2, "prompts_per_step": 2}),
+    ],
+)
 def test_one_step_changes_every_trainable_parameter(assets, tmp_path, algo, extra):
     cfg = tiny_config(assets, tmp_path / "out", ppo={"algo": algo, **extra})
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         before = {n: p.detach().clone() for n, p in trainer.policy.trainable_named_parameters()}
-        ref_before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if n.startswith("ref_lm.")}
+        ref_before = {
+            n: p.detach().clone() for n, p in trainer.policy.named_parameters() if n.startswith("ref_lm.")
+        }
         metrics = trainer.train_step()
         after = dict(trainer.policy.trainable_named_parameters())
         unchanged = [n for n, p in before.items() if torch.equal(p, after[n])]
@@ -360,9 +482,22 @@ def test_one_step_changes_every_trainable_parameter(assets, tmp_path, algo, extr
         for n, p in trainer.policy.named_parameters():  # the reference policy stays frozen
             if n in ref_before:
                 assert torch.equal(p, ref_before[n])
-        for key in ("reward/mean", "reward/std", "reward/min", "reward/max", "objective/kl", "objective/kl_coef",
-                    "policy/approx_kl", "policy/clipfrac", "objective/entropy", "response/length_mean",
-                    "speed/rollout_tokens_per_s", "timing/rollout", "timing/reward_wait", "timing/update"):
+        for key in (
+            "reward/mean",
+            "reward/std",
+            "reward/min",
+            "reward/max",
+            "objective/kl",
+            "objective/kl_coef",
+            "policy/approx_kl",
+            "policy/clipfrac",
+            "objective/entropy",
+            "response/length_mean",
+            "speed/rollout_tokens_per_s",
+            "timing/rollout",
+            "timing/reward_wait",
+            "timing/update",
+        ):
             assert key in metrics, key
         if algo == "ppo":
             assert "loss/value" in metrics and "value/explained_variance" in metrics
@@ -375,8 +510,12 @@ def test_one_step_changes_every_trainable_parameter(assets, tmp_path, algo, extr
 def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(assets, tmp_path / "out", model={"use_lora": True, "lora_r": 4, "lora_alpha": 8},
-                      run={"steps": 1, "save_every": 0})
+    cfg = tiny_config(
+        assets,
+        tmp_path / "out",
+        model={"use_lora": True, "lora_r": 4, "lora_alpha": 8},
+        run={"steps": 1, "save_every": 0},
+    )
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -455,15 +594,21 @@ def whole_run(assets, tmp_path_factory) -> types.SimpleNamespace:
     trainer, _ = run(tiny_config(assets, out), LocalRewardSource(rm))
     metrics = stable(read_metrics(out))
     assert len(metrics) == 4
-    return types.SimpleNamespace(out=out, rm=rm, metrics=metrics,
-                                 params={n: p.detach().clone() for n, p in trainer.policy.trainable_named_parameters()})
+    return types.SimpleNamespace(
+        out=out,
+        rm=rm,
+        metrics=metrics,
+        params={n: p.detach().clone() for n, p in trainer.policy.trainable_named_parameters()},
+    )
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(assets, whole_run, tmp_path):
     _, stopped = run(tiny_config(assets, tmp_path / "cut"), SignalAfter(whole_run.rm, n=2))
     assert stopped["status"] == "stopped (SIGTERM)" and 1 <= stopped["step"] < 4
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # no final policy for a stopped run
-    resumed, done = run(tiny_config(assets, tmp_path / "cut", run={"resume": True}), LocalRewardSource(whole_run.rm))
+    resumed, done = run(
+        tiny_config(assets, tmp_path / "cut", run={"resume": True}), LocalRewardSource(whole_run.rm)
+    )
     assert done["status"] == "completed" and done["step"] == 4
     assert stable(read_metrics(tmp_path / "cut")) == whole_run.metrics
     for n, p in resumed.policy.trainable_named_parameters():
@@ -471,14 +616,19 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(assets, whole_
 
 
 def test_dead_reward_service_checkpoints_then_stops_with_a_named_error(assets, whole_run, tmp_path):
-    with pytest.raises(RewardUnavailableError, match=r"training stopped before step 3; checkpoint saved to .*step-000002"):
+    with pytest.raises(
+        RewardUnavailableError, match=r"training stopped before step 3; checkpoint saved to .*step-000002"
+    ):
         run(tiny_config(assets, tmp_path / "dead", run={"save_every": 0}), FailAfter(whole_run.rm, n=3))
     rows = read_metrics(tmp_path / "dead")
     assert [r["step"] for r in rows] == [1, 2]  # never a step with a missing / zero reward
     result = json.loads((tmp_path / "dead" / "trainer_result.json").read_text())
     assert (result["status"], result["error_type"], result["step"]) == ("failed", "RewardUnavailableError", 2)
     assert result["checkpoint"] == str(tmp_path / "dead" / "checkpoints" / "step-000002")
-    assert result["error"].startswith("reward service failed after 3 attempt(s)") and result["last_metrics"]["step"] == 2
+    assert (
+        result["error"].startswith("reward service failed after 3 attempt(s)")
+        and result["last_metrics"]["step"] == 2
+    )
     run(tiny_config(assets, tmp_path / "dead", run={"resume": True}), LocalRewardSource(whole_run.rm))
     assert stable(read_metrics(tmp_path / "dead")) == whole_run.metrics
     assert json.loads((tmp_path / "dead" / "trainer_result.json").read_text())["status"] == "completed"
@@ -501,15 +651,20 @@ class ScoreAfter(LocalRewardSource):
 
 def test_a_diverging_update_stops_before_its_gradient_with_a_named_error(assets, whole_run, tmp_path):
     out = tmp_path / "div"
-    with pytest.raises(TrainingDivergedError, match=r"non-finite loss/value = inf.* in the update of step 3 "
-                       r"\(epoch 1, minibatch 1\) -- training stopped before step 3; checkpoint saved to "
-                       r".*step-000002 \(continue with --resume\)") as info:
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"non-finite loss/value = inf.* in the update of step 3 "
+        r"\(epoch 1, minibatch 1\) -- training stopped before step 3; checkpoint saved to "
+        r".*step-000002 \(continue with --resume\)",
+    ) as info:
         run(tiny_config(assets, out, run={"save_every": 0}), ScoreAfter(whole_run.rm, n=3, value=1e30))
     assert info.value.step == 3 and info.value.values["loss/value"] == float("inf")
     assert [r["step"] for r in read_metrics(out)] == [1, 2]  # nothing logged for the diverged step
     result = json.loads((out / "trainer_result.json").read_text())
     assert (result["status"], result["error_type"], result["step"]) == ("failed", "TrainingDivergedError", 2)
-    assert result["checkpoint"] == str(out / "checkpoints" / "step-000002") and "non-finite" in result["error"]
+    assert (
+        result["checkpoint"] == str(out / "checkpoints" / "step-000002") and "non-finite" in result["error"]
+    )
     # the checkpoint is the exact state before step 3: resumed with sane rewards, the run is the reference run
     resumed, _ = run(tiny_config(assets, out, run={"resume": True}), LocalRewardSource(whole_run.rm))
     assert stable(read_metrics(out)) == whole_run.metrics
@@ -530,9 +685,12 @@ def test_a_non_finite_gradient_norm_mid_step_stops_and_keeps_the_part_updated_st
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     out = tmp_path / "out"
-    with pytest.raises(TrainingDivergedError, match=r"^non-finite policy/grad_norm = nan in the update of step 1 "
-                       r"\(epoch 1, minibatch 2\) -- training stopped in step 1 after 1 optimizer step\(s\) of it; "
-                       r"that state is not saved; newest checkpoint: none$"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"^non-finite policy/grad_norm = nan in the update of step 1 "
+        r"\(epoch 1, minibatch 2\) -- training stopped in step 1 after 1 optimizer step\(s\) of it; "
+        r"that state is not saved; newest checkpoint: none$",
+    ):
         run(tiny_config(assets, out))
     assert not list(out.glob("checkpoints/step-*"))  # a part-updated state is never saved as a step
     result = json.loads((out / "trainer_result.json").read_text())
@@ -552,8 +710,13 @@ def test_the_metrics_row_is_written_before_the_checkpoint(assets, tmp_path, monk
         run(tiny_config(assets, out, run={"steps": 2, "save_every": 1}))
     assert [r["step"] for r in read_metrics(out)] == [1]  # the step's row survived the kill
     result = json.loads((out / "trainer_result.json").read_text())
-    assert (result["status"], result["error_type"], result["error"], result["step"], result["checkpoint"]) == (
-        "failed", "Killed", "killed while writing the checkpoint", 1, None)
+    assert (
+        result["status"],
+        result["error_type"],
+        result["error"],
+        result["step"],
+        result["checkpoint"],
+    ) == ("failed", "Killed", "killed while writing the checkpoint", 1, None)
 
 
 class RunsCode:
@@ -567,17 +730,24 @@ class RunsCode:
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(assets, whole_run, tmp_path):
-    good = load_trainer_state(whole_run.out / "checkpoints" / "step-000004" / "trainer_state.pt")  # weights_only
+    good = load_trainer_state(
+        whole_run.out / "checkpoints" / "step-000004" / "trainer_state.pt"
+    )  # weights_only
     assert good["step"] == 4 and isinstance(good["rng"]["torch"], torch.Tensor)
-    assert isinstance(good["rng"]["numpy"]["key"], list) and isinstance(good["rng"]["python"]["internal"], list)
+    assert isinstance(good["rng"]["numpy"]["key"], list) and isinstance(
+        good["rng"]["python"]["internal"], list
+    )
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "out" / "checkpoints" / "step-000001" / "trainer_state.pt"
     crafted.parent.mkdir(parents=True)
     torch.save(good | {"step": 1, "sampler": RunsCode(marker)}, crafted)
     trainer = Trainer(tiny_config(assets, tmp_path / "out", run={"resume": True}))
     try:
-        with pytest.raises(CheckpointLoadError, match=rf"refusing to load {re.escape(str(crafted))}: it holds "
-                           r"os.makedirs, and unpickling it could run code"):
+        with pytest.raises(
+            CheckpointLoadError,
+            match=rf"refusing to load {re.escape(str(crafted))}: it holds "
+            r"os.makedirs, and unpickling it could run code",
+        ):
             trainer.setup()
     finally:
         trainer.close()
@@ -601,7 +771,7 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(assets, whole_run):
 def reward_url(assets):
     from services.reward_api.core.config import Settings
     from services.reward_api.main import create_app
-    from services.reward_api.testing import serve_in_thread
+    from tests.support import serve_in_thread
 
     with serve_in_thread(create_app(Settings(models={"tiny": str(assets.rm)}, max_wait_ms=1))) as url:
         yield url
@@ -647,30 +817,53 @@ def bad_reward_service(kind: str):
             body["scores"] = ["0.5"] * n
         elif kind == "nan":
             body["scores"][0] = float("nan")
-        return httpx.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        return httpx.Response(
+            200, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
 
     return handler
 
 
-@pytest.mark.parametrize("kind,message", [
-    pytest.param("not-json", r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: "
-                 r"'<html>502 bad gateway", id="not-json"),
-    pytest.param("no-version", r"POST http://rm1:8000/v1/score answered 200 with no 'version'", id="no-version"),
-    pytest.param("null-score", r"POST http://rm1:8000/v1/score answered 200 with scores\[\d\] is null, not a number",
-                 id="null-score"),
-    pytest.param("string-scores", r'POST http://rm1:8000/v1/score answered 200 with scores\[0\] is "0.5" '
-                 r"\(a string\), not a number", id="string-scores"),
-    pytest.param("nan", r"the reward source returned no/non-finite scores: \[nan", id="nan"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        pytest.param(
+            "not-json",
+            r"POST http://rm1:8000/v1/score answered 200 with a body that is not JSON: "
+            r"'<html>502 bad gateway",
+            id="not-json",
+        ),
+        pytest.param(
+            "no-version", r"POST http://rm1:8000/v1/score answered 200 with no 'version'", id="no-version"
+        ),
+        pytest.param(
+            "null-score",
+            r"POST http://rm1:8000/v1/score answered 200 with scores\[\d\] is null, not a number",
+            id="null-score",
+        ),
+        pytest.param(
+            "string-scores",
+            r'POST http://rm1:8000/v1/score answered 200 with scores\[0\] is "0.5" '
+            r"\(a string\), not a number",
+            id="string-scores",
+        ),
+        pytest.param("nan", r"the reward source returned no/non-finite scores: \[nan", id="nan"),
+    ],
+)
 def test_a_wrong_reward_answer_checkpoints_then_stops_with_a_named_error(assets, tmp_path, kind, message):
     import httpx
 
     from services.policy_trainer.rewards import HTTPRewardSource
 
-    source = HTTPRewardSource(["http://rm1:8000"], deadline_s=5, transport=httpx.MockTransport(bad_reward_service(kind)))
+    source = HTTPRewardSource(
+        ["http://rm1:8000"], deadline_s=5, transport=httpx.MockTransport(bad_reward_service(kind))
+    )
     out = tmp_path / "out"
-    with pytest.raises(RewardUnavailableError, match=message + r".* -- training stopped before step 1; checkpoint saved "
-                       r"to .*step-000000 \(continue with --resume\)"):
+    with pytest.raises(
+        RewardUnavailableError,
+        match=message + r".* -- training stopped before step 1; checkpoint saved "
+        r"to .*step-000000 \(continue with --resume\)",
+    ):
         run(tiny_config(assets, out, run={"steps": 1}), source)
     result = json.loads((out / "trainer_result.json").read_text())
     assert (result["status"], result["error_type"], result["step"]) == ("failed", "RewardUnavailableError", 0)
@@ -678,9 +871,17 @@ def test_a_wrong_reward_answer_checkpoints_then_stops_with_a_named_error(assets,
 
 
 def test_training_over_http_on_loopback(assets, reward_url, tmp_path):
-    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2},
-                      reward={"reward_model": None, "reward_url": [reward_url, reward_url],
-                              "reward_deadline_s": 3.0, "reward_timeout_s": 2.0})
+    cfg = tiny_config(
+        assets,
+        tmp_path / "out",
+        run={"steps": 2},
+        reward={
+            "reward_model": None,
+            "reward_url": [reward_url, reward_url],
+            "reward_deadline_s": 3.0,
+            "reward_timeout_s": 2.0,
+        },
+    )
     _, result = run(cfg)
     assert result["status"] == "completed"
     rows = read_metrics(tmp_path / "out")
@@ -690,27 +891,41 @@ def test_training_over_http_on_loopback(assets, reward_url, tmp_path):
 def test_http_service_going_down_mid_run(assets, tmp_path, caplog):
     from services.reward_api.core.config import Settings
     from services.reward_api.main import create_app
-    from services.reward_api.testing import serve_in_thread
+    from tests.support import serve_in_thread
 
-    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 3},
-                      reward={"reward_model": None, "reward_url": ["http://127.0.0.1:1"],
-                              "reward_deadline_s": 2.0, "reward_timeout_s": 1.0})
+    cfg = tiny_config(
+        assets,
+        tmp_path / "out",
+        run={"steps": 3},
+        reward={
+            "reward_model": None,
+            "reward_url": ["http://127.0.0.1:1"],
+            "reward_deadline_s": 2.0,
+            "reward_timeout_s": 1.0,
+        },
+    )
     with serve_in_thread(create_app(Settings(models={"tiny": str(assets.rm)}))) as url:
         cfg.reward.reward_url = [url]
         trainer = Trainer(cfg)
         trainer.setup()
         trainer.train_step()
     try:  # the server is gone now
-        with caplog.at_level("INFO", logger="karma.client"), pytest.raises(
-            RewardUnavailableError, match=r"reward service failed .* checkpoint saved to .*step-000001"
+        with (
+            caplog.at_level("INFO", logger="karma.client"),
+            pytest.raises(
+                RewardUnavailableError, match=r"reward service failed .* checkpoint saved to .*step-000001"
+            ),
         ):
             trainer.train_step()
     finally:
         trainer.close()
     waits = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and r.name == "karma.client"]
     assert waits, "nothing logged at INFO while the reward service was down"
-    assert re.match(rf"reward service: POST /v1/score attempt 1 failed \({url}: ConnectError: .*\); retrying in "
-                    r"\d+\.\d\ds \(\d+\.\ds elapsed, deadline 2s\)", waits[0])
+    assert re.match(
+        rf"reward service: POST /v1/score attempt 1 failed \({url}: ConnectError: .*\); retrying in "
+        r"\d+\.\d\ds \(\d+\.\ds elapsed, deadline 2s\)",
+        waits[0],
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -718,18 +933,38 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     from typer.testing import CliRunner
 
     from karma.cli import app
-    from karma.rm.fixtures import write_prepared_data
+    from tests.support import write_prepared_data
 
     data = write_prepared_data(tmp_path / "prep", n_threads=10, comments_per_thread=2)
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(tiny_config(assets, tmp_path / "ignored").to_yaml())
     out = tmp_path / "cli-out"
-    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out),
-                                      "--algo", "grpo", "--samples-per-prompt", "2", "--prompts-per-step", "2",
-                                      "--prompts", f"reddit:{data}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(yaml_file),
+            "--steps",
+            "1",
+            "--output-dir",
+            str(out),
+            "--algo",
+            "grpo",
+            "--samples-per-prompt",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--prompts",
+            f"reddit:{data}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"completed at step 1: {out}" in result.output
-    assert re.search(r"held-out reward \(\d prompts\): base -?\d", result.output) and (out / "heldout_reward.json").exists()
+    assert (
+        re.search(r"held-out reward \(\d prompts\): base -?\d", result.output)
+        and (out / "heldout_reward.json").exists()
+    )
     assert (out / "config.json").exists() and len(read_metrics(out)) == 1
     saved = TrainConfig.from_sources(out / "train_config.yaml")
     assert (saved.ppo.algo, saved.run.steps, saved.data.prompts) == ("grpo", 1, f"reddit:{data}")
@@ -738,8 +973,18 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     assert bad.exit_code == 2 and "unknown algorithm 'dpo'" in bad.output
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--prompts", f"file:{empty}",
-                                      "--output-dir", str(tmp_path / "o2")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(yaml_file),
+            "--prompts",
+            f"file:{empty}",
+            "--output-dir",
+            str(tmp_path / "o2"),
+        ],
+    )
     assert result.exit_code == 1 and f"karma train: PromptSourceError: no prompts in {empty}" in result.output
 
 
@@ -755,13 +1000,20 @@ def test_cli_exits_1_on_a_failed_run_and_leaves_a_failed_result(assets, tmp_path
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(tiny_config(assets, tmp_path / "ignored").to_yaml())
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out)])
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(yaml_file), "--steps", "1", "--output-dir", str(out)]
+    )
     assert result.exit_code == 1, result.output
-    assert ("karma train: TrainingDivergedError: non-finite loss/total = nan in the update of step 1 (epoch 1, "
-            "minibatch 1) -- training stopped before step 1; checkpoint saved to") in result.output
+    assert (
+        "karma train: TrainingDivergedError: non-finite loss/total = nan in the update of step 1 (epoch 1, "
+        "minibatch 1) -- training stopped before step 1; checkpoint saved to"
+    ) in result.output
     saved = json.loads((out / "trainer_result.json").read_text())
     assert (saved["status"], saved["error_type"], saved["checkpoint"]) == (
-        "failed", "TrainingDivergedError", str(out / "checkpoints" / "step-000000"))
+        "failed",
+        "TrainingDivergedError",
+        str(out / "checkpoints" / "step-000000"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- held-out reward
@@ -775,7 +1027,9 @@ def test_paired_statistics_of_the_heldout_reward():
     rng = np.random.default_rng(0)
     base = rng.normal(0.0, 1.0, 200)
     diff = rng.normal(0.3, 1.0, 200)
-    assert paired_mde(diff) == pytest.approx((1.959964 + 0.841621) * diff.std(ddof=1) / math.sqrt(200), rel=1e-5)
+    assert paired_mde(diff) == pytest.approx(
+        (1.959964 + 0.841621) * diff.std(ddof=1) / math.sqrt(200), rel=1e-5
+    )
     s = paired_summary(base, base + diff, seed=1)
     assert s["delta"] == pytest.approx(diff.mean()) and s["n"] == 200 and s["test"] == "paired permutation"
     assert s["trained_mean"] - s["base_mean"] == pytest.approx(s["delta"])
@@ -786,9 +1040,13 @@ def test_paired_statistics_of_the_heldout_reward():
 
     z = diff.sum() / math.sqrt((diff**2).sum())  # the sign-flip null: var(mean) = sum(d^2) / n^2
     assert s["p"] == pytest.approx(2 * (1 - NormalDist().cdf(z)), abs=0.003) and s["p"] < 0.05
-    assert paired_summary(base, base + diff + 0.5, seed=1)["p"] == pytest.approx(1 / 10001)  # none of 10,000 flips
+    assert paired_summary(base, base + diff + 0.5, seed=1)["p"] == pytest.approx(
+        1 / 10001
+    )  # none of 10,000 flips
     x = np.abs(rng.normal(0, 1, 100))
-    null = paired_summary(base[:200], base[:200] + np.concatenate([x, -x]), seed=1)  # mean difference exactly 0
+    null = paired_summary(
+        base[:200], base[:200] + np.concatenate([x, -x]), seed=1
+    )  # mean difference exactly 0
     assert null["p"] == 1.0 and null["ci_low"] < 0 < null["ci_high"]
     assert paired_summary([1.0, 2.0], [1.5, 3.0], seed=0)["p"] >= 0.25  # two pairs cannot be significant
     with pytest.raises(ValueError, match="paired samples differ in size: 2 vs 1"):
@@ -796,8 +1054,8 @@ def test_paired_statistics_of_the_heldout_reward():
 
 
 def test_heldout_prompts_are_never_training_prompts(tmp_path):
-    from karma.rm.fixtures import write_prepared_data
     from services.policy_trainer.prompts import load_prompt_sets
+    from tests.support import write_prepared_data
 
     lines = [{"prompt": f"prompt {i % 30}"} for i in range(40)]  # 30 distinct texts, 10 repeated
     file = tmp_path / "p.jsonl"
@@ -810,7 +1068,9 @@ def test_heldout_prompts_are_never_training_prompts(tmp_path):
     assert "held-out slice (8 of 30 distinct prompts, seed 3)" in sets.heldout_source
     assert [r.context for r in load_prompt_sets(f"file:{file}", heldout=8, heldout_seed=3).heldout] == held
     assert [r.context for r in load_prompt_sets(f"file:{file}", heldout=8, heldout_seed=4).heldout] != held
-    assert len(load_prompt_sets(f"file:{file}", heldout=500).heldout) == 15  # at most half the distinct prompts
+    assert (
+        len(load_prompt_sets(f"file:{file}", heldout=500).heldout) == 15
+    )  # at most half the distinct prompts
     assert len(load_prompt_sets(f"file:{file}", heldout=8, max_prompts=5).train) == 5
     one = tmp_path / "one.jsonl"
     one.write_text('"only prompt"\n')
@@ -824,8 +1084,12 @@ def test_heldout_prompts_are_never_training_prompts(tmp_path):
     assert not {r.context for r in sets.heldout} & {r.context for r in sets.train}
     assert sets.heldout[0].metadata["subreddit"] in ("College", "ApplyingToCollege")
     with pytest.raises(ValueError, match="heldout_split must differ from the training split \\('val'\\)"):
-        TrainConfig.from_dict({"data": {"prompts": f"reddit:{data}", "split": "val"},
-                               "reward": {"reward_url": ["http://127.0.0.1:9"]}})
+        TrainConfig.from_dict(
+            {
+                "data": {"prompts": f"reddit:{data}", "split": "val"},
+                "reward": {"reward_url": ["http://127.0.0.1:9"]},
+            }
+        )
 
 
 def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_path):
@@ -837,8 +1101,12 @@ def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_pa
     from karma.rm.model import RewardModel, RMInput
     from services.policy_trainer.heldout import KEYS, generate_replies
 
-    cfg = tiny_config(assets, tmp_path / "out", run={"steps": 2, "save_every": 0},
-                      eval={"heldout_prompts": 5, "heldout_batch_size": 2, "heldout_seed": 7})
+    cfg = tiny_config(
+        assets,
+        tmp_path / "out",
+        run={"steps": 2, "save_every": 0},
+        eval={"heldout_prompts": 5, "heldout_batch_size": 2, "heldout_seed": 7},
+    )
     trainer, result = run(cfg)
     got = json.loads((tmp_path / "out" / "heldout_reward.json").read_text())
     assert tuple(got) == KEYS and result["heldout"] == got
@@ -851,10 +1119,20 @@ def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_pa
     recomputed = {}
     for name, folder in (("base", assets.policy), ("trained", tmp_path / "out")):
         lm = AutoModelForCausalLM.from_pretrained(folder).eval()
-        gens = generate_replies(lm, tok, trainer.eos_ids, [p.prompt_ids for p in prompts], temperature=1.0,
-                                max_new_tokens=10, batch_size=2, seed=7)
+        gens = generate_replies(
+            lm,
+            tok,
+            trainer.eos_ids,
+            [p.prompt_ids for p in prompts],
+            temperature=1.0,
+            max_new_tokens=10,
+            batch_size=2,
+            seed=7,
+        )
         texts = [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
-        scores = rm.score([RMInput(p.context, t, p.metadata) for p, t in zip(prompts, texts)], normalize=True)
+        scores = rm.score(
+            [RMInput(p.context, t, p.metadata) for p, t in zip(prompts, texts, strict=True)], normalize=True
+        )
         recomputed[name] = (lm, gens, texts, scores)
     assert got["base_mean"] == pytest.approx(np.mean(recomputed["base"][3]), abs=1e-5)
     assert got["trained_mean"] == pytest.approx(np.mean(recomputed["trained"][3]), abs=1e-5)
@@ -868,17 +1146,21 @@ def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_pa
     def seq_logprob(lm, prompt, response):  # one unpadded sequence, at temperature 1
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
-            logits = lm(ids).logits[0, len(prompt) - 1: -1].float()
+            logits = lm(ids).logits[0, len(prompt) - 1 : -1].float()
         return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).sum())
 
     base_lm, trained_lm = recomputed["base"][0], recomputed["trained"][0]
-    kl = [seq_logprob(trained_lm, p.prompt_ids, g.response_ids) - seq_logprob(base_lm, p.prompt_ids, g.response_ids)
-          for p, g in zip(prompts, recomputed["trained"][1])]
+    kl = [
+        seq_logprob(trained_lm, p.prompt_ids, g.response_ids)
+        - seq_logprob(base_lm, p.prompt_ids, g.response_ids)
+        for p, g in zip(prompts, recomputed["trained"][1], strict=True)
+    ]
     assert got["kl_mean"] == pytest.approx(np.mean(kl), abs=1e-3) and got["kl_mean"] != 0
     assert 0 <= got["p"] <= 1 and got["ci_low"] <= got["delta"] <= got["ci_high"] and got["mde"] > 0
 
 
 def test_heldout_reward_can_be_turned_off(assets, tmp_path):
-    _, result = run(tiny_config(assets, tmp_path / "out", run={"steps": 1, "save_every": 0},
-                                eval={"heldout_prompts": 0}))
+    _, result = run(
+        tiny_config(assets, tmp_path / "out", run={"steps": 1, "save_every": 0}, eval={"heldout_prompts": 0})
+    )
     assert "heldout" not in result and not (tmp_path / "out" / "heldout_reward.json").exists()

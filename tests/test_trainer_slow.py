@@ -8,18 +8,17 @@ One vLLM engine serves both tests (module fixture): greedy generations of vLLM a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from karma.paths import shared_data_dir
 from services.policy_trainer.config import TrainConfig, vllm_available
 
-SHARED_DATA = Path(os.environ.get("KARMA_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 POLITENESS = SHARED_DATA / "eval" / "politeness" / "wikipedia.annotated.csv"
 
 pytestmark = [
@@ -35,15 +34,18 @@ def reward_service(tmp_path_factory):
     import httpx
 
     from karma.models import minilm_path
+    from karma.net import free_port
     from karma.rm.model import new_reward_model
-    from services.reward_api.testing import free_port
 
     folder = new_reward_model(str(minilm_path()), "context", max_length=256).save(
-        tmp_path_factory.mktemp("rm") / "minilm_rm")
+        tmp_path_factory.mktemp("rm") / "minilm_rm"
+    )
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "karma.cli", "serve", "--model", f"karma={folder}", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,16 +61,33 @@ def trained(reward_service, tmp_path_factory):
     from services.policy_trainer.trainer import Trainer
 
     out = tmp_path_factory.mktemp("ppo") / "run"
-    cfg = TrainConfig.from_dict({
-        "model": {"policy": "smollm2"},
-        "data": {"prompts": f"file:{POLITENESS}", "max_prompt_length": 96, "max_prompts": 32},
-        "rollout": {"engine": "vllm", "max_new_tokens": 16, "vllm_enforce_eager": True, "vllm_kv_cache_gib": 0.5},
-        "reward": {"reward_url": [reward_service.url], "reward_ready_timeout_s": 180},
-        "ppo": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 4, "epochs": 1,
-                "learning_rate": 1e-4},
-        "run": {"steps": 2, "output_dir": str(out), "save_every": 0, "report_to": ["jsonl", "tensorboard"]},
-        "eval": {"heldout_prompts": 8},
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"policy": "smollm2"},
+            "data": {"prompts": f"file:{POLITENESS}", "max_prompt_length": 96, "max_prompts": 32},
+            "rollout": {
+                "engine": "vllm",
+                "max_new_tokens": 16,
+                "vllm_enforce_eager": True,
+                "vllm_kv_cache_gib": 0.5,
+            },
+            "reward": {"reward_url": [reward_service.url], "reward_ready_timeout_s": 180},
+            "ppo": {
+                "prompts_per_step": 4,
+                "mini_batch_size": 4,
+                "micro_batch_size": 4,
+                "epochs": 1,
+                "learning_rate": 1e-4,
+            },
+            "run": {
+                "steps": 2,
+                "output_dir": str(out),
+                "save_every": 0,
+                "report_to": ["jsonl", "tensorboard"],
+            },
+            "eval": {"heldout_prompts": 8},
+        }
+    )
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -77,8 +96,10 @@ def trained(reward_service, tmp_path_factory):
 
         def greedy():
             kw = {"seed": 0, "max_new_tokens": 16, "temperature": 0.0}
-            return ([g.response_ids for g in trainer.engine.generate(prompts, **kw)],
-                    [g.response_ids for g in hf.generate(prompts, **kw)])
+            return (
+                [g.response_ids for g in trainer.engine.generate(prompts, **kw)],
+                [g.response_ids for g in hf.generate(prompts, **kw)],
+            )
 
         before = greedy()
         result = trainer.fit()
@@ -107,7 +128,9 @@ def test_ppo_smollm2_vllm_against_real_reward_service(trained):
     changed = [not torch.equal(p, q) for p, q in zip(trained_lm.parameters(), base.parameters(), strict=True)]
     assert all(changed)
     assert list((trained.out / "tensorboard").glob("events.out.tfevents.*"))
-    heldout = json.loads((trained.out / "heldout_reward.json").read_text())  # scored over HTTP after a vLLM run
+    heldout = json.loads(
+        (trained.out / "heldout_reward.json").read_text()
+    )  # scored over HTTP after a vLLM run
     assert heldout["n"] == 8 and heldout["kl_mean"] > 0 and heldout["base_mean"] != heldout["trained_mean"]
 
 

@@ -6,7 +6,8 @@ Importing this package is cheap: DuckDB, pyarrow and zstandard load only when `p
 from __future__ import annotations
 
 from karma.data.decode import DecodeError
-from karma.data.prepare import InputNotFoundError, NoUsableDataError, PrepareConfig, prepare
+from karma.data.errors import InputNotFoundError, NoUsableDataError
+from karma.data.prepare import PrepareConfig, prepare
 from karma.data.relational import split_of
 
 __all__ = ["DecodeError", "InputNotFoundError", "NoUsableDataError", "PrepareConfig", "prepare", "split_of"]

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from karma.rm.template import TEMPLATE_VERSION
+
+CARD_VERSION = 1
+#: skip reasons that mean broken input rather than a filter doing its job (they raise a warning)
+BAD_INPUT_PREFIXES = (
+    "not_json",
+    "not_utf8",
+    "truncated_frame",
+    "missing_field:",
+    "bad_field:",
+    "out_of_range:",
+)
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    """The options of a run (a `PrepareConfig`) as the card records them, with the time of writing."""
+    d = asdict(cfg)
+    d["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return d
 
 
 def _merge(dicts) -> dict[str, int]:
@@ -27,8 +47,6 @@ def _mode(sources: dict[str, int]) -> str:
 def build_card(
     cfg, file_stats, summary: dict[str, Any], timings: dict[str, float], posts_are_examples: bool
 ) -> dict:
-    from karma.data.prepare import BAD_INPUT_PREFIXES, CARD_VERSION, config_dict
-
     inputs = []
     for s in file_stats:
         entry = s.to_card()

@@ -112,7 +112,8 @@ def prepare_cmd(
 ) -> None:
     """Raw Pushshift/SHP dumps → examples.parquet, pairs.parquet, card.json (+ card.md) in --out."""
     from karma.data.decode import DecodeError
-    from karma.data.prepare import InputNotFoundError, NoUsableDataError, PrepareConfig, prepare
+    from karma.data.errors import InputNotFoundError, NoUsableDataError
+    from karma.data.prepare import PrepareConfig, prepare
     from karma.data.shp import ShpHubError
 
     try:

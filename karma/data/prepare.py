@@ -10,39 +10,24 @@ The Python API is :func:`prepare`; the CLI (:mod:`karma.data.cli`) is a thin wra
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from karma.data.errors import InputNotFoundError, NoUsableDataError
 from karma.data.records import Filters
+from karma.data.shp import expand_shp_inputs
+
+__all__ = ["InputNotFoundError", "NoUsableDataError", "PrepareConfig", "prepare"]
 
 log = logging.getLogger(__name__)
 
 NORMALIZE_CHOICES = ("log1p", "percentile", "zscore")
 SPLIT_BY_CHOICES = ("thread", "time")
-#: skip reasons that mean broken input rather than a filter doing its job (they raise a warning)
-BAD_INPUT_PREFIXES = (
-    "not_json",
-    "not_utf8",
-    "truncated_frame",
-    "missing_field:",
-    "bad_field:",
-    "out_of_range:",
-)
-CARD_VERSION = 1
-
-
-class InputNotFoundError(FileNotFoundError):
-    """An input path given on the command line does not exist."""
-
-
-class NoUsableDataError(ValueError):
-    """The inputs were read but nothing usable remains."""
 
 
 @dataclass
@@ -136,8 +121,6 @@ def default_memory_limit() -> str:
 
 def _check_inputs(cfg: PrepareConfig) -> list[tuple[str, str]]:
     """(path, kind) for every input; InputNotFoundError naming the first path that does not exist."""
-    from karma.data.shp import expand_shp_inputs
-
     inputs: list[tuple[str, str]] = []
     for kind, flag, paths in (
         ("comments", "--comments", cfg.comments),
@@ -274,9 +257,3 @@ def _nothing_usable(file_stats) -> str:
     if bad_files:
         parts.append("; ".join(bad_files))
     return "; ".join(parts)
-
-
-def config_dict(cfg: PrepareConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return d

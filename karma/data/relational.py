@@ -45,7 +45,11 @@ PAIR_COLUMNS = (
 )  # fmt: skip
 
 #: the time condition on (chosen a, rejected b) per `pair_order`
-_ORDER_RULE = {"later": "a.created_utc >= b.created_utc", "earlier": "a.created_utc <= b.created_utc", "any": "TRUE"}
+_ORDER_RULE = {
+    "later": "a.created_utc >= b.created_utc",
+    "earlier": "a.created_utc <= b.created_utc",
+    "any": "TRUE",
+}
 
 MAX_JUMPS = 64  # pointer-jumping rounds: covers chains of 2**64 comments; a parent cycle ends as "unknown"
 

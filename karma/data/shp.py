@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from karma.data.errors import InputNotFoundError
+
 log = logging.getLogger(__name__)
 
 SHP_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".zst", ".gz")
@@ -20,8 +22,6 @@ class ShpHubError(RuntimeError):
 
 def expand_shp_inputs(spec: str) -> list[Path]:
     """A file, a folder of SHP files (searched recursively), or a hub dataset id materialised as parquet."""
-    from karma.data.prepare import InputNotFoundError
-
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]

@@ -1,7 +1,7 @@
 """`karma eval` (evaluate one policy) and `karma eval compare` (base vs trained policies).
 
-    karma eval --model PATH --suite pragmatics,side_effects,factuality --limit 50 --out runs/eval/base
-    karma eval compare runs/eval/base runs/eval/ppo_full runs/eval/ppo_context --out runs/eval/compare
+karma eval --model PATH --suite pragmatics,side_effects,factuality --limit 50 --out runs/eval/base
+karma eval compare runs/eval/base runs/eval/ppo_full runs/eval/ppo_context --out runs/eval/compare
 """
 
 from __future__ import annotations
@@ -23,46 +23,79 @@ def _fail(message: str) -> typer.Exit:
 @app.callback()
 def evaluate(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="causal LM folder (full or LoRA adapter), hub id, or 'smollm2'")] = "smollm2",
-    suite: Annotated[str | None, typer.Option(
-        help="comma-separated suites (pragmatics, side_effects, factuality, all) and/or task names "
-        "[default: pragmatics,side_effects,factuality; none when --task is given]"
-    )] = None,
-    task: Annotated[list[Path] | None, typer.Option(
-        help="a BIG-bench task by path (task.json, another .json in its format, or a folder holding task.json); "
-        "repeatable; evaluated beside --suite, or alone"
-    )] = None,
+    model: Annotated[
+        str, typer.Option(help="causal LM folder (full or LoRA adapter), hub id, or 'smollm2'")
+    ] = "smollm2",
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated suites (pragmatics, side_effects, factuality, all) and/or task names "
+            "[default: pragmatics,side_effects,factuality; none when --task is given]"
+        ),
+    ] = None,
+    task: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a BIG-bench task by path (task.json, another .json in its format, or a folder holding task.json); "
+            "repeatable; evaluated beside --suite, or alone"
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task (smoke runs)")] = None,
-    task_limit: Annotated[list[str] | None, typer.Option(
-        help="NAME=N or NAME=all: items of one task, family or subtask, overriding --limit; repeatable"
-    )] = None,
+    task_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=N or NAME=all: items of one task, family or subtask, overriding --limit; repeatable"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="output folder: results.json, report.md, *.png")] = None,
-    reward_url: Annotated[str | None, typer.Option(
-        envvar="KARMA_REWARD_URL", help="reward service URL(s), comma-separated, to score generated replies"
-    )] = None,
-    reward_api_key: Annotated[str | None, typer.Option(envvar="KARMA_REWARD_API_KEY", help="bearer token")] = None,
-    reward_model: Annotated[str | None, typer.Option(help="model name on a multi-model reward service")] = None,
+    reward_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KARMA_REWARD_URL",
+            help="reward service URL(s), comma-separated, to score generated replies",
+        ),
+    ] = None,
+    reward_api_key: Annotated[
+        str | None, typer.Option(envvar="KARMA_REWARD_API_KEY", help="bearer token")
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="model name on a multi-model reward service")
+    ] = None,
     reward_normalize: Annotated[bool, typer.Option(help="ask the service for normalised scores")] = False,
-    prompts: Annotated[Path | None, typer.Option(
-        help="held-out prompts for the generation metrics: one per line, or .jsonl with a 'prompt' field "
-        "(default: the politeness-corpus hold-out)"
-    )] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="held-out prompts for the generation metrics: one per line, or .jsonl with a 'prompt' field "
+            "(default: the politeness-corpus hold-out)"
+        ),
+    ] = None,
     n_prompts: Annotated[int, typer.Option(min=1, help="prompts taken from the default hold-out")] = 32,
-    data_dir: Annotated[Path | None, typer.Option(
-        envvar="KARMA_SHARED_DATA", help="shared data folder holding eval/ (default ../shared/data)"
-    )] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="KARMA_SHARED_DATA", help="shared data folder holding eval/ (default ../shared/data)"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="(prompt, option) pairs per forward pass")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    ] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     gen_batch_size: Annotated[int, typer.Option(min=1, help="prompts per generate() call")] = 16,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    chat_template: Annotated[bool | None, typer.Option(
-        "--chat-template/--no-chat-template", help="wrap generation prompts in the chat template (default: if any)"
-    )] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="wrap generation prompts in the chat template (default: if any)",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice)")
+    ] = None,
     n_boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples per CI")] = 1000,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -89,15 +122,39 @@ def evaluate(
         raise _fail(str(e)) from e
     try:
         results = run_eval(
-            model, suite, limit, out, reward_url, prompts, task_paths=task or [], task_limits=limits,
-            data_dir=data_dir, batch_size=batch_size, device=device, dtype=dtype, n_prompts=n_prompts,
-            max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, temperature=temperature, top_p=top_p,
+            model,
+            suite,
+            limit,
+            out,
+            reward_url,
+            prompts,
+            task_paths=task or [],
+            task_limits=limits,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            n_prompts=n_prompts,
+            max_new_tokens=max_new_tokens,
+            gen_batch_size=gen_batch_size,
+            temperature=temperature,
+            top_p=top_p,
             chat_template=chat_template,
-            reward_api_key=reward_api_key, reward_model=reward_model, reward_normalize=reward_normalize,
-            seed=seed, n_boot=n_boot, progress=progress,
+            reward_api_key=reward_api_key,
+            reward_model=reward_model,
+            reward_normalize=reward_normalize,
+            seed=seed,
+            n_boot=n_boot,
+            progress=progress,
         )
-    except (TaskSchemaError, UnknownSuiteError, NotACausalLMError, ModelNotFoundError, FileNotFoundError,
-            RewardServiceError) as e:
+    except (
+        TaskSchemaError,
+        UnknownSuiteError,
+        NotACausalLMError,
+        ModelNotFoundError,
+        FileNotFoundError,
+        RewardServiceError,
+    ) as e:
         raise _fail(str(e)) from e
     _print_summary(results, out)
 
@@ -128,7 +185,9 @@ def compare_cmd(
     base: Annotated[Path, typer.Argument(help="results folder (or results.json) of the base policy")],
     trained: Annotated[list[Path], typer.Argument(help="results folders of one or more trained policies")],
     out: Annotated[Path, typer.Option(help="output folder: compare.md, compare.json, compare.png")],
-    name: Annotated[list[str] | None, typer.Option(help="label per trained policy (default: folder name)")] = None,
+    name: Annotated[
+        list[str] | None, typer.Option(help="label per trained policy (default: folder name)")
+    ] = None,
     n_boot: Annotated[int, typer.Option(min=100)] = 1000,
     n_perm: Annotated[int, typer.Option(min=100, help="permutations per paired test")] = 10000,
     seed: Annotated[int, typer.Option()] = 0,
@@ -141,5 +200,7 @@ def compare_cmd(
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
     sys.stdout.write((out / "compare.md").read_text())
-    typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'} "
-               f"({len(result['rows'])} rows)")
+    typer.echo(
+        f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'} "
+        f"({len(result['rows'])} rows)"
+    )

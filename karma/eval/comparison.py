@@ -54,7 +54,11 @@ def _paired_items(base: dict, new: dict) -> tuple[list[dict], list[dict], int]:
 
 
 def _values(items: list[dict], metric: str) -> list:
-    return [it["reply"] for it in items] if metric in M.CORPUS_METRICS else [it["scores"][metric] for it in items]
+    return (
+        [it["reply"] for it in items]
+        if metric in M.CORPUS_METRICS
+        else [it["scores"][metric] for it in items]
+    )
 
 
 def compare(
@@ -79,7 +83,9 @@ def compare(
         labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
     for r in trained:
         if r.get("prompt_format_version") != base.get("prompt_format_version"):
-            raise ValueError("results of different prompt format versions cannot be paired; re-run `karma eval`")
+            raise ValueError(
+                "results of different prompt format versions cannot be paired; re-run `karma eval`"
+            )
 
     common = [t for t in base["tasks"] if all(t in r["tasks"] for r in trained)]
     rows_out = []
@@ -87,8 +93,14 @@ def compare(
         first = base["tasks"][row["tasks"][0]]
         metrics = row.get("metrics") or [m for m in (*MC_METRICS, *GEN_METRICS) if m in first["metrics"]]
         for metric in metrics:
-            entry = {"row": row["row"], "suite": row["suite"], "kind": row["kind"], "metric": metric, "models": {}}
-            for label, res in zip(labels, trained):
+            entry = {
+                "row": row["row"],
+                "suite": row["suite"],
+                "kind": row["kind"],
+                "metric": metric,
+                "models": {},
+            }
+            for label, res in zip(labels, trained, strict=True):
                 if not all(metric in res["tasks"][t]["metrics"] for t in row["tasks"]):
                     continue
                 entry["models"][label] = _compare_row(base, res, row, metric, n_boot, n_perm, seed)
@@ -96,8 +108,10 @@ def compare(
                 rows_out.append(entry)
     result = {
         "base": {"name": base["model"]["name"], "path": base["model"]["path"], "source": base.get("_source")},
-        "trained": [{"label": lab, "name": r["model"]["name"], "path": r["model"]["path"], "source": r.get("_source")}
-                    for lab, r in zip(labels, trained)],
+        "trained": [
+            {"label": lab, "name": r["model"]["name"], "path": r["model"]["path"], "source": r.get("_source")}
+            for lab, r in zip(labels, trained, strict=True)
+        ],
         "only_in_some": sorted({t for r in [base, *trained] for t in r["tasks"]} - set(common)),
         "settings": {"n_boot": n_boot, "n_perm": n_perm, "seed": seed},
         "rows": rows_out,
@@ -139,8 +153,9 @@ def _compare_row(base: dict, new: dict, row: dict, metric: str, n_boot: int, n_p
         b_items, n_items = pairs[0]
         bv, nv = _values(b_items, metric), _values(n_items, metric)
         corpus = M.corpus_metric(metric) if metric in M.CORPUS_METRICS else None
-        d = M.paired_delta(bv, nv, corpus=corpus, binary=metric in M.BINARY_METRICS, n_boot=n_boot, n_perm=n_perm,
-                           seed=seed)
+        d = M.paired_delta(
+            bv, nv, corpus=corpus, binary=metric in M.BINARY_METRICS, n_boot=n_boot, n_perm=n_perm, seed=seed
+        )
         if corpus is None:
             base_v, new_v = M.mean_ci(bv, n_boot=n_boot, seed=seed), M.mean_ci(nv, n_boot=n_boot, seed=seed)
             power = P.observed_mde(bv, nv, binary=metric in M.BINARY_METRICS)
@@ -203,8 +218,11 @@ def markdown(result: dict) -> str:
         cells = [r["suite"], name, r["metric"], str(any_c["n"]), fmt_ci(any_c["base"])]
         for lab in labels:
             c = r["models"].get(lab)
-            cells += ([fmt_ci(c["trained"]), _fmt_delta(c), _fmt_p(c["p"]), fmt_mde(c.get("mde"))] if c
-                      else ["—", "—", "—", "—"])
+            cells += (
+                [fmt_ci(c["trained"]), _fmt_delta(c), _fmt_p(c["p"]), fmt_mde(c.get("mde"))]
+                if c
+                else ["—", "—", "—", "—"]
+            )
         lines.append("| " + " | ".join(cells) + " |")
     if result["only_in_some"]:
         lines += ["", f"Not compared (not in every run): {', '.join(result['only_in_some'])}"]
@@ -232,12 +250,23 @@ def plot_compare(result: dict, path: Path) -> Path:
                 continue
             scale = _scale(r, c)
             y = len(rows) - 1 - i + (j - (len(labels) - 1) / 2) * step
-            ax.errorbar(c["delta"] / scale, y, xerr=error_bars({"value": c["delta"], "ci_low": c["ci_low"],
-                                                           "ci_high": c["ci_high"]}, scale),
-                        fmt="o", ms=3, color=colors[j % len(colors)], capsize=2, lw=1, label=lab if i == 0 else None)
+            ax.errorbar(
+                c["delta"] / scale,
+                y,
+                xerr=error_bars({"value": c["delta"], "ci_low": c["ci_low"], "ci_high": c["ci_high"]}, scale),
+                fmt="o",
+                ms=3,
+                color=colors[j % len(colors)],
+                capsize=2,
+                lw=1,
+                label=lab if i == 0 else None,
+            )
     ax.axvline(0, color="gray", lw=0.8)
-    ax.set_yticks(range(len(rows))[::-1], [f"{r['row']} · {r['metric']}" + ("" if _scale(r, None) == 1 else " (rel.)")
-                                          for r in rows], fontsize=7)
+    ax.set_yticks(
+        range(len(rows))[::-1],
+        [f"{r['row']} · {r['metric']}" + ("" if _scale(r, None) == 1 else " (rel.)") for r in rows],
+        fontsize=7,
+    )
     ax.set_xlabel("Δ trained − base (95% paired bootstrap CI); lengths/reward as Δ / |base|")
     ax.set_title(f"vs base {result['base']['name']}", fontsize=9)
     if labels:

@@ -35,7 +35,9 @@ BINARY_METRICS = ("acc", "acc_norm", "mc1")
 
 
 # ------------------------------------------------------------------------------------ multiple choice
-def mc_scores(loglik: Sequence[float], n_chars: Sequence[int], correct: set[int] | frozenset[int]) -> dict[str, float]:
+def mc_scores(
+    loglik: Sequence[float], n_chars: Sequence[int], correct: set[int] | frozenset[int]
+) -> dict[str, float]:
     """acc and acc_norm of one item; ties go to the first option (numpy's argmax)."""
     ll = np.asarray(loglik, dtype=float)
     norm = ll / np.maximum(np.asarray(n_chars, dtype=float), 1.0)
@@ -163,8 +165,8 @@ def paired_permutation(
     hits = 0
     for _ in range(n_perm):
         swap = rng.random(n) < 0.5
-        b = [y if s else x for x, y, s in zip(base_l, new_l, swap)]
-        t = [x if s else y for x, y, s in zip(base_l, new_l, swap)]
+        b = [y if s else x for x, y, s in zip(base_l, new_l, swap, strict=True)]
+        t = [x if s else y for x, y, s in zip(base_l, new_l, swap, strict=True)]
         hits += abs(stat(b, t)) >= observed - 1e-12
     return (hits + 1) / (n_perm + 1)
 
@@ -205,9 +207,18 @@ def paired_delta(
             return corpus([new_l[i] for i in idx]) - corpus([base_l[i] for i in idx])
 
         ci = jackknife_ci(diff, n, alpha=alpha)
-        p = paired_permutation(lambda b, t: corpus(t) - corpus(b), base_l, new_l, n_perm=min(n_perm, 2000), seed=seed)
+        p = paired_permutation(
+            lambda b, t: corpus(t) - corpus(b), base_l, new_l, n_perm=min(n_perm, 2000), seed=seed
+        )
         test = "paired permutation"
-    return {"delta": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "p": p, "test": test, "n": n}
+    return {
+        "delta": ci["value"],
+        "ci_low": ci["ci_low"],
+        "ci_high": ci["ci_high"],
+        "p": p,
+        "test": test,
+        "n": n,
+    }
 
 
 # ------------------------------------------------------------------------------------ suite means
@@ -218,7 +229,9 @@ def mean_of_means_ci(
     arrays = [np.asarray(g, dtype=float) for g in groups if len(g)]
     if not arrays:
         return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    boots = np.mean([v[_indices(v.size, n_boot, seed + k)].mean(axis=1) for k, v in enumerate(arrays)], axis=0)
+    boots = np.mean(
+        [v[_indices(v.size, n_boot, seed + k)].mean(axis=1) for k, v in enumerate(arrays)], axis=0
+    )
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     value = float(np.mean([v.mean() for v in arrays]))
     return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "n": int(sum(v.size for v in arrays))}
@@ -241,5 +254,11 @@ def paired_mean_of_means(
     rng = np.random.default_rng(seed)
     null = np.mean([_sign_flip_means(d, n_perm, rng) for d in diffs], axis=0)
     hits = int((np.abs(null) >= abs(ci["value"]) - 1e-12).sum())
-    return {"delta": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "p": (hits + 1) / (n_perm + 1),
-            "test": "paired permutation", "n": ci["n"]}
+    return {
+        "delta": ci["value"],
+        "ci_low": ci["ci_low"],
+        "ci_high": ci["ci_high"],
+        "p": (hits + 1) / (n_perm + 1),
+        "test": "paired permutation",
+        "n": ci["n"],
+    }

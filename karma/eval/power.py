@@ -54,7 +54,9 @@ def _check_n(n: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ continuous, paired
-def mde_paired(diff_sd: float, n: int, *, alpha: float = ALPHA, power: float = POWER, t: bool = True) -> float:
+def mde_paired(
+    diff_sd: float, n: int, *, alpha: float = ALPHA, power: float = POWER, t: bool = True
+) -> float:
     """MDE of a paired test on continuous scores: `(q_{1-α/2} + q_power) · sd(diff) / √n`.
 
     `t=True` takes the quantiles from Student's t on n − 1 degrees of freedom (matches a paired t-test's power
@@ -75,7 +77,9 @@ def mde_paired(diff_sd: float, n: int, *, alpha: float = ALPHA, power: float = P
     return q * diff_sd / math.sqrt(n)
 
 
-def n_paired(effect: float, diff_sd: float, *, alpha: float = ALPHA, power: float = POWER, t: bool = True) -> int:
+def n_paired(
+    effect: float, diff_sd: float, *, alpha: float = ALPHA, power: float = POWER, t: bool = True
+) -> int:
     """The smallest n whose `mde_paired` is at most `effect`."""
     if effect <= 0:
         raise ValueError(f"effect must be > 0, got {effect}")
@@ -130,14 +134,17 @@ def _reject_below(n: int, alpha: float) -> np.ndarray:
     return np.minimum(c, (ks - 1) // 2)
 
 
-def mcnemar_power(n: int, discordance: float, delta: float, *, alpha: float = ALPHA,
-                  asymptotic: bool = False) -> float:
+def mcnemar_power(
+    n: int, discordance: float, delta: float, *, alpha: float = ALPHA, asymptotic: bool = False
+) -> float:
     """Probability that McNemar's test gives p < alpha on n paired 0/1 items whose discordant share is
     `discordance` and whose accuracy change is `delta` (|delta| <= discordance)."""
     _check_n(n)
     delta = abs(delta)
     if not 0 <= discordance <= 1 or delta > discordance + 1e-12:
-        raise ValueError(f"need 0 <= |delta| <= discordance <= 1, got delta {delta}, discordance {discordance}")
+        raise ValueError(
+            f"need 0 <= |delta| <= discordance <= 1, got delta {delta}, discordance {discordance}"
+        )
     if discordance == 0:
         return 0.0
     if asymptotic:
@@ -173,8 +180,9 @@ def _bisect_effect(power_at, target: float, hi: float = 1.0, tol: float = 1e-5) 
     return hi
 
 
-def mde_mcnemar(n: int, discordance: float, *, alpha: float = ALPHA, power: float = POWER,
-                asymptotic: bool = False) -> float:
+def mde_mcnemar(
+    n: int, discordance: float, *, alpha: float = ALPHA, power: float = POWER, asymptotic: bool = False
+) -> float:
     """MDE in accuracy (a share, 0.05 = 5 points) of McNemar's test on n paired items.
 
     `discordance`: the share of items whose score changed (observed, or assumed when planning). An effect Δ
@@ -186,12 +194,22 @@ def mde_mcnemar(n: int, discordance: float, *, alpha: float = ALPHA, power: floa
     if not 0 <= discordance <= 1:
         raise ValueError(f"discordance must be in [0, 1], got {discordance}")
     return _bisect_effect(
-        lambda d: mcnemar_power(n, max(discordance, d), d, alpha=alpha, asymptotic=asymptotic) if d > 0 else 0.0,
-        power)
+        lambda d: (
+            mcnemar_power(n, max(discordance, d), d, alpha=alpha, asymptotic=asymptotic) if d > 0 else 0.0
+        ),
+        power,
+    )
 
 
-def n_mcnemar(effect: float, discordance: float, *, alpha: float = ALPHA, power: float = POWER,
-              asymptotic: bool = False, n_max: int = 10**6) -> int:
+def n_mcnemar(
+    effect: float,
+    discordance: float,
+    *,
+    alpha: float = ALPHA,
+    power: float = POWER,
+    asymptotic: bool = False,
+    n_max: int = 10**6,
+) -> int:
     """The smallest n whose McNemar MDE is at most `effect` at this discordance (the exact power is slightly
     saw-toothed in n; this is the first n that reaches it)."""
     if not 0 < effect <= 1:
@@ -215,8 +233,9 @@ def n_mcnemar(effect: float, discordance: float, *, alpha: float = ALPHA, power:
 
 
 # ------------------------------------------------------------------------------------ mean of task means
-def mde_mean_of_means(discordances: Sequence[float], ns: Sequence[int], *, alpha: float = ALPHA,
-                      power: float = POWER) -> float:
+def mde_mean_of_means(
+    discordances: Sequence[float], ns: Sequence[int], *, alpha: float = ALPHA, power: float = POWER
+) -> float:
     """MDE of the unweighted mean of K task means of paired 0/1 scores (every task shifted by the same Δ),
     from each task's discordance and n (normal approximation; see the module docstring)."""
     if len(discordances) != len(ns) or not ns:
@@ -232,18 +251,22 @@ def mde_mean_of_means(discordances: Sequence[float], ns: Sequence[int], *, alpha
         if d <= 0:
             return 0.0
         p = np.maximum(p0, d)
-        s0, s1 = math.sqrt(float(np.sum(p * inv_n))), math.sqrt(max(float(np.sum((p - d * d) * inv_n)), 1e-15))
+        s0, s1 = (
+            math.sqrt(float(np.sum(p * inv_n))),
+            math.sqrt(max(float(np.sum((p - d * d) * inv_n)), 1e-15)),
+        )
         return float(norm.cdf((k * d - za * s0) / s1))
 
     return _bisect_effect(power_at, power)
 
 
-def mde_mean_of_means_sd(diff_sds: Sequence[float], ns: Sequence[int], *, alpha: float = ALPHA,
-                         power: float = POWER) -> float:
+def mde_mean_of_means_sd(
+    diff_sds: Sequence[float], ns: Sequence[int], *, alpha: float = ALPHA, power: float = POWER
+) -> float:
     """MDE of the unweighted mean of K task means of continuous paired differences: z · √(Σ sd_k² / n_k) / K."""
     if len(diff_sds) != len(ns) or not ns:
         raise ValueError("need one sd per task and at least one task")
-    se = math.sqrt(sum(s * s / n for s, n in zip(diff_sds, ns))) / len(ns)
+    se = math.sqrt(sum(s * s / n for s, n in zip(diff_sds, ns, strict=True))) / len(ns)
     return mde_from_se(se, alpha=alpha, power=power)
 
 
@@ -254,8 +277,9 @@ def discordance(base: Sequence[float], new: Sequence[float]) -> float:
     return float((a != b).mean()) if a.size else math.nan
 
 
-def observed_mde(base: Sequence[float], new: Sequence[float], *, binary: bool, alpha: float = ALPHA,
-                 power: float = POWER) -> dict:
+def observed_mde(
+    base: Sequence[float], new: Sequence[float], *, binary: bool, alpha: float = ALPHA, power: float = POWER
+) -> dict:
     """The MDE a paired comparison had, from its own pairs: {mde, discordance, mde_basis}.
 
     0/1 scores: exact McNemar at the observed discordance (its floor when no item changed). Continuous:
@@ -268,27 +292,45 @@ def observed_mde(base: Sequence[float], new: Sequence[float], *, binary: bool, a
         disc = discordance(base, new)
         mde = mde_mcnemar(n, disc, alpha=alpha, power=power)
         if disc == 0:
-            basis = "exact McNemar, no discordant pairs: the floor at this n (every changed item moving one way)"
+            basis = (
+                "exact McNemar, no discordant pairs: the floor at this n (every changed item moving one way)"
+            )
         elif mde > disc:
-            basis = (f"exact McNemar, observed discordance {disc:.3f} is below the MDE: the floor at this n "
-                     "(every changed item moving one way)")
+            basis = (
+                f"exact McNemar, observed discordance {disc:.3f} is below the MDE: the floor at this n "
+                "(every changed item moving one way)"
+            )
         else:
             basis = f"exact McNemar, observed discordance {disc:.3f}"
         return {"mde": mde, "discordance": disc, "mde_basis": basis}
     if n < mcnemar_min_discordant(alpha):  # a sign-flip permutation test's smallest p is 2 / 2^n
-        return {"mde": math.inf, "discordance": None,
-                "mde_basis": f"paired permutation: {n} pairs can never give p < {alpha:g}"}
+        return {
+            "mde": math.inf,
+            "discordance": None,
+            "mde_basis": f"paired permutation: {n} pairs can never give p < {alpha:g}",
+        }
     d = np.asarray(new, dtype=float) - np.asarray(base, dtype=float)
     sd = float(d.std(ddof=1))
     if not sd > 1e-12 * max(1.0, float(np.abs(d).max())):  # all differences equal (up to rounding)
-        return {"mde": math.nan, "discordance": None,
-                "mde_basis": "paired t: no spread in the differences, MDE undefined"}
-    return {"mde": mde_paired(sd, n, alpha=alpha, power=power), "discordance": None,
-            "mde_basis": f"paired t, observed sd(diff) {sd:.4g}"}
+        return {
+            "mde": math.nan,
+            "discordance": None,
+            "mde_basis": "paired t: no spread in the differences, MDE undefined",
+        }
+    return {
+        "mde": mde_paired(sd, n, alpha=alpha, power=power),
+        "discordance": None,
+        "mde_basis": f"paired t, observed sd(diff) {sd:.4g}",
+    }
 
 
-def suite_mde(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], *, binary: bool, alpha: float = ALPHA,
-              power: float = POWER) -> dict:
+def suite_mde(
+    pairs: Sequence[tuple[Sequence[float], Sequence[float]]],
+    *,
+    binary: bool,
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> dict:
     """The MDE of the unweighted mean of task means on paired items, from each task's own pairs."""
     pairs = [(b, n) for b, n in pairs if len(b)]
     if not pairs:
@@ -298,13 +340,21 @@ def suite_mde(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], *, binar
         discs = [discordance(b, n) for b, n in pairs]
         pooled = float(np.dot(discs, ns) / sum(ns))
         mde = mde_mean_of_means(discs, ns, alpha=alpha, power=power)
-        return {"mde": mde, "discordance": pooled,
-                "mde_basis": f"mean of {len(ns)} task means, normal approx., per-task observed discordance "
-                             f"(pooled {pooled:.3f})"}
-    sds = [float(np.std(np.asarray(n, float) - np.asarray(b, float), ddof=1)) if len(b) > 1 else 0.0
-           for b, n in pairs]
-    return {"mde": mde_mean_of_means_sd(sds, ns, alpha=alpha, power=power), "discordance": None,
-            "mde_basis": f"mean of {len(ns)} task means, normal approx., observed sd(diff) per task"}
+        return {
+            "mde": mde,
+            "discordance": pooled,
+            "mde_basis": f"mean of {len(ns)} task means, normal approx., per-task observed discordance "
+            f"(pooled {pooled:.3f})",
+        }
+    sds = [
+        float(np.std(np.asarray(n, float) - np.asarray(b, float), ddof=1)) if len(b) > 1 else 0.0
+        for b, n in pairs
+    ]
+    return {
+        "mde": mde_mean_of_means_sd(sds, ns, alpha=alpha, power=power),
+        "discordance": None,
+        "mde_basis": f"mean of {len(ns)} task means, normal approx., observed sd(diff) per task",
+    }
 
 
 def corpus_mde(ci_low: float, ci_high: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> dict:
@@ -313,10 +363,16 @@ def corpus_mde(ci_low: float, ci_high: float, n: int, *, alpha: float = ALPHA, p
     from scipy.stats import norm
 
     if n < mcnemar_min_discordant(alpha):
-        return {"mde": math.inf, "discordance": None,
-                "mde_basis": f"paired permutation: {n} pairs can never give p < {alpha:g}"}
+        return {
+            "mde": math.inf,
+            "discordance": None,
+            "mde_basis": f"paired permutation: {n} pairs can never give p < {alpha:g}",
+        }
     if any(math.isnan(x) for x in (ci_low, ci_high)):
         return {"mde": math.nan, "discordance": None, "mde_basis": "no interval"}
     se = (ci_high - ci_low) / (2 * float(norm.ppf(1 - alpha / 2)))
-    return {"mde": mde_from_se(se, alpha=alpha, power=power), "discordance": None,
-            "mde_basis": f"normal, jackknife SE {se:.4g}"}
+    return {
+        "mde": mde_from_se(se, alpha=alpha, power=power),
+        "discordance": None,
+        "mde_basis": f"normal, jackknife SE {se:.4g}",
+    }

@@ -44,7 +44,9 @@ def politeness_heldout(data_dir: Path, n: int) -> list[str]:
     return [text for _, text in rows[:n]]
 
 
-def load_prompts(prompts: Sequence[str] | str | Path | None, data_dir: Path, n: int = 32) -> tuple[list[str], str]:
+def load_prompts(
+    prompts: Sequence[str] | str | Path | None, data_dir: Path, n: int = 32
+) -> tuple[list[str], str]:
     """(prompts, source): a list as given, a file (one prompt per line, or JSONL with a "prompt" field), or the
     politeness hold-out."""
     if prompts is None:

@@ -39,7 +39,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Evaluation of `{model['name']}`",
         "",
-        f"- model folder: `{model['path']}`" + (f" (LoRA adapter on `{model['base']}`)" if model.get("base") else ""),
+        f"- model folder: `{model['path']}`"
+        + (f" (LoRA adapter on `{model['base']}`)" if model.get("base") else ""),
         (
             f"- device {s['device']}, dtype {s['dtype']}, batch size {s['batch_size']}, "
             f"limit {s['limit'] if s['limit'] else 'none (full tasks)'}"
@@ -61,11 +62,17 @@ def markdown(results: dict) -> str:
         rows = [r for r in summary if r["suite"] == suite and tasks[r["tasks"][0]]["kind"] != "generation"]
         if rows:
             cols = [m for m in MC_METRICS if any(m in r["metrics"] for r in rows)]
-            lines += [f"## {suite}", "", "| task | n | chance | " + " | ".join(cols) + " |",
-                      "|---|---:|---|" + "---|" * len(cols)]
+            lines += [
+                f"## {suite}",
+                "",
+                "| task | n | chance | " + " | ".join(cols) + " |",
+                "|---|---:|---|" + "---|" * len(cols),
+            ]
             for r in rows:
                 n = max((m["n"] for m in r["metrics"].values()), default=0)
-                chance = " / ".join(f"{r['chance'][c]:.3f}" for c in cols if c in r["chance"] and c != "acc_norm")
+                chance = " / ".join(
+                    f"{r['chance'][c]:.3f}" for c in cols if c in r["chance"] and c != "acc_norm"
+                )
                 cells = [fmt_ci(r["metrics"].get(c)) for c in cols]
                 lines.append(f"| {_row_label(r)} | {n} | {chance} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -82,8 +89,11 @@ def generation_markdown(entry: dict, settings: dict, n_examples: int = 3) -> lis
         f"### generated replies ({entry['n']} prompts: {entry['source']})",
         "",
         f"chat template {'on' if g['chat_template'] else 'off'}, max_new_tokens {g['max_new_tokens']}, "
-        + (f"sampling (temperature {g['temperature']}, top_p {g['top_p']}, seed {g['seed']})"
-           if g["temperature"] > 0 else "greedy"),
+        + (
+            f"sampling (temperature {g['temperature']}, top_p {g['top_p']}, seed {g['seed']})"
+            if g["temperature"] > 0
+            else "greedy"
+        ),
         "",
     ]
     if entry.get("reward_model"):
@@ -125,17 +135,21 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 
     tasks = results["tasks"]
     paths = []
-    bars = [(r, m) for r in results["summary"] if tasks[r["tasks"][0]]["kind"] != "generation"
-            for m in MC_METRICS if m in r["metrics"] and r["metrics"][m]["n"]]
+    bars = [
+        (r, m)
+        for r in results["summary"]
+        if tasks[r["tasks"][0]]["kind"] != "generation"
+        for m in MC_METRICS
+        if m in r["metrics"] and r["metrics"][m]["n"]
+    ]
     if bars:
         colors = {"acc": "tab:blue", "acc_norm": "tab:cyan", "mc1": "tab:red", "mc2": "tab:orange"}
         fig, ax = plt.subplots(figsize=(8, 0.28 * len(bars) + 1.2))
         y = list(range(len(bars)))[::-1]
-        for yi, (r, m) in zip(y, bars):
+        for yi, (r, m) in zip(y, bars, strict=False):
             v = r["metrics"][m]
             ax.barh(yi, v["value"], color=colors[m], alpha=0.85)
-            ax.errorbar(v["value"], yi, xerr=error_bars(v),
-                        color="black", capsize=2, lw=1)
+            ax.errorbar(v["value"], yi, xerr=error_bars(v), color="black", capsize=2, lw=1)
             if m in r["chance"]:
                 ax.plot([r["chance"][m]] * 2, [yi - 0.4, yi + 0.4], color="gray", ls=":", lw=1)
         ax.set_yticks(y, [f"{r['row']} · {m}" for r, m in bars], fontsize=7)
@@ -150,11 +164,10 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     if gen:
         ms = [m for m in GEN_METRICS if m in gen[0]["metrics"]]
         fig, axes = plt.subplots(1, len(ms), figsize=(2.1 * len(ms), 2.6))
-        for ax, m in zip(axes if len(ms) > 1 else [axes], ms):
+        for ax, m in zip(axes if len(ms) > 1 else [axes], ms, strict=False):
             v = gen[0]["metrics"][m]
             ax.bar([0], [v["value"]], color="tab:green", alpha=0.85)
-            ax.errorbar([0], [v["value"]], yerr=error_bars(v),
-                        color="black", capsize=3)
+            ax.errorbar([0], [v["value"]], yerr=error_bars(v), color="black", capsize=3)
             ax.set_xticks([])
             ax.set_title(m, fontsize=8)
         fig.suptitle(f"{results['model']['name']}: generated replies (n={gen[0]['n']})", fontsize=9)

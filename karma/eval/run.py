@@ -68,8 +68,15 @@ def run_eval(
     from karma.eval.scoring import CausalLM, inspect_model
 
     t0 = time.perf_counter()
-    tasks = load_tasks(suites, limit=limit, task_limits=task_limits, task_paths=[str(p) for p in task_paths],
-                       data_dir=data_dir, prompts=prompts, n_prompts=n_prompts)
+    tasks = load_tasks(
+        suites,
+        limit=limit,
+        task_limits=task_limits,
+        task_paths=[str(p) for p in task_paths],
+        data_dir=data_dir,
+        prompts=prompts,
+        n_prompts=n_prompts,
+    )
     spec = inspect_model(model) if lm is None else None
     if reward_url and any(t.kind == "generation" for t in tasks):
         # fail now, not after an hour of scoring, if the reward service is not there
@@ -85,7 +92,7 @@ def run_eval(
 
     reqs = requests(tasks)
     t = time.perf_counter()
-    scored = dict(zip(reqs, lm.loglikelihood(reqs, batch_size=batch_size, progress=progress)))
+    scored = dict(zip(reqs, lm.loglikelihood(reqs, batch_size=batch_size, progress=progress), strict=True))
     timing["score_s"] = time.perf_counter() - t
     timing["options_scored"] = len(reqs)
     timing["options_per_s"] = len(reqs) / timing["score_s"] if reqs and timing["score_s"] > 0 else math.nan
@@ -103,8 +110,17 @@ def run_eval(
         if task.kind == "generation":
             t = time.perf_counter()
             entries[task.name] = _generation_entry(
-                task, lm, gen_settings, progress, reward_url, reward_api_key, reward_model, reward_normalize,
-                timing, n_boot, seed,
+                task,
+                lm,
+                gen_settings,
+                progress,
+                reward_url,
+                reward_api_key,
+                reward_model,
+                reward_normalize,
+                timing,
+                n_boot,
+                seed,
             )
             timing["generate_s"] = time.perf_counter() - t - timing.get("reward_s", 0.0)
         else:
@@ -203,24 +219,31 @@ def _generation_entry(
         progress=progress,
     )
     items = []
-    for item, g in zip(task.items, gens):
-        items.append({
-            "id": item.id,
-            "key": item_key(item),
-            "prompt": item.prompt,
-            "reply": g.text,
-            "hit_max": g.hit_max,
-            "scores": {"length_words": float(len(M.words(g.text))), "length_tokens": float(g.n_tokens),
-                       "rep_4": M.rep_n(g.text, 4)},
-        })
+    for item, g in zip(task.items, gens, strict=True):
+        items.append(
+            {
+                "id": item.id,
+                "key": item_key(item),
+                "prompt": item.prompt,
+                "reply": g.text,
+                "hit_max": g.hit_max,
+                "scores": {
+                    "length_words": float(len(M.words(g.text))),
+                    "length_tokens": float(g.n_tokens),
+                    "rep_4": M.rep_n(g.text, 4),
+                },
+            }
+        )
     reward_info = None
     if reward_url:
         t = time.perf_counter()
         rewards, reward_info = asyncio.run(
-            score_replies(reward_url, prompts, [it["reply"] for it in items], api_key, reward_model, normalize)
+            score_replies(
+                reward_url, prompts, [it["reply"] for it in items], api_key, reward_model, normalize
+            )
         )
         timing["reward_s"] = time.perf_counter() - t
-        for it, r in zip(items, rewards):
+        for it, r in zip(items, rewards, strict=True):
             it["scores"]["reward"] = r
     entry = {
         "suite": task.suite,
@@ -251,7 +274,9 @@ def _corpus_ci(fn, replies: list[str]) -> dict:
     return M.jackknife_ci(lambda idx: fn([replies[i] for i in idx]), len(replies))
 
 
-async def check_reward_service(url: str, api_key: str | None, model: str | None, deadline_s: float = 60.0) -> None:
+async def check_reward_service(
+    url: str, api_key: str | None, model: str | None, deadline_s: float = 60.0
+) -> None:
     from karma.client import RewardClient
 
     async with RewardClient(url, api_key=api_key, model=model) as client:
@@ -259,14 +284,20 @@ async def check_reward_service(url: str, api_key: str | None, model: str | None,
 
 
 async def score_replies(
-    url: str, prompts: Sequence[str], replies: Sequence[str], api_key: str | None, model: str | None, normalize: bool
+    url: str,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    api_key: str | None,
+    model: str | None,
+    normalize: bool,
 ) -> tuple[list[float], dict]:
     """The reward service's scores of (prompt, reply), through `karma.client.RewardClient`."""
     from karma.client import RewardClient
 
     async with RewardClient(url, api_key=api_key, model=model) as client:
         result = await client.score(
-            [{"context": p, "response": r} for p, r in zip(prompts, replies)], normalize=normalize
+            [{"context": p, "response": r} for p, r in zip(prompts, replies, strict=True)],
+            normalize=normalize,
         )
     return [float(s) for s in result.scores], {"url": url, "model": result.model, "version": result.version}
 
@@ -294,9 +325,16 @@ def row_groups(tasks: dict[str, dict]) -> list[dict]:
             continue
         common = set.intersection(*(set(tasks[u["tasks"][0]]["metrics"]) for u in mc_units))
         if common:
-            rows.append({"row": f"{suite} (mean of {len(mc_units)} tasks)", "suite": suite, "kind": "suite",
-                         "tasks": [t for u in mc_units for t in u["tasks"]], "units": [u["tasks"] for u in mc_units],
-                         "metrics": sorted(common, key=["acc", "acc_norm", "mc1", "mc2"].index)})
+            rows.append(
+                {
+                    "row": f"{suite} (mean of {len(mc_units)} tasks)",
+                    "suite": suite,
+                    "kind": "suite",
+                    "tasks": [t for u in mc_units for t in u["tasks"]],
+                    "units": [u["tasks"] for u in mc_units],
+                    "metrics": sorted(common, key=["acc", "acc_norm", "mc1", "mc2"].index),
+                }
+            )
     return rows
 
 
@@ -316,15 +354,33 @@ def summarise(results: dict, *, n_boot: int = 1000, seed: int = 0) -> list[dict]
             metrics = first["metrics"]
             chance = first["chance"]
         elif row["kind"] == "family":
-            metrics = {m: M.mean_ci(item_values(tasks, row["tasks"], m), n_boot=n_boot, seed=seed)
-                       for m in first["metrics"]}
+            metrics = {
+                m: M.mean_ci(item_values(tasks, row["tasks"], m), n_boot=n_boot, seed=seed)
+                for m in first["metrics"]
+            }
             n = sum(tasks[t]["n"] for t in row["tasks"])
-            chance = {m: sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in row["tasks"]) / n for m in first["chance"]}
+            chance = {
+                m: sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in row["tasks"]) / n
+                for m in first["chance"]
+            }
         else:
-            metrics = {m: M.mean_of_means_ci([item_values(tasks, u, m) for u in row["units"]], n_boot=n_boot,
-                                             seed=seed) for m in row["metrics"]}
-            chance = {m: float(np.mean([
-                sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in u) / sum(tasks[t]["n"] for t in u)
-                for u in row["units"]])) for m in row["metrics"]}
+            metrics = {
+                m: M.mean_of_means_ci(
+                    [item_values(tasks, u, m) for u in row["units"]], n_boot=n_boot, seed=seed
+                )
+                for m in row["metrics"]
+            }
+            chance = {
+                m: float(
+                    np.mean(
+                        [
+                            sum(tasks[t]["chance"][m] * tasks[t]["n"] for t in u)
+                            / sum(tasks[t]["n"] for t in u)
+                            for u in row["units"]
+                        ]
+                    )
+                )
+                for m in row["metrics"]
+            }
         out.append({**{k: v for k, v in row.items() if k != "units"}, "metrics": metrics, "chance": chance})
     return out

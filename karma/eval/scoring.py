@@ -77,7 +77,9 @@ def inspect_model(name_or_path: str) -> ModelSpec:
         adapter = json.loads((p / "adapter_config.json").read_text())
         task_type = adapter.get("task_type")
         if task_type not in (None, "CAUSAL_LM"):
-            raise NotACausalLMError(f"{p} is a PEFT adapter for task {task_type!r}, not a causal LM (CAUSAL_LM)")
+            raise NotACausalLMError(
+                f"{p} is a PEFT adapter for task {task_type!r}, not a causal LM (CAUSAL_LM)"
+            )
         base_name = adapter.get("base_model_name_or_path")
         if not base_name:
             raise NotACausalLMError(f"{p}: adapter_config.json names no base_model_name_or_path")
@@ -87,7 +89,9 @@ def inspect_model(name_or_path: str) -> ModelSpec:
         path = resolve_policy(name_or_path)
     except ModelNotFoundError as e:
         if p.is_dir():  # a folder without config.json: say what it is not
-            raise NotACausalLMError(f"{p} is not a causal LM folder (no config.json or adapter_config.json)") from e
+            raise NotACausalLMError(
+                f"{p} is not a causal LM folder (no config.json or adapter_config.json)"
+            ) from e
         raise
     local = Path(path)
     if local.is_dir():
@@ -137,7 +141,9 @@ class CausalLM:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, spec.path).merge_and_unload()
-        tok_dir = spec.path if (Path(spec.path) / "tokenizer_config.json").exists() else (spec.base or spec.path)
+        tok_dir = (
+            spec.path if (Path(spec.path) / "tokenizer_config.json").exists() else (spec.base or spec.path)
+        )
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         return cls(model.to(device), tokenizer, name=spec.path)
 
@@ -151,7 +157,7 @@ class CausalLM:
         tok = self.tokenizer
         whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
         ctx = tok(context, add_special_tokens=False)["input_ids"]
-        cont = whole[len(ctx):]
+        cont = whole[len(ctx) :]
         if whole[: len(ctx)] != ctx or not cont:  # the boundary merged into one token: encode separately
             cont = tok(continuation, add_special_tokens=False)["input_ids"]
         if not ctx:
@@ -200,41 +206,31 @@ class CausalLM:
         picked = lg.gather(-1, torch.as_tensor(targets, device=lg.device)[:, None])[:, 0]
         return float((picked - lg.logsumexp(-1)).sum())
 
-    def _left_pad(self, seqs: Sequence[Sequence[int]]):
-        import torch
-
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, x in enumerate(seqs):
-            if x:
-                ids[row, width - len(x):] = torch.tensor(x)
-                mask[row, width - len(x):] = 1
-        return ids, mask
-
     def _loglik_pairs(self, encoded, batch_size: int, progress: bool) -> list[tuple[float, int]]:
         import torch
         from tqdm.auto import tqdm
 
+        from karma.tensors import left_pad
+
         rows = []
         for ctx, cont in encoded:
-            ids = (ctx + cont)[-(self.max_length + 1):]  # cut the context from the left if too long
+            ids = (ctx + cont)[-(self.max_length + 1) :]  # cut the context from the left if too long
             n = min(len(cont), len(ids) - 1)
-            rows.append((ids[:-1], n, ids[len(ids) - n:]))
+            rows.append((ids[:-1], n, ids[len(ids) - n :]))
         # longest first: memory trouble shows at once, and similar lengths share a batch (little padding)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
         bar = tqdm(total=len(order), desc="scoring options", unit="opt", disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = self._left_pad([rows[i][0] for i in idx])
+            ids, mask = left_pad([rows[i][0] for i in idx], self.tokenizer.pad_token_id)
             keep = max(rows[i][1] for i in idx)
             extra = {"logits_to_keep": keep} if self._keep_arg else {}
             with torch.inference_mode():
                 logits = self.model(**self._forward_kwargs(ids, mask, **extra)).logits[:, -keep:, :]
                 for row, i in enumerate(idx):  # row by row: no second (batch, keep, vocab) tensor
                     _, n, target = rows[i]
-                    out[i] = (self._sum_logprobs(logits[row, keep - n:], target), n)
+                    out[i] = (self._sum_logprobs(logits[row, keep - n :], target), n)
             bar.update(len(idx))
         bar.close()
         return out
@@ -247,15 +243,19 @@ class CausalLM:
         from tqdm.auto import tqdm
         from transformers import DynamicCache
 
+        from karma.tensors import left_pad, right_pad
+
         groups: dict[tuple[int, ...], list[int]] = {}
         conts = []
         for i, (ctx, cont) in enumerate(encoded):
-            cont = cont[-self.max_length:]
+            cont = cont[-self.max_length :]
             conts.append(cont)
             groups.setdefault(tuple(ctx), []).append(i)
         # a context cut from the left so that its longest option still fits in max_length
-        ctx_list = [(list(k)[-max(self.max_length - max(len(conts[i]) for i in v) + 1, 1):], v)
-                    for k, v in groups.items()]
+        ctx_list = [
+            (list(k)[-max(self.max_length - max(len(conts[i]) for i in v) + 1, 1) :], v)
+            for k, v in groups.items()
+        ]
         ctx_list.sort(key=lambda g: -len(g[0]))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
         bar = tqdm(total=len(encoded), desc="scoring options", unit="opt", disable=not progress, leave=False)
@@ -263,10 +263,13 @@ class CausalLM:
         while start < len(ctx_list):
             chunk = ctx_list[start : start + batch_size]
             start += len(chunk)
-            ids, mask = self._left_pad([c for c, _ in chunk])
+            ids, mask = left_pad([c for c, _ in chunk], self.tokenizer.pad_token_id)
             with torch.inference_mode():
-                res = self.model(**self._forward_kwargs(ids, mask, use_cache=True,
-                                                        **({"logits_to_keep": 1} if self._keep_arg else {})))
+                res = self.model(
+                    **self._forward_kwargs(
+                        ids, mask, use_cache=True, **({"logits_to_keep": 1} if self._keep_arg else {})
+                    )
+                )
                 layers = getattr(res.past_key_values, "layers", None)
                 if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
                     # sliding-window / recurrent caches: rows of the cache are not plain per-token keys/values
@@ -278,24 +281,25 @@ class CausalLM:
                 rows = [(g, i) for g, (_, members) in enumerate(chunk) for i in members]
                 first = {i: self._sum_logprobs(last[g : g + 1], conts[i][:1]) for g, i in rows}
                 # options longest first, so each option batch pads to similar lengths
-                multi = sorted(((g, i) for g, i in rows if len(conts[i]) > 1), key=lambda r: -len(conts[r[1]]))
+                multi = sorted(
+                    ((g, i) for g, i in rows if len(conts[i]) > 1), key=lambda r: -len(conts[r[1]])
+                )
                 for i in (i for _, i in rows if len(conts[i]) == 1):
                     out[i] = (first[i], 1)
                 for r0 in range(0, len(multi), batch_size):
                     part = multi[r0 : r0 + batch_size]
                     sel = torch.tensor([g for g, _ in part], device=last.device)
                     opt = [conts[i][:-1] for _, i in part]  # the last option token is only a target
-                    width = max(len(o) for o in opt)
-                    o_ids = torch.full((len(part), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                    o_mask = torch.zeros((len(part), width), dtype=torch.long)
-                    for row, o in enumerate(opt):
-                        o_ids[row, : len(o)] = torch.tensor(o)
-                        o_mask[row, : len(o)] = 1
+                    o_ids, o_mask = right_pad(opt, self.tokenizer.pad_token_id)
+                    width = o_ids.shape[1]
                     cache = DynamicCache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
                     positions = ctx_len.index_select(0, sel.cpu())[:, None] + torch.arange(width)[None, :]
                     full_mask = torch.cat([mask.index_select(0, sel.cpu()), o_mask], dim=1)
-                    logits = self.model(**self._forward_kwargs(o_ids, full_mask, positions, past_key_values=cache,
-                                                               use_cache=True)).logits
+                    logits = self.model(
+                        **self._forward_kwargs(
+                            o_ids, full_mask, positions, past_key_values=cache, use_cache=True
+                        )
+                    ).logits
                     for row, (_, i) in enumerate(part):
                         n = len(conts[i])
                         out[i] = (first[i] + self._sum_logprobs(logits[row, : n - 1], conts[i][1:]), n)
@@ -313,7 +317,9 @@ class CausalLM:
             raise ValueError(f"{self.name}: the tokenizer has no chat template")
         if not use:
             return prompt
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def generate(
         self,
@@ -331,19 +337,22 @@ class CausalLM:
         import torch
         from tqdm.auto import tqdm
 
+        from karma.tensors import left_pad
+
         tok = self.tokenizer
         texts = [self.format_prompt(p, chat_template) for p in prompts]
         eos = tok.eos_token_id
         out: list[Generation] = []
-        for start in tqdm(range(0, len(texts), batch_size), desc="generating", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="generating", disable=not progress, leave=False
+        ):
             chunk = texts[start : start + batch_size]
-            enc = [tok(t, add_special_tokens=False)["input_ids"][-(self.max_length - max_new_tokens):] for t in chunk]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for row, e in enumerate(enc):
-                ids[row, width - len(e):] = torch.tensor(e)
-                mask[row, width - len(e):] = 1
+            enc = [
+                tok(t, add_special_tokens=False)["input_ids"][-(self.max_length - max_new_tokens) :]
+                for t in chunk
+            ]
+            ids, mask = left_pad(enc, tok.pad_token_id)
+            width = ids.shape[1]
             torch.manual_seed(seed + start)
             sample = temperature > 0
             with torch.inference_mode():
@@ -360,5 +369,7 @@ class CausalLM:
                 )
             for row in gen[:, width:].tolist():
                 n = row.index(eos) if eos in row else len(row)
-                out.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), n, eos not in row))
+                out.append(
+                    Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), n, eos not in row)
+                )
         return out

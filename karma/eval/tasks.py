@@ -1,8 +1,8 @@
 """The evaluation tasks: which files make up each suite, how each file is parsed and how an item becomes a
 prompt. Pure Python (no torch): every task file is parsed and validated before any model loads.
 
-Task files live in the shared data folder (`$KARMA_SHARED_DATA`, else `../shared/data` beside the
-repository): BIG-bench JSON tasks under `eval/bigbench/<task>/task.json` (a task with subtasks has a
+Task files live in the shared data folder (`karma.paths.shared_data_dir`: `$KARMA_SHARED_DATA`, else
+`../shared/data` beside the repository): BIG-bench JSON tasks under `eval/bigbench/<task>/task.json` (a task with subtasks has a
 `task.json` without examples and one folder per subtask) and TruthfulQA's `eval/truthfulqa/mc_task.json`.
 
 Prompts follow the formats of the tasks' own harnesses, so numbers are comparable with published ones:
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from karma.paths import shared_data_dir
 
 #: bump when a prompt format changes: results of different versions are not comparable item by item
 PROMPT_FORMAT_VERSION = 1
@@ -127,12 +128,9 @@ class Task:
 
 
 # --------------------------------------------------------------------------------------------- data folder
-def shared_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The shared data folder: the argument, else $KARMA_SHARED_DATA, else ../shared/data beside the repo."""
-    if data_dir is None:
-        env = os.environ.get("KARMA_SHARED_DATA")
-        data_dir = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    path = Path(data_dir).expanduser()
+def eval_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The shared data folder (`karma.paths.shared_data_dir`), checked to hold eval/."""
+    path = shared_data_dir(data_dir)
     if not (path / "eval").is_dir():
         raise FileNotFoundError(
             f"evaluation data not found: {path / 'eval'} does not exist "
@@ -196,12 +194,15 @@ def load_tasks(
     or the file's stem unless it is `task.json`). `limit`: the first N items of every task; `task_limits`
     overrides it per task, family or subtask name (None: every item).
     """
-    for what, n in [("--limit", limit), *((f"task_limits[{k!r}]", v) for k, v in (task_limits or {}).items())]:
+    for what, n in [
+        ("--limit", limit),
+        *((f"task_limits[{k!r}]", v) for k, v in (task_limits or {}).items()),
+    ]:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{what} must be >= 1 (an integer, or null for every item), got {n!r}")
     tasks: list[Task] = []
     if spec is not None or not task_paths:
-        root = shared_data_dir(data_dir)
+        root = eval_data_dir(data_dir)
         for suite, name in select(spec):
             family, _, sub = name.partition("/")
             if family == "truthfulqa_mc":
@@ -213,19 +214,24 @@ def load_tasks(
                 items = [GenItem(id=i, prompt=p) for i, p in enumerate(texts)]
                 tasks.append(Task("generation", suite, "generation", source, items, len(items)))
             else:
-                tasks.extend(load_bigbench(root / "eval" / "bigbench" / family, suite=suite, subtask=sub or None))
+                tasks.extend(
+                    load_bigbench(root / "eval" / "bigbench" / family, suite=suite, subtask=sub or None)
+                )
     for path in task_paths:
         for t in load_task_path(path):
             other = next((o for o in tasks if o.family == t.family), None)
             if other is not None:
                 raise TaskSchemaError(
                     f"--task {path}: task name {t.family!r} is already taken by {other.source}; "
-                    "rename the folder (results pair tasks by name)")
+                    "rename the folder (results pair tasks by name)"
+                )
             tasks.append(t)
     unknown = sorted(set(task_limits or {}) - {n for t in tasks for n in (t.name, t.family)})
     if unknown:
-        raise UnknownSuiteError(f"task_limits: {', '.join(map(repr, unknown))} not among the selected tasks "
-                                f"({', '.join(dict.fromkeys(t.name for t in tasks))})")
+        raise UnknownSuiteError(
+            f"task_limits: {', '.join(map(repr, unknown))} not among the selected tasks "
+            f"({', '.join(dict.fromkeys(t.name for t in tasks))})"
+        )
     for t in tasks:
         t.n_total = t.n_total or len(t.items)
         n = (task_limits or {}).get(t.name, (task_limits or {}).get(t.family, limit))
@@ -240,8 +246,10 @@ def load_task_path(path: str | Path, *, suite: str = CUSTOM_SUITE) -> list[Task]
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / "task.json").is_file():
-            raise TaskSchemaError(f"--task {p}: the folder holds no task.json (a BIG-bench task: an object with "
-                                  "'examples' of 'input' + 'target_scores')")
+            raise TaskSchemaError(
+                f"--task {p}: the folder holds no task.json (a BIG-bench task: an object with "
+                "'examples' of 'input' + 'target_scores')"
+            )
         return load_bigbench(p, suite=suite, filename="task.json")
     if not p.is_file():
         raise TaskSchemaError(f"--task {p}: no such file or folder")
@@ -250,8 +258,10 @@ def load_task_path(path: str | Path, *, suite: str = CUSTOM_SUITE) -> list[Task]
     data = _read_json(p)
     if not isinstance(data, dict) or "examples" not in data:
         kind = type(data).__name__ if not isinstance(data, dict) else "an object without 'examples'"
-        raise TaskSchemaError(f"{p}: unknown task schema (top level is {kind}; expected a BIG-bench task, an "
-                              "object with 'examples')")
+        raise TaskSchemaError(
+            f"{p}: unknown task schema (top level is {kind}; expected a BIG-bench task, an "
+            "object with 'examples')"
+        )
     return [_bigbench_task(p, data, p.stem, suite)]
 
 
@@ -265,15 +275,18 @@ def _read_json(path: Path):
         raise TaskSchemaError(f"{path}: not valid JSON ({e})") from e
 
 
-def load_bigbench(folder: Path, *, suite: str = "", subtask: str | None = None,
-                  filename: str | None = None) -> list[Task]:
+def load_bigbench(
+    folder: Path, *, suite: str = "", subtask: str | None = None, filename: str | None = None
+) -> list[Task]:
     """A BIG-bench task folder: one Task, or one per subtask folder when its task.json has no examples.
     `filename`: the task file in the folder (default task.json; task_mc.json for the shipped truthful_qa)."""
     folder = Path(folder)
     path = folder / (filename or _BIGBENCH_FILE.get(folder.name, "task.json"))
     data = _read_json(path)
     if not isinstance(data, dict):
-        raise TaskSchemaError(f"{path}: unknown task schema (top level is {type(data).__name__}, expected an object)")
+        raise TaskSchemaError(
+            f"{path}: unknown task schema (top level is {type(data).__name__}, expected an object)"
+        )
     if "examples" in data:
         if subtask:
             raise TaskSchemaError(f"{path}: has no subtasks, so {folder.name}/{subtask} does not exist")
@@ -399,5 +412,10 @@ def requests(tasks: Sequence[Task]) -> list[tuple[str, str]]:
 
 def item_key(item: MCItem | GenItem) -> str:
     """A short hash of what an item shows the model, so compare can check that two runs scored the same item."""
-    payload = [PROMPT_FORMAT_VERSION, item.prompt, *getattr(item, "options", ()), *getattr(item, "mc2_options", ())]
+    payload = [
+        PROMPT_FORMAT_VERSION,
+        item.prompt,
+        *getattr(item, "options", ()),
+        *getattr(item, "mc2_options", ()),
+    ]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]

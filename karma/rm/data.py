@@ -23,8 +23,18 @@ CARD = "card.json"
 EXAMPLE_COLUMNS = ("example_id", "subreddit", "thread_id", "context", "response", "karma", "split")
 #: columns the pairwise objective and the pairwise metrics read from pairs.parquet
 PAIR_COLUMNS = (
-    "pair_id", "split", "subreddit", "thread_id", "context", "chosen_id", "rejected_id", "chosen", "rejected",
-    "score_ratio", "chosen_karma", "rejected_karma",
+    "pair_id",
+    "split",
+    "subreddit",
+    "thread_id",
+    "context",
+    "chosen_id",
+    "rejected_id",
+    "chosen",
+    "rejected",
+    "score_ratio",
+    "chosen_karma",
+    "rejected_karma",
 )
 OBJECTIVES = ("regression", "pairwise", "both")
 
@@ -39,7 +49,9 @@ def _schema_names(path: Path) -> list[str]:
     return list(pq.read_schema(path).names)
 
 
-def check_data(data: str | Path, variant: str, objective: str = "pairwise", *, need_pairs: bool | None = None) -> None:
+def check_data(
+    data: str | Path, variant: str, objective: str = "pairwise", *, need_pairs: bool | None = None
+) -> None:
     """Raise DataError unless `data` holds what `variant` + `objective` need. Reads schemas only."""
     import pyarrow.parquet as pq
 
@@ -49,7 +61,9 @@ def check_data(data: str | Path, variant: str, objective: str = "pairwise", *, n
     if objective not in OBJECTIVES:
         raise DataError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if not root.is_dir():
-        raise DataError(f"data folder does not exist: {root} (create it with `karma data prepare --out {root}`)")
+        raise DataError(
+            f"data folder does not exist: {root} (create it with `karma data prepare --out {root}`)"
+        )
     ex_path = root / EXAMPLES
     if not ex_path.exists():
         raise DataError(f"{root} has no {EXAMPLES}; is it a `karma data prepare` output folder?")
@@ -123,7 +137,9 @@ def read_examples(
 
     path = Path(data) / EXAMPLES
     names = _schema_names(path)
-    cols = list(EXAMPLE_COLUMNS) + [c for c in METADATA_KEYS if metadata and c in names and c not in EXAMPLE_COLUMNS]
+    cols = list(EXAMPLE_COLUMNS) + [
+        c for c in METADATA_KEYS if metadata and c in names and c not in EXAMPLE_COLUMNS
+    ]
     df = pd.read_parquet(path, columns=cols, filters=_filters(split, subreddits))
     if exclude_subreddits:
         df = df[~df["subreddit"].isin(list(exclude_subreddits))]
@@ -204,8 +220,17 @@ def read_sibling_rows(
 
     path = Path(data) / EXAMPLES
     names = set(_schema_names(path))
-    want = ["example_id", "parent_id", "subreddit", "thread_id", "context", "response", "score", "karma",
-            "created_utc"]
+    want = [
+        "example_id",
+        "parent_id",
+        "subreddit",
+        "thread_id",
+        "context",
+        "response",
+        "score",
+        "karma",
+        "created_utc",
+    ]
     df = pd.read_parquet(path, columns=[c for c in want if c in names], filters=_filters(split, subreddits))
     if exclude_subreddits:
         df = df[~df["subreddit"].isin(list(exclude_subreddits))]

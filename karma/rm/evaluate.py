@@ -87,8 +87,13 @@ class SystemScores:
         def arr(ids) -> Any:
             return np.array([score[i] for i in ids], dtype=float)
 
-        return cls(name, arr(es.examples["example_id"]), arr(es.pairs["chosen_id"]), arr(es.pairs["rejected_id"]),
-                   {k: (arr(df["chosen_id"]), arr(df["rejected_id"])) for k, df in es.pair_sets.items()})
+        return cls(
+            name,
+            arr(es.examples["example_id"]),
+            arr(es.pairs["chosen_id"]),
+            arr(es.pairs["rejected_id"]),
+            {k: (arr(df["chosen_id"]), arr(df["rejected_id"])) for k, df in es.pair_sets.items()},
+        )
 
 
 def load_eval_set(
@@ -119,8 +124,9 @@ def load_eval_set(
     else:
         n_pairs, pairs = 0, pd.DataFrame(columns=list(rmdata.PAIR_COLUMNS))
     if len(examples) == 0 and len(pairs) == 0:
-        raise rmdata.DataError(f"{data} has no {split!r} rows" + (f" for r/{', r/'.join(subreddits)}" if subreddits
-                                                                   else ""))
+        raise rmdata.DataError(
+            f"{data} has no {split!r} rows" + (f" for r/{', r/'.join(subreddits)}" if subreddits else "")
+        )
     sets, available = {}, {}
     names = [n for n in (pair_sets or ()) if n != "rule" or len(pairs)]
     siblings = rmdata.read_sibling_rows(data, split, **kw) if set(names) - {"rule"} else None
@@ -128,21 +134,38 @@ def load_eval_set(
         names = [n for n in names if n == "rule"]  # a folder without parent_id/score: only the rule pairs
     if names:
         ratio, min_score = pairsets.score_rule(data)
-        full = pairsets.build_pair_sets(siblings, pairs, names=names, max_pairs=None, seed=seed,
-                                        min_score_ratio=ratio, min_pair_score=min_score)
+        full = pairsets.build_pair_sets(
+            siblings,
+            pairs,
+            names=names,
+            max_pairs=None,
+            seed=seed,
+            min_score_ratio=ratio,
+            min_pair_score=min_score,
+        )
         available = {k: (n_pairs if k == "rule" else len(v)) for k, v in full.items()}
         sets = {k: (v if k == "rule" else pairsets.cap(v, max_set_pairs, seed)) for k, v in full.items()}
-        if "balanced" in full and max_set_pairs and len(full["balanced"]) > max_set_pairs:  # re-balance the cap
-            sets["balanced"] = pairsets.build_pair_sets(siblings, pairs, names=["balanced"], max_pairs=max_set_pairs,
-                                                        seed=seed, min_score_ratio=ratio,
-                                                        min_pair_score=min_score)["balanced"]
+        if (
+            "balanced" in full and max_set_pairs and len(full["balanced"]) > max_set_pairs
+        ):  # re-balance the cap
+            sets["balanced"] = pairsets.build_pair_sets(
+                siblings,
+                pairs,
+                names=["balanced"],
+                max_pairs=max_set_pairs,
+                seed=seed,
+                min_score_ratio=ratio,
+                min_pair_score=min_score,
+            )["balanced"]
     ids = list(pairs["chosen_id"]) + list(pairs["rejected_id"])
     for df in sets.values():
         ids += list(df["chosen_id"]) + list(df["rejected_id"])
     meta = rmdata.metadata_by_id(data, ids) if ids else {}
     if "rule" in sets and len(pairs) and meta:
-        later = [(meta.get(c, {}).get("created_utc") or 0) > (meta.get(r, {}).get("created_utc") or 0)
-                 for c, r in zip(pairs["chosen_id"], pairs["rejected_id"])]
+        later = [
+            (meta.get(c, {}).get("created_utc") or 0) > (meta.get(r, {}).get("created_utc") or 0)
+            for c, r in zip(pairs["chosen_id"], pairs["rejected_id"], strict=True)
+        ]
         sets["rule"] = pairs.assign(chosen_later=later)
     return EvalSet(data, split, examples, pairs, meta, n_ex, n_pairs, sets, available)
 
@@ -153,14 +176,16 @@ def model_scores(rm, es: EvalSet, name: str = "model", batch_size: int = 32) -> 
     inputs = es.inputs()
     ids = list(inputs)
     t = time.perf_counter()
-    scores = dict(zip(ids, rm.score([inputs[i] for i in ids], batch_size=batch_size)))
+    scores = dict(zip(ids, rm.score([inputs[i] for i in ids], batch_size=batch_size), strict=True))
     log.info("scored %d texts with %s in %.1fs", len(ids), name, time.perf_counter() - t)
     return SystemScores.from_ids(name, es, scores)
 
 
 def length_scores(es: EvalSet) -> SystemScores:
     """Baseline: longer replies score higher (characters of the response)."""
-    return SystemScores.from_ids("length", es, {i: float(len(x.response or "")) for i, x in es.inputs().items()})
+    return SystemScores.from_ids(
+        "length", es, {i: float(len(x.response or "")) for i, x in es.inputs().items()}
+    )
 
 
 def _timing(es: EvalSet) -> dict[str, float] | None:
@@ -193,14 +218,19 @@ def lateness_scores(es: EvalSet) -> SystemScores | None:
 
 
 def bow_ridge_scores(
-    es: EvalSet, *, train_subreddits: Sequence[str] | None = None, max_train: int | None = 50_000, seed: int = 0
+    es: EvalSet,
+    *,
+    train_subreddits: Sequence[str] | None = None,
+    max_train: int | None = 50_000,
+    seed: int = 0,
 ) -> SystemScores:
     """Baseline: TF-IDF (1-2 grams) of the response → ridge regression on karma, fit on the train split."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
 
-    train = rmdata.read_examples(es.data, "train", subreddits=train_subreddits, max_rows=max_train, seed=seed,
-                                 metadata=False)
+    train = rmdata.read_examples(
+        es.data, "train", subreddits=train_subreddits, max_rows=max_train, seed=seed, metadata=False
+    )
     if len(train) < 2:
         raise rmdata.DataError(f"{es.data} has too few train examples to fit the bag-of-words baseline")
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=100_000, sublinear_tf=True)
@@ -208,7 +238,7 @@ def bow_ridge_scores(
     ridge = Ridge(alpha=1.0).fit(x, train["karma"].to_numpy())
     inputs = es.inputs()
     pred = ridge.predict(vec.transform([x.response or "" for x in inputs.values()]))
-    return SystemScores.from_ids("bow_ridge", es, dict(zip(inputs, pred.tolist())))
+    return SystemScores.from_ids("bow_ridge", es, dict(zip(inputs, pred.tolist(), strict=True)))
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -237,8 +267,9 @@ def system_metrics(es: EvalSet, s: SystemScores) -> dict[str, Any]:
         "overall": _subset_metrics(es, s),
         "by_score_ratio": accuracy_by_ratio(s.chosen, s.rejected, es.pairs["score_ratio"].to_numpy()),
         "by_subreddit": {
-            sub: _subset_metrics(es, s, (es.examples["subreddit"] == sub).to_numpy(),
-                                 (es.pairs["subreddit"] == sub).to_numpy())
+            sub: _subset_metrics(
+                es, s, (es.examples["subreddit"] == sub).to_numpy(), (es.pairs["subreddit"] == sub).to_numpy()
+            )
             for sub in subs
         },
     }
@@ -251,11 +282,12 @@ def comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
     """(a, b) pairs compared paired: every RM against each text baseline, and every two RMs (in order)."""
     rms = [n for n in names if n.startswith("rm:")]
     out = [(a, b) for a in rms for b in COMPARED_BASELINES if b in names]
-    return out + [(a, b) for i, a in enumerate(rms) for b in rms[i + 1:]]
+    return out + [(a, b) for i, a in enumerate(rms) for b in rms[i + 1 :]]
 
 
-def pair_set_metrics(es: EvalSet, scores: Sequence[SystemScores], *, n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, Any]:
+def pair_set_metrics(
+    es: EvalSet, scores: Sequence[SystemScores], *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Per pair set: its make-up, every system's accuracy [95 % CI], and the paired tests of `comparisons`;
     plus every system's Spearman [95 % CI] and the paired Spearman differences over the comments."""
     from karma.rm.metrics import (
@@ -276,15 +308,23 @@ def pair_set_metrics(es: EvalSet, scores: Sequence[SystemScores], *, n_boot: int
             **pairsets.describe(name, df),
             "available": es.pair_sets_available.get(name, len(df)),
             "systems": {k: accuracy_ci(w, n_boot, seed) for k, w in wins.items()},
-            "paired": {f"{a} - {b}": paired_wins_test(wins[a], wins[b], n_boot, seed=seed) for a, b in pairs_cmp},
+            "paired": {
+                f"{a} - {b}": paired_wins_test(wins[a], wins[b], n_boot, seed=seed) for a, b in pairs_cmp
+            },
         }
     karma = es.examples["karma"].to_numpy(dtype=float)
     if len(karma) >= 3:
         out["spearman"] = {k: spearman_ci(s.examples, karma, n_boot, seed) for k, s in by.items()}
         out["spearman_paired"] = {
-            f"{a} - {b}": bootstrap_diff((by[a].examples, karma), (by[b].examples, karma),
-                                         lambda p, t: correlations(p, t)["spearman"], n_boot, seed)
-            for a, b in pairs_cmp}
+            f"{a} - {b}": bootstrap_diff(
+                (by[a].examples, karma),
+                (by[b].examples, karma),
+                lambda p, t: correlations(p, t)["spearman"],
+                n_boot,
+                seed,
+            )
+            for a, b in pairs_cmp
+        }
     return out
 
 
@@ -298,8 +338,10 @@ def overall_table(systems: Mapping[str, Mapping[str, Any]]) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in systems.items():
         o = m["overall"]
-        lines.append(f"| {name} | {_f(o['spearman'])} | {_f(o['pearson'])} | {_f(o['pairwise_accuracy'])} | "
-                     f"{_f(o['ndcg@1'])} | {_f(o['ndcg@5'])} | {o['n']} | {o['n_pairs']} |")
+        lines.append(
+            f"| {name} | {_f(o['spearman'])} | {_f(o['pearson'])} | {_f(o['pairwise_accuracy'])} | "
+            f"{_f(o['ndcg@1'])} | {_f(o['ndcg@5'])} | {o['n']} | {o['n_pairs']} |"
+        )
     return "\n".join(lines)
 
 
@@ -324,7 +366,9 @@ def subreddit_table(systems: Mapping[str, Mapping[str, Any]]) -> str:
         any_m = next(m["by_subreddit"][sub] for m in systems.values() if sub in m["by_subreddit"])
         vals = " | ".join(
             f"{_f(systems[n]['by_subreddit'].get(sub, {}).get('spearman'))} | "
-            f"{_f(systems[n]['by_subreddit'].get(sub, {}).get('pairwise_accuracy'))}" for n in names)
+            f"{_f(systems[n]['by_subreddit'].get(sub, {}).get('pairwise_accuracy'))}"
+            for n in names
+        )
         lines.append(f"| r/{sub} | {any_m['n']} | {any_m['n_pairs']} | {vals} |")
     return "\n".join(lines)
 
@@ -376,8 +420,14 @@ def pair_set_table(ps: Mapping[str, Any]) -> str:
     def share(d: Mapping[str, Any], k: str) -> str:
         return f"{d[k]:.0%}" if d.get(k) is not None else "—"
 
-    lines.append("| *pairs (chosen later / longer)* | " + " | ".join(
-        f"{sets[n]['n']} ({share(sets[n], 'chosen_later')} / {share(sets[n], 'chosen_longer')})" for n in names) + " |")
+    lines.append(
+        "| *pairs (chosen later / longer)* | "
+        + " | ".join(
+            f"{sets[n]['n']} ({share(sets[n], 'chosen_later')} / {share(sets[n], 'chosen_longer')})"
+            for n in names
+        )
+        + " |"
+    )
     for system in next(iter(sets.values()))["systems"]:
         lines.append(f"| {system} | " + " | ".join(_ci(sets[n]["systems"].get(system)) for n in names) + " |")
     return "\n".join(lines)
@@ -389,17 +439,28 @@ def paired_table(ps: Mapping[str, Any]) -> str:
     keys = list(next(iter(sets.values()))["paired"]) if sets else []
     if not keys:
         return ""
-    lines = ["| difference | " + " | ".join(f"`{n}`" for n in sets) + " | Δ Spearman |",
-             "|---|" + "---:|" * (len(sets) + 1)]
+    lines = [
+        "| difference | " + " | ".join(f"`{n}`" for n in sets) + " | Δ Spearman |",
+        "|---|" + "---:|" * (len(sets) + 1),
+    ]
     for k in keys:
         cells = []
         for n in sets:
             d = sets[n]["paired"][k]
-            cells.append("—" if d["diff"] is None else
-                         f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p']:.3g} MDE {d['mde']:.3f}")
+            cells.append(
+                "—"
+                if d["diff"] is None
+                else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p']:.3g} MDE {d['mde']:.3f}"
+            )
         sp = ps.get("spearman_paired", {}).get(k)
-        sp_cell = "—" if not sp or sp.get("diff") is None else (
-            f"{sp['diff']:+.3f}" + (f" [{sp['lo']:+.3f}, {sp['hi']:+.3f}]" if sp.get("lo") is not None else ""))
+        sp_cell = (
+            "—"
+            if not sp or sp.get("diff") is None
+            else (
+                f"{sp['diff']:+.3f}"
+                + (f" [{sp['lo']:+.3f}, {sp['hi']:+.3f}]" if sp.get("lo") is not None else "")
+            )
+        )
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {sp_cell} |")
     return "\n".join(lines)
 
@@ -415,15 +476,19 @@ def verdicts(ps: Mapping[str, Any], main: str = "length_controlled", also: str =
         a, b = k.split(" - ")
         if not a.startswith("rm:") or b.startswith("rm:") or d["diff"] is None:
             continue
-        word = ("BEATS" if d["lo"] > 0 else "is BELOW" if d["hi"] < 0 else "is not distinguishable from")
-        lines.append(f"- `{a}` {word} `{b}` on `{main}` pairs: Δ {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-                     f"(paired bootstrap; p = {d['p']:.3g}, n = {d['n']}, MDE {d['mde']:.3f}).")
+        word = "BEATS" if d["lo"] > 0 else "is BELOW" if d["hi"] < 0 else "is not distinguishable from"
+        lines.append(
+            f"- `{a}` {word} `{b}` on `{main}` pairs: Δ {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+            f"(paired bootstrap; p = {d['p']:.3g}, n = {d['n']}, MDE {d['mde']:.3f})."
+        )
         if b == "length" and also in sets:
             e = sets[also]["paired"][k]
             if e["diff"] is not None:
                 word = "not below" if e["hi"] >= 0 else "BELOW"
-                lines.append(f"  On `{also}` pairs it is {word} `length`: Δ {e['diff']:+.3f} "
-                             f"[{e['lo']:+.3f}, {e['hi']:+.3f}] (n = {e['n']}).")
+                lines.append(
+                    f"  On `{also}` pairs it is {word} `length`: Δ {e['diff']:+.3f} "
+                    f"[{e['lo']:+.3f}, {e['hi']:+.3f}] (n = {e['n']})."
+                )
     return lines
 
 
@@ -436,7 +501,9 @@ def versus_length(systems: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if not name.startswith("rm:") or acc is None or base is None:
             continue
         verdict = "BEATS" if acc > base else "does NOT beat"
-        lines.append(f"- `{name}` {verdict} the length baseline on pairwise accuracy ({acc:.3f} vs {base:.3f}).")
+        lines.append(
+            f"- `{name}` {verdict} the length baseline on pairwise accuracy ({acc:.3f} vs {base:.3f})."
+        )
     return lines
 
 
@@ -447,17 +514,34 @@ def write_report(result: Mapping[str, Any], out: str | Path, title: str) -> None
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     systems = result["systems"]
     md = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         f"Split `{result['split']}` of `{result['data']}`: {result['n_examples']} comments in "
         f"{result['n_threads']} threads, {result['n_pairs']} pairs"
-        + (f" (subsampled from {result['n_examples_available']} / {result['n_pairs_available']})"
-           if result["subsampled"] else "") + ".", "",
-        "## Overall (comments; `pairwise acc` on the prepared pairs)", "", overall_table(systems), "",
-        *versus_length(systems), "",
+        + (
+            f" (subsampled from {result['n_examples_available']} / {result['n_pairs_available']})"
+            if result["subsampled"]
+            else ""
+        )
+        + ".",
+        "",
+        "## Overall (comments; `pairwise acc` on the prepared pairs)",
+        "",
+        overall_table(systems),
+        "",
+        *versus_length(systems),
+        "",
         *_pair_set_section(result.get("pair_sets") or {}),
-        "## Pairwise accuracy by score ratio", "", ratio_table(systems), "",
-        "![accuracy vs score ratio](accuracy_vs_score_ratio.png)", "",
-        "## Per subreddit (ρ = Spearman with karma, acc = pairwise accuracy)", "", subreddit_table(systems), "",
+        "## Pairwise accuracy by score ratio",
+        "",
+        ratio_table(systems),
+        "",
+        "![accuracy vs score ratio](accuracy_vs_score_ratio.png)",
+        "",
+        "## Per subreddit (ρ = Spearman with karma, acc = pairwise accuracy)",
+        "",
+        subreddit_table(systems),
+        "",
     ]
     (out / "report.md").write_text("\n".join(md))
     if len(result.get("systems", {})) and result["n_pairs"]:
@@ -468,23 +552,43 @@ def _pair_set_section(ps: Mapping[str, Any]) -> list[str]:
     if not ps.get("sets"):
         return []
     legend = "; ".join(f"`{n}`: {d['description']}" for n, d in ps["sets"].items())
-    return ["## Pair sets (pairwise accuracy [95 % bootstrap CI])", "", legend + ".", "", pair_set_table(ps), "",
-            *verdicts(ps), "", ("### Paired differences (same pairs; p: sign-flip permutation; MDE: 80 % power, "
-            "α = 0.05)"), "", paired_table(ps), "",
-            "Spearman with karma [95 % CI]: " + ", ".join(f"{k} {_ci(v, 'spearman')}"
-                                                          for k, v in ps.get("spearman", {}).items()) + ".", ""]
+    return [
+        "## Pair sets (pairwise accuracy [95 % bootstrap CI])",
+        "",
+        legend + ".",
+        "",
+        pair_set_table(ps),
+        "",
+        *verdicts(ps),
+        "",
+        ("### Paired differences (same pairs; p: sign-flip permutation; MDE: 80 % power, α = 0.05)"),
+        "",
+        paired_table(ps),
+        "",
+        "Spearman with karma [95 % CI]: "
+        + ", ".join(f"{k} {_ci(v, 'spearman')}" for k, v in ps.get("spearman", {}).items())
+        + ".",
+        "",
+    ]
 
 
 def _eval_header(es: EvalSet) -> dict[str, Any]:
     return {
-        "data": str(es.data), "split": es.split, "n_examples": len(es.examples), "n_pairs": len(es.pairs),
-        "n_threads": int(es.examples["thread_id"].nunique()), "n_examples_available": es.n_examples_available,
-        "n_pairs_available": es.n_pairs_available, "subsampled": es.subsampled,
+        "data": str(es.data),
+        "split": es.split,
+        "n_examples": len(es.examples),
+        "n_pairs": len(es.pairs),
+        "n_threads": int(es.examples["thread_id"].nunique()),
+        "n_examples_available": es.n_examples_available,
+        "n_pairs_available": es.n_pairs_available,
+        "subsampled": es.subsampled,
         "data_card_sha256": rmdata.card_sha256(es.data),
     }
 
 
-def baseline_scores(es: EvalSet, *, train_subreddits: Sequence[str] | None = None, seed: int = 0) -> list[SystemScores]:
+def baseline_scores(
+    es: EvalSet, *, train_subreddits: Sequence[str] | None = None, seed: int = 0
+) -> list[SystemScores]:
     """length, bow_ridge and (where the data has timing metadata) earliness and lateness."""
     out = [length_scores(es), bow_ridge_scores(es, train_subreddits=train_subreddits, seed=seed)]
     return out + [s for s in (earliness_scores(es), lateness_scores(es)) if s is not None]
@@ -520,9 +624,17 @@ def evaluate_rm(
     for m in models:
         if not isinstance(m, RewardModel):
             load_config(m)  # refuses a folder without karma_rm.json before reading data
-    es = load_eval_set(data, split, max_examples=max_examples, max_pairs=max_pairs, seed=seed,
-                       subreddits=subreddits, exclude_subreddits=exclude_subreddits, pair_sets=pair_sets,
-                       max_set_pairs=max_set_pairs)
+    es = load_eval_set(
+        data,
+        split,
+        max_examples=max_examples,
+        max_pairs=max_pairs,
+        seed=seed,
+        subreddits=subreddits,
+        exclude_subreddits=exclude_subreddits,
+        pair_sets=pair_sets,
+        max_set_pairs=max_set_pairs,
+    )
     rms = [m if isinstance(m, RewardModel) else RewardModel.load(m) for m in models]
     paths = [None if isinstance(m, RewardModel) else str(m) for m in models]
     scores = []
@@ -537,10 +649,12 @@ def evaluate_rm(
         scores += baseline_scores(es, train_subreddits=train_subreddits, seed=seed)
     first = rms[0]
     result = {
-        **_eval_header(es), "model": paths[0] if len(paths) == 1 else paths,
+        **_eval_header(es),
+        "model": paths[0] if len(paths) == 1 else paths,
         "variant": first.config.variant if len(rms) == 1 else [r.config.variant for r in rms],
-        "objective": first.config.objective, "model_version": first.version if len(rms) == 1 else
-        [r.version for r in rms], "subreddits": list(subreddits) if subreddits else None,
+        "objective": first.config.objective,
+        "model_version": first.version if len(rms) == 1 else [r.version for r in rms],
+        "subreddits": list(subreddits) if subreddits else None,
         "exclude_subreddits": list(exclude_subreddits) if exclude_subreddits else None,
         "systems": {s.name: system_metrics(es, s) for s in scores},
         "pair_sets": pair_set_metrics(es, scores, n_boot=n_boot, seed=seed),

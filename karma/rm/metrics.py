@@ -51,7 +51,10 @@ def bucket_label(lo: float, hi: float) -> str:
 
 
 def accuracy_by_ratio(
-    chosen: Sequence[float], rejected: Sequence[float], ratios: Sequence[float], edges: Sequence[float] = RATIO_EDGES
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    ratios: Sequence[float],
+    edges: Sequence[float] = RATIO_EDGES,
 ) -> list[dict]:
     """Pairwise accuracy per score-ratio bucket (SHP reports accuracy as a curve over score ratio)."""
     import numpy as np
@@ -61,8 +64,15 @@ def accuracy_by_ratio(
     for lo, hi in itertools.pairwise(edges):
         m = (r >= lo) & (r < hi)
         n = int(m.sum())
-        out.append({"bucket": bucket_label(lo, hi), "lo": lo, "hi": None if math.isinf(hi) else hi, "n": n,
-                    "accuracy": float(wins[m].mean()) if n else None})
+        out.append(
+            {
+                "bucket": bucket_label(lo, hi),
+                "lo": lo,
+                "hi": None if math.isinf(hi) else hi,
+                "n": n,
+                "accuracy": float(wins[m].mean()) if n else None,
+            }
+        )
     return out
 
 
@@ -80,7 +90,7 @@ def ndcg_within_groups(pred: Sequence[float], target: Sequence[float], groups: S
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     ends = np.r_[starts[1:], len(g)]
     values = []
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         if e - s < 2 or np.ptp(t[s:e]) == 0:
             continue
         gains = t[s:e] - t[s:e].min()
@@ -153,8 +163,15 @@ def paired_wins_test(wins_a, wins_b, n_boot: int = 1000, n_perm: int = 2000, see
         hits += int((np.abs((signs * d).mean(axis=1)) >= observed - 1e-12).sum())
         done += k
     sd = float(d.std(ddof=1))
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "p": (hits + 1) / (n_perm + 1),
-            "mde": (Z_ALPHA + Z_POWER) * sd / math.sqrt(n), "n": n, "discordant": float(np.mean(d != 0))}
+    return {
+        "diff": float(d.mean()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "p": (hits + 1) / (n_perm + 1),
+        "mde": (Z_ALPHA + Z_POWER) * sd / math.sqrt(n),
+        "n": n,
+        "discordant": float(np.mean(d != 0)),
+    }
 
 
 def spearman_ci(pred, target, n_boot: int = 1000, seed: int = 0) -> dict:

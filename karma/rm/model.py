@@ -97,7 +97,7 @@ def keep_chars(text: str, n: int, side: Literal["start", "end"]) -> tuple[str, b
         return (head[:ws] if ws > 0 else head), True
     tail = text[-n:]
     hits = [i for i in (tail.find(" ", 0, 64), tail.find("\n", 0, 64)) if i >= 0]
-    return (tail[min(hits):] if hits else tail), True
+    return (tail[min(hits) :] if hits else tail), True
 
 
 class InputTooLongError(ValueError):
@@ -123,7 +123,9 @@ class RewardModel:
 
     # ----------------------------------------------------------------------------------- loading / saving
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardModel | RuleRewardModel:
+    def load(
+        cls, path: str | Path, device: str = "cpu", dtype: str | None = None
+    ) -> RewardModel | RuleRewardModel:
         """Load a reward-model folder. A rule folder (`karma_rule.json`, see `karma.rm.rule`) loads as a
         `RuleRewardModel`, which has the same scoring interface (encode / forward / score / normalize)."""
         path = Path(path)
@@ -142,8 +144,12 @@ class RewardModel:
                 f"{path} is not a KARMA reward model: {CONFIG_NAME} is missing (train one with `karma rm train`)"
             )
         config = KarmaRMConfig.model_validate_json(cfg_file.read_text())
-        torch_dtype = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        torch_dtype = {
+            None: torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model.to(device), tokenizer, config, device=device)
@@ -248,7 +254,12 @@ class RewardModel:
         return logits[:, 0].float().cpu().tolist()
 
     def score(
-        self, items: Sequence[RMInput], *, normalize: bool = False, batch_size: int = 32, truncate: bool = True
+        self,
+        items: Sequence[RMInput],
+        *,
+        normalize: bool = False,
+        batch_size: int = 32,
+        truncate: bool = True,
     ) -> list[float]:
         """Score items offline: length-sorted batches, results returned in input order."""
         enc = [self.encode(it, truncate=truncate) for it in items]
@@ -256,7 +267,7 @@ class RewardModel:
         scores = [0.0] * len(enc)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            for i, s in zip(idx, self.forward([enc[i] for i in idx])):
+            for i, s in zip(idx, self.forward([enc[i] for i in idx]), strict=True):
                 scores[i] = s
         return self.normalize(scores) if normalize else scores
 

@@ -56,11 +56,24 @@ def sibling_pairs(examples, *, min_score_ratio: float = 2.0, min_pair_score: int
     import numpy as np
     import pandas as pd
 
-    cols = ["example_id", "parent_id", "subreddit", "thread_id", "context", "response", "score", "karma",
-            "created_utc"]
+    cols = [
+        "example_id",
+        "parent_id",
+        "subreddit",
+        "thread_id",
+        "context",
+        "response",
+        "score",
+        "karma",
+        "created_utc",
+    ]
     ex = examples[[c for c in cols if c in examples.columns]]
     ex = ex[ex["score"] >= min_pair_score]
-    rank = ex.assign(_r=np.random.default_rng(seed).random(len(ex))).groupby("parent_id")["_r"].rank(method="first")
+    rank = (
+        ex.assign(_r=np.random.default_rng(seed).random(len(ex)))
+        .groupby("parent_id")["_r"]
+        .rank(method="first")
+    )
     ex = ex[rank.to_numpy() <= MAX_SIBLINGS]
     key = ["example_id", "parent_id", "score", "created_utc"]
     m = ex[key].merge(ex[key], on="parent_id", suffixes=("_a", "_b"))
@@ -69,18 +82,25 @@ def sibling_pairs(examples, *, min_score_ratio: float = 2.0, min_pair_score: int
     a, b = text.loc[m["example_id_a"]], text.loc[m["example_id_b"]]
     la = a["response"].fillna("").str.len().to_numpy()
     lb = b["response"].fillna("").str.len().to_numpy()
-    out = pd.DataFrame({
-        "chosen_id": m["example_id_a"].to_numpy(), "rejected_id": m["example_id_b"].to_numpy(),
-        "parent_id": m["parent_id"].to_numpy(), "subreddit": a["subreddit"].to_numpy(),
-        "thread_id": a["thread_id"].to_numpy(), "context": a["context"].to_numpy(),
-        "chosen": a["response"].to_numpy(), "rejected": b["response"].to_numpy(),
-        "chosen_karma": a["karma"].to_numpy(), "rejected_karma": b["karma"].to_numpy(),
-        "score_ratio": (m["score_a"] / m["score_b"]).to_numpy(dtype=float),
-        "chosen_later": (m["created_utc_a"] > m["created_utc_b"]).to_numpy(),
-        "chosen_longer": la > lb,
-        "length_ratio": np.maximum(la, lb) / np.maximum(np.minimum(la, lb), 1),
-        "seconds_apart": (m["created_utc_a"] - m["created_utc_b"]).abs().to_numpy(dtype=float),
-    })
+    out = pd.DataFrame(
+        {
+            "chosen_id": m["example_id_a"].to_numpy(),
+            "rejected_id": m["example_id_b"].to_numpy(),
+            "parent_id": m["parent_id"].to_numpy(),
+            "subreddit": a["subreddit"].to_numpy(),
+            "thread_id": a["thread_id"].to_numpy(),
+            "context": a["context"].to_numpy(),
+            "chosen": a["response"].to_numpy(),
+            "rejected": b["response"].to_numpy(),
+            "chosen_karma": a["karma"].to_numpy(),
+            "rejected_karma": b["karma"].to_numpy(),
+            "score_ratio": (m["score_a"] / m["score_b"]).to_numpy(dtype=float),
+            "chosen_later": (m["created_utc_a"] > m["created_utc_b"]).to_numpy(),
+            "chosen_longer": la > lb,
+            "length_ratio": np.maximum(la, lb) / np.maximum(np.minimum(la, lb), 1),
+            "seconds_apart": (m["created_utc_a"] - m["created_utc_b"]).abs().to_numpy(dtype=float),
+        }
+    )
     return out.sort_values(["chosen_id", "rejected_id"], kind="stable").reset_index(drop=True)
 
 
@@ -89,8 +109,14 @@ def cap(df, n: int | None, seed: int):
 
 
 def build_pair_sets(
-    examples, rule_pairs, *, names: Sequence[str] = PAIR_SETS, max_pairs: int | None = 1000, seed: int = 0,
-    min_score_ratio: float = 2.0, min_pair_score: int = 2,
+    examples,
+    rule_pairs,
+    *,
+    names: Sequence[str] = PAIR_SETS,
+    max_pairs: int | None = 1000,
+    seed: int = 0,
+    min_score_ratio: float = 2.0,
+    min_pair_score: int = 2,
 ) -> dict[str, Any]:
     """{set name: pairs DataFrame} for `names` (see the module table), each capped at `max_pairs`."""
     import pandas as pd
@@ -102,15 +128,19 @@ def build_pair_sets(
     if "rule" in names:
         out["rule"] = rule_pairs
     if set(names) - {"rule"}:
-        nat = sibling_pairs(examples, min_score_ratio=min_score_ratio, min_pair_score=min_pair_score, seed=seed)
+        nat = sibling_pairs(
+            examples, min_score_ratio=min_score_ratio, min_pair_score=min_pair_score, seed=seed
+        )
         for name in names:
             if name == "natural":
                 out[name] = cap(nat, max_pairs, seed)
             elif name == "balanced":
                 later, earlier = nat[nat["chosen_later"]], nat[~nat["chosen_later"]]
                 k = min(len(later), len(earlier), (max_pairs // 2) if max_pairs else len(nat))
-                out[name] = pd.concat([later.sample(n=k, random_state=seed), earlier.sample(n=k, random_state=seed)],
-                                      ignore_index=True)
+                out[name] = pd.concat(
+                    [later.sample(n=k, random_state=seed), earlier.sample(n=k, random_state=seed)],
+                    ignore_index=True,
+                )
             elif name == "length_controlled":
                 out[name] = cap(nat[nat["length_ratio"] <= LENGTH_RATIO], max_pairs, seed)
             elif name == "close_in_time":
@@ -126,5 +156,7 @@ def describe(name: str, pairs) -> dict[str, Any]:
     if len(pairs) and "chosen_later" in pairs:
         d["chosen_later"] = float(np.mean(pairs["chosen_later"]))
     if len(pairs):
-        d["chosen_longer"] = float(np.mean(pairs["chosen"].fillna("").str.len() > pairs["rejected"].fillna("").str.len()))
+        d["chosen_longer"] = float(
+            np.mean(pairs["chosen"].fillna("").str.len() > pairs["rejected"].fillna("").str.len())
+        )
     return d

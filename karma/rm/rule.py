@@ -188,8 +188,9 @@ class RuleRewardModel:
     def forward(self, batch: Sequence[RuleEncoded]) -> list[float]:
         return [self.spec.score(e.response) for e in batch]
 
-    def score(self, items: Sequence[Any], *, normalize: bool = False, batch_size: int = 32,
-              truncate: bool = True) -> list[float]:
+    def score(
+        self, items: Sequence[Any], *, normalize: bool = False, batch_size: int = 32, truncate: bool = True
+    ) -> list[float]:
         return self.forward([self.encode(it) for it in items])
 
     def normalize(self, scores: Sequence[float]) -> list[float]:
@@ -205,8 +206,13 @@ def write_rule_folder(spec: RuleSpec, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / RULE_CONFIG_NAME).write_text(spec.model_dump_json(indent=2) + "\n")
     stub = KarmaRMConfig(
-        variant="response", backbone=f"rule:{spec.describe()}", template=f"rule reward, spec in {RULE_CONFIG_NAME}",
-        max_length=8, version=spec.version, kind="rule", rule_file=RULE_CONFIG_NAME,
+        variant="response",
+        backbone=f"rule:{spec.describe()}",
+        template=f"rule reward, spec in {RULE_CONFIG_NAME}",
+        max_length=8,
+        version=spec.version,
+        kind="rule",
+        rule_file=RULE_CONFIG_NAME,
     )
     (out / CONFIG_NAME).write_text(stub.model_dump_json(indent=2) + "\n")
     return out

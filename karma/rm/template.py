@@ -29,7 +29,14 @@ VARIANTS: tuple[str, ...] = ("full", "context", "response")
 TEMPLATE_VERSION = 1
 
 #: metadata keys the `full` variant reads (all optional at serving time; missing ones render as "?")
-METADATA_KEYS = ("subreddit", "depth", "seconds_since_post", "seconds_since_parent", "created_utc", "sibling_count")
+METADATA_KEYS = (
+    "subreddit",
+    "depth",
+    "seconds_since_post",
+    "seconds_since_parent",
+    "created_utc",
+    "sibling_count",
+)
 
 TEMPLATE_DOC = {
     "full": "A: {context} || B: [r/{subreddit} | depth {depth} | {since_post} after post | "
@@ -86,7 +93,9 @@ def metadata_header(metadata: Mapping[str, Any] | None) -> str:
     )
 
 
-def render(variant: str, context: Any, response: str, metadata: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def render(
+    variant: str, context: Any, response: str, metadata: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
     """Return (segment_a, segment_b) for one item. Raises ValueError on an unknown variant."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")

@@ -40,13 +40,19 @@ class RMTrainConfig:
     """Hyper-parameters of one reward-model training run (saved into karma_rm.json under `training`)."""
 
     variant: Literal["full", "context", "response"] = field(
-        default="context", metadata={"help": "input template: full (context+metadata), context, response"})
+        default="context", metadata={"help": "input template: full (context+metadata), context, response"}
+    )
     objective: Literal["regression", "pairwise", "both"] = field(
-        default="pairwise", metadata={"help": "regression on karma, Bradley–Terry on pairs, or both"})
+        default="pairwise", metadata={"help": "regression on karma, Bradley–Terry on pairs, or both"}
+    )
     backbone: str = field(default="minilm", metadata={"help": "'minilm', a local HF folder, or a hub id"})
-    max_length: int = field(default=128, metadata={"help": "tokens per (context, response); context cut from the left"})
+    max_length: int = field(
+        default=128, metadata={"help": "tokens per (context, response); context cut from the left"}
+    )
     epochs: float = field(default=1.0, metadata={"help": "passes over the (subsampled) training items"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs decide)"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs decide)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "items (pairs or replies) per forward pass"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW peak learning rate"})
@@ -55,24 +61,38 @@ class RMTrainConfig:
     regression_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "regression loss"})
     regression_weight: float = field(default=0.5, metadata={"help": "`both`: weight of the regression term"})
     margin_scale: float = field(default=0.0, metadata={"help": "pairwise margin = scale * log(score_ratio)"})
-    max_train: int | None = field(default=DEFAULT_MAX_TRAIN, metadata={"help": "subsample training items (None: all)"})
-    max_eval: int | None = field(default=DEFAULT_MAX_EVAL, metadata={"help": "validation items per evaluation"})
-    eval_steps: int | None = field(default=None, metadata={"help": "steps between evaluations (None: 4 per run)"})
+    max_train: int | None = field(
+        default=DEFAULT_MAX_TRAIN, metadata={"help": "subsample training items (None: all)"}
+    )
+    max_eval: int | None = field(
+        default=DEFAULT_MAX_EVAL, metadata={"help": "validation items per evaluation"}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "steps between evaluations (None: 4 per run)"}
+    )
     patience: int = field(default=3, metadata={"help": "early stopping: evaluations without improvement"})
     logging_steps: int = field(default=10, metadata={"help": "steps between training-loss logs"})
     seed: int = field(default=42, metadata={"help": "seeds sampling, head init, shuffling and dropout"})
-    train_subreddits: list[str] | None = field(default=None, metadata={"help": "train (and validate) on these only"})
+    train_subreddits: list[str] | None = field(
+        default=None, metadata={"help": "train (and validate) on these only"}
+    )
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch.set_num_threads for this process (None: torch's default); 1 is fastest for tiny models "
-                "on a busy CPU"})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch.set_num_threads for this process (None: torch's default); 1 is fastest for tiny models "
+            "on a busy CPU"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show the Trainer's progress bar"})
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.objective not in rmdata.OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; expected one of {', '.join(rmdata.OBJECTIVES)}")
+            raise ValueError(
+                f"unknown objective {self.objective!r}; expected one of {', '.join(rmdata.OBJECTIVES)}"
+            )
         if self.regression_loss not in ("huber", "mse"):
             raise ValueError(f"unknown regression loss {self.regression_loss!r}; expected huber or mse")
         for name in ("batch_size", "grad_accum", "max_length", "patience", "logging_steps"):
@@ -108,6 +128,7 @@ def _validation_fn(rm, val_examples, val_pairs, val_meta, metric: str):
 
         def validate() -> dict[str, float]:
             return {"spearman": correlations(rm.score(inputs), karma)["spearman"] or 0.0}
+
     return validate
 
 
@@ -119,13 +140,17 @@ def _training_items(rm, cfg: RMTrainConfig, train_examples, train_pairs, meta):
         return LazyItems(rm, inputs, [[k] for k in train_examples["karma"].tolist()])
     chosen, rejected = rmdata.pair_inputs(train_pairs, meta)
     if cfg.objective == "both":
-        targets = list(zip(train_pairs["chosen_karma"].tolist(), train_pairs["rejected_karma"].tolist()))
+        targets = list(
+            zip(train_pairs["chosen_karma"].tolist(), train_pairs["rejected_karma"].tolist(), strict=True)
+        )
     else:
         targets = [(None, None)] * len(chosen)
     margins = None
     if cfg.margin_scale:
-        margins = [cfg.margin_scale * math.log(min(max(r, 1.0), 1e4)) for r in train_pairs["score_ratio"].tolist()]
-    return LazyItems(rm, list(zip(chosen, rejected)), targets, margins)
+        margins = [
+            cfg.margin_scale * math.log(min(max(r, 1.0), 1e4)) for r in train_pairs["score_ratio"].tolist()
+        ]
+    return LazyItems(rm, list(zip(chosen, rejected, strict=True)), targets, margins)
 
 
 def _load_backbone(backbone: str, cfg: RMTrainConfig, **config: Any):
@@ -138,7 +163,9 @@ def _load_backbone(backbone: str, cfg: RMTrainConfig, **config: Any):
         raise ModelNotFoundError(f"cannot load backbone {cfg.backbone!r}: {e}") from e
 
 
-def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = None, **overrides: Any) -> Path:
+def train_rm(
+    data: str | Path, out: str | Path, config: RMTrainConfig | None = None, **overrides: Any
+) -> Path:
     """Train one reward model on `data` (a `karma data prepare` folder) and save it to `out`. Returns `out`.
 
     `overrides` are RMTrainConfig fields (e.g. `train_rm(d, o, variant="full", max_train=None)`).
@@ -168,24 +195,40 @@ def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = N
         meta = rmdata.metadata_by_id(data, ids) if cfg.variant == "full" else {}
         n_train, what = len(train_pairs), "pairs"
         if len(val_pairs) == 0:
-            raise rmdata.DataError(f"{data} has no validation pairs" + (f" in r/{', r/'.join(subs)}" if subs else ""))
+            raise rmdata.DataError(
+                f"{data} has no validation pairs" + (f" in r/{', r/'.join(subs)}" if subs else "")
+            )
     else:
         all_ex = rmdata.read_examples(data, "train", subreddits=subs, metadata=False)
         n_available = len(all_ex)
         del all_ex
-        train_examples = rmdata.read_examples(data, "train", subreddits=subs, max_rows=cfg.max_train, seed=cfg.seed)
+        train_examples = rmdata.read_examples(
+            data, "train", subreddits=subs, max_rows=cfg.max_train, seed=cfg.seed
+        )
         train_pairs, val_pairs, meta = None, None, {}
         n_train, what = len(train_examples), "examples"
     if n_train == 0:
-        raise rmdata.DataError(f"{data} has no training {what}" + (f" in r/{', r/'.join(subs)}" if subs else ""))
+        raise rmdata.DataError(
+            f"{data} has no training {what}" + (f" in r/{', r/'.join(subs)}" if subs else "")
+        )
     val_examples = rmdata.read_examples(
-        data, "val", subreddits=subs, max_rows=max(cfg.max_eval, NORM_EXAMPLES) if cfg.max_eval else None,
-        seed=cfg.seed, by_thread=True)
+        data,
+        "val",
+        subreddits=subs,
+        max_rows=max(cfg.max_eval, NORM_EXAMPLES) if cfg.max_eval else None,
+        seed=cfg.seed,
+        by_thread=True,
+    )
     if len(val_examples) < 2:
         raise rmdata.DataError(f"{data} has fewer than 2 validation examples; cannot normalise scores")
     subsampled = n_train < n_available
-    log.info("training on %d of %d train %s%s", n_train, n_available, what,
-             " (subsampled; pass --full / max_train=None for all)" if subsampled else "")
+    log.info(
+        "training on %d of %d train %s%s",
+        n_train,
+        n_available,
+        what,
+        " (subsampled; pass --full / max_train=None for all)" if subsampled else "",
+    )
     timings["read_s"] = time.perf_counter() - t0
 
     # ---- model
@@ -201,8 +244,11 @@ def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = N
     set_seed(cfg.seed)
     t = time.perf_counter()
     rm = _load_backbone(
-        backbone, cfg, objective=cfg.objective,
-        karma_normalization=rmdata.karma_normalization(data), data_card_sha256=rmdata.card_sha256(data),
+        backbone,
+        cfg,
+        objective=cfg.objective,
+        karma_normalization=rmdata.karma_normalization(data),
+        data_card_sha256=rmdata.card_sha256(data),
     )
     timings["load_s"] = time.perf_counter() - t
 
@@ -211,8 +257,13 @@ def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = N
     steps_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     eval_steps = cfg.eval_steps or max(1, math.ceil(total_steps / 4))
-    validate = _validation_fn(rm, val_examples.head(cfg.max_eval) if cfg.max_eval else val_examples,
-                              val_pairs, meta, cfg.selection_metric)
+    validate = _validation_fn(
+        rm,
+        val_examples.head(cfg.max_eval) if cfg.max_eval else val_examples,
+        val_pairs,
+        meta,
+        cfg.selection_metric,
+    )
 
     ckpt_dir = out / "checkpoints"
     args = TrainingArguments(
@@ -252,7 +303,10 @@ def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = N
         train_dataset=train_items,
         eval_dataset=val_items,
         data_collator=RMCollator(rm),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience), TensorBoardCallback(tb_writer=tb)],
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=cfg.patience),
+            TensorBoardCallback(tb_writer=tb),
+        ],
         regression_kind=cfg.regression_loss,
         regression_weight=1.0 if cfg.objective == "regression" else cfg.regression_weight,
         validate=validate,
@@ -283,19 +337,33 @@ def train_rm(data: str | Path, out: str | Path, config: RMTrainConfig | None = N
     state = trainer.state
     items_seen = min(state.global_step * cfg.batch_size * cfg.grad_accum, len(train_items) * cfg.epochs)
     train_info = {
-        "items": n_train, "items_available": n_available, "item_kind": what, "subsampled": subsampled,
-        "steps": state.global_step, "best_step": state.best_global_step, "best_metric": state.best_metric,
-        "selection_metric": cfg.selection_metric, "train_loss": result.training_loss,
+        "items": n_train,
+        "items_available": n_available,
+        "item_kind": what,
+        "subsampled": subsampled,
+        "steps": state.global_step,
+        "best_step": state.best_global_step,
+        "best_metric": state.best_metric,
+        "selection_metric": cfg.selection_metric,
+        "train_loss": result.training_loss,
         "stopped_early": state.global_step < total_steps,
         "items_per_s": items_seen / timings["train_s"] if timings["train_s"] > 0 else None,
     }
-    rm.config.metrics = {"val": val_metrics, "train": train_info, "timings": {k: round(v, 2) for k, v in timings.items()}}
+    rm.config.metrics = {
+        "val": val_metrics,
+        "train": train_info,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
     rm.config.training = asdict(cfg)  # type: ignore[attr-defined]  # KarmaRMConfig allows extra keys
     rm.config.backbone = cfg.backbone  # the alias / id as given, not this machine's resolved path
     t = time.perf_counter()
     rm.save(out)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     (out / "training_log.json").write_text(json.dumps(state.log_history, indent=1))
-    log.info("saved %s (val %s) in %.0fs", out, {k: v for k, v in val_metrics.items() if k != "n"},
-             time.perf_counter() - t0)
+    log.info(
+        "saved %s (val %s) in %.0fs",
+        out,
+        {k: v for k, v in val_metrics.items() if k != "n"},
+        time.perf_counter() - t0,
+    )
     return out

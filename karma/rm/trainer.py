@@ -24,7 +24,9 @@ from karma.rm.model import Encoded, RewardModel, RMInput
 
 
 # ------------------------------------------------------------------------------------------- losses
-def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bradley–Terry: mean of -log σ(r_chosen - r_rejected - margin). Shapes (P,), (P,), (P,) -> ()."""
     diff = r_chosen - r_rejected
     if margin is not None:
@@ -102,8 +104,14 @@ class KarmaRMTrainer(Trainer):
     early-stopping metric is exactly the one `karma rm eval` reports.
     """
 
-    def __init__(self, *args, regression_kind: str = "huber", regression_weight: float = 1.0,
-                 validate: Callable[[], dict[str, float]] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        regression_kind: str = "huber",
+        regression_weight: float = 1.0,
+        validate: Callable[[], dict[str, float]] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.regression_kind = regression_kind
         self.regression_weight = regression_weight
@@ -137,7 +145,9 @@ class KarmaRMTrainer(Trainer):
             self._parts = {}
         super().log(logs, *args, **kwargs)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         if self.validate is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         self.model.eval()

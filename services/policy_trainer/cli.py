@@ -48,8 +48,14 @@ def _train(config: Path | None = None, **flags: Any) -> None:
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-    except (RewardUnavailableError, TrainingDivergedError, PromptSourceError, FileNotFoundError, FileExistsError,
-            ValueError) as exc:
+    except (
+        RewardUnavailableError,
+        TrainingDivergedError,
+        PromptSourceError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as exc:
         # bad input, a dead reward service or a diverged update: one clear line, not a traceback
         # (PolicyLoadError and CheckpointLoadError are ValueErrors); trainer_result.json holds the details
         typer.echo(f"karma train: {type(exc).__name__}: {exc}", err=True)
@@ -59,17 +65,27 @@ def _train(config: Path | None = None, **flags: Any) -> None:
     typer.echo(f"{result['status']} at step {result['step']}: {result['output_dir']}")
     if "heldout" in result:
         h = result["heldout"]
-        typer.echo(f"held-out reward ({h['n']} prompts): base {h['base_mean']:.4f} -> trained {h['trained_mean']:.4f}, "
-                   f"delta {h['delta']:+.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}], p = {h['p']:.4g} "
-                   f"(MDE {h['mde']:.4f}); {Path(result['output_dir']) / 'heldout_reward.json'}")
+        typer.echo(
+            f"held-out reward ({h['n']} prompts): base {h['base_mean']:.4f} -> trained {h['trained_mean']:.4f}, "
+            f"delta {h['delta']:+.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}], p = {h['p']:.4g} "
+            f"(MDE {h['mde']:.4f}); {Path(result['output_dir']) / 'heldout_reward.json'}"
+        )
 
 
 def _build_command():
     params = [
         inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with the sections "
-                                                           "model, data, rollout, reward, ppo, run, eval")],
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config",
+                    "-c",
+                    help="YAML file with the sections model, data, rollout, reward, ppo, run, eval",
+                ),
+            ],
         )
     ]
     for section, f, tp in flag_fields():
@@ -82,11 +98,16 @@ def _build_command():
             decl = flag
         default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} [{section}; default: {default}]"
-        params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[ftype, typer.Option(decl, help=help_text, rich_help_panel=section,
-                                                     show_default=False)],
-        ))
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[
+                    ftype, typer.Option(decl, help=help_text, rich_help_panel=section, show_default=False)
+                ],
+            )
+        )
 
     def train(**kwargs: Any) -> None:
         """PPO / RLOO / GRPO a policy against the reward service (or an in-process reward model)."""

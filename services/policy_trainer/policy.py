@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from karma.tensors import left_pad, right_pad
 from services.policy_trainer.config import ModelConfig
 from services.policy_trainer.ppo_math import entropy_from_logits
 
@@ -78,20 +79,21 @@ class Packed:
     prompt_len: int  # P
 
 
-def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Packed:
+def pack_sequences(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> Packed:
     """Token ids of prompts and their responses as one padded batch (the layout `forward_responses` reads)."""
-    P = max(len(p) for p in prompts)
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     T = max(max((len(r) for r in responses), default=0), 1)
-    B = len(prompts)
-    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, P + T), dtype=torch.long)
-    resp_mask = torch.zeros((B, T))
-    for b, (prompt, resp) in enumerate(zip(prompts, responses, strict=True)):
-        input_ids[b, P - len(prompt): P] = torch.tensor(list(prompt), dtype=torch.long)
-        input_ids[b, P: P + len(resp)] = torch.tensor(list(resp), dtype=torch.long)
-        attention[b, P - len(prompt): P + len(resp)] = 1
-        resp_mask[b, : len(resp)] = 1.0
-    return Packed(input_ids, attention, resp_mask, P)
+    response_ids, response_mask = right_pad(responses, pad_id, width=T)
+    return Packed(
+        torch.cat([prompt_ids, response_ids], 1),
+        torch.cat([prompt_mask, response_mask], 1),
+        response_mask.float(),
+        prompt_ids.shape[1],
+    )
 
 
 @dataclass
@@ -123,8 +125,12 @@ class Policy(nn.Module):
             from peft import LoraConfig, get_peft_model
 
             lora = LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none",
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(cfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+                bias="none",
             )
             lm = get_peft_model(lm, lora)
         else:
@@ -155,8 +161,13 @@ class Policy(nn.Module):
         """Log-probs (and values, entropies) of the response tokens `input_ids[:, P:]`."""
         T = input_ids.shape[1] - prompt_len
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "logits_to_keep": T + 1, "use_cache": False}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "logits_to_keep": T + 1,
+            "use_cache": False,
+        }
         if reference:
             if self.ref_lm is not None:
                 out = self.ref_lm(**kwargs)
@@ -196,8 +207,10 @@ class Policy(nn.Module):
         params = dict(self.trainable_named_parameters())
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the policy: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+            raise ValueError(
+                f"checkpoint does not match the policy: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state[n])

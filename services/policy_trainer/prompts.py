@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, overload
 
 FIELD_CANDIDATES = ("prompt", "context", "Request", "question", "text")
-METADATA_COLUMNS = ("subreddit", "depth", "seconds_since_post", "seconds_since_parent", "created_utc", "sibling_count")
+METADATA_COLUMNS = (
+    "subreddit",
+    "depth",
+    "seconds_since_post",
+    "seconds_since_parent",
+    "created_utc",
+    "sibling_count",
+)
 
 
 class PromptSourceError(ValueError):
@@ -43,8 +50,9 @@ class Prompt:
     metadata: dict[str, Any] | None = None
 
 
-def load_records(spec: str, *, split: str = "train", prompt_field: str | None = None,
-                 max_prompts: int | None = None) -> list[PromptRecord]:
+def load_records(
+    spec: str, *, split: str = "train", prompt_field: str | None = None, max_prompts: int | None = None
+) -> list[PromptRecord]:
     """Read a prompt source spec ('reddit:DIR' | 'file:PATH')."""
     kind, _, location = spec.partition(":")
     path = Path(location).expanduser()
@@ -125,13 +133,15 @@ def _file_records(path: Path, prompt_field: str | None) -> list[PromptRecord]:
     return out
 
 
-def render_prompt(tokenizer, context: str, *, system_prompt: str | None, max_length: int) -> tuple[str, list[int]]:
+def render_prompt(
+    tokenizer, context: str, *, system_prompt: str | None, max_length: int
+) -> tuple[str, list[int]]:
     """The policy prompt: chat template (user turn = context) with the generation prompt; if longer than
     `max_length` tokens, the oldest context tokens are dropped until it fits."""
 
     def build(text: str) -> tuple[str, list[int]]:
         if getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": text})
             rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
@@ -164,7 +174,9 @@ class PromptPool(Sequence[Prompt]):
     `steps * prompts_per_step` of them.
     """
 
-    def __init__(self, records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int):
+    def __init__(
+        self, records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int
+    ):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -193,14 +205,16 @@ class PromptPool(Sequence[Prompt]):
         prompt = self._cache.get(i)
         if prompt is None:
             rec = self.records[i]
-            text, ids = render_prompt(self.tokenizer, rec.context, system_prompt=self.system_prompt,
-                                      max_length=self.max_length)
+            text, ids = render_prompt(
+                self.tokenizer, rec.context, system_prompt=self.system_prompt, max_length=self.max_length
+            )
             prompt = self._cache[i] = Prompt(rec.context, text, ids, rec.metadata)
         return prompt
 
 
-def build_prompts(records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None,
-                  max_length: int) -> PromptPool:
+def build_prompts(
+    records: Sequence[PromptRecord], tokenizer, *, system_prompt: str | None, max_length: int
+) -> PromptPool:
     """The policy prompts of `records`, rendered lazily (see `PromptPool`)."""
     return PromptPool(records, tokenizer, system_prompt=system_prompt, max_length=max_length)
 
@@ -212,9 +226,16 @@ class PromptSets:
     heldout_source: str  # where the held-out prompts come from (heldout_reward.json "source")
 
 
-def load_prompt_sets(spec: str, *, split: str = "train", prompt_field: str | None = None,
-                     max_prompts: int | None = None, heldout: int = 0, heldout_split: str = "val",
-                     heldout_seed: int = 0) -> PromptSets:
+def load_prompt_sets(
+    spec: str,
+    *,
+    split: str = "train",
+    prompt_field: str | None = None,
+    max_prompts: int | None = None,
+    heldout: int = 0,
+    heldout_split: str = "val",
+    heldout_seed: int = 0,
+) -> PromptSets:
     """Training prompts and up to `heldout` held-out prompts that are never training prompts.
 
     - `reddit:DIR`: a seeded sample of `heldout_split` (threads never in two splits; a context that also
@@ -225,18 +246,24 @@ def load_prompt_sets(spec: str, *, split: str = "train", prompt_field: str | Non
     import random
 
     if not heldout:
-        return PromptSets(load_records(spec, split=split, prompt_field=prompt_field, max_prompts=max_prompts),
-                          [], "")
+        return PromptSets(
+            load_records(spec, split=split, prompt_field=prompt_field, max_prompts=max_prompts), [], ""
+        )
     kind = spec.partition(":")[0]
     rng = random.Random(heldout_seed)
     if kind == "reddit":
         train = load_records(spec, split=split, prompt_field=prompt_field)
         seen = {r.context for r in train}
-        pool = [r for r in load_records(spec, split=heldout_split, prompt_field=prompt_field)
-                if r.context not in seen]
+        pool = [
+            r
+            for r in load_records(spec, split=heldout_split, prompt_field=prompt_field)
+            if r.context not in seen
+        ]
         if not pool:
-            raise PromptSourceError(f"split {heldout_split!r} of {spec} has no contexts outside split {split!r} "
-                                    "for the held-out reward; set heldout_prompts: 0 to turn it off")
+            raise PromptSourceError(
+                f"split {heldout_split!r} of {spec} has no contexts outside split {split!r} "
+                "for the held-out reward; set heldout_prompts: 0 to turn it off"
+            )
         held = rng.sample(pool, min(heldout, len(pool)))
         source = f"{spec} split {heldout_split} ({len(held)} of {len(pool)} contexts, seed {heldout_seed})"
         return PromptSets(train[:max_prompts] if max_prompts else train, held, source)
@@ -244,8 +271,10 @@ def load_prompt_sets(spec: str, *, split: str = "train", prompt_field: str | Non
     distinct = list(dict.fromkeys(r.context for r in every))
     k = min(heldout, len(distinct) // 2)
     if k == 0:
-        raise PromptSourceError(f"{spec} holds {len(distinct)} distinct prompt(s): too few to hold any out for the "
-                                "held-out reward; set heldout_prompts: 0 to turn it off")
+        raise PromptSourceError(
+            f"{spec} holds {len(distinct)} distinct prompt(s): too few to hold any out for the "
+            "held-out reward; set heldout_prompts: 0 to turn it off"
+        )
     held_texts = rng.sample(distinct, k)
     held_set = set(held_texts)
     by_text = {r.context: r for r in every}

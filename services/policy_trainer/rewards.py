@@ -56,8 +56,15 @@ class HTTPRewardSource:
 
         self.normalize = normalize
         # the deadline, not a retry count, bounds how long a dead service is retried
-        self.client = RewardClient(urls, api_key=api_key, model=model, timeout=timeout_s, deadline_s=deadline_s,
-                                   max_retries=max_retries, **client_kwargs)
+        self.client = RewardClient(
+            urls,
+            api_key=api_key,
+            model=model,
+            timeout=timeout_s,
+            deadline_s=deadline_s,
+            max_retries=max_retries,
+            **client_kwargs,
+        )
         self.version: str | None = None
 
     async def wait_ready(self, deadline_s: float) -> None:

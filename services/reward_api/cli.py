@@ -57,7 +57,10 @@ def serve(
         typer.Option(help="auto | float32 | bfloat16 | float16 (auto: fp32 CPU, bf16 GPU) [KARMA_DTYPE]"),
     ] = None,
     max_client_batch_size: Annotated[
-        int | None, typer.Option(help="items per request, 422 above (the schema says maxItems) [KARMA_MAX_CLIENT_BATCH_SIZE]")
+        int | None,
+        typer.Option(
+            help="items per request, 422 above (the schema says maxItems) [KARMA_MAX_CLIENT_BATCH_SIZE]"
+        ),
     ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(help="body size, 413 above [KARMA_MAX_BODY_BYTES]")
@@ -67,7 +70,9 @@ def serve(
     ] = None,
     max_queue_wait_s: Annotated[
         float | None,
-        typer.Option(help="429 when the queued work ahead would wait longer than this [KARMA_MAX_QUEUE_WAIT_S]"),
+        typer.Option(
+            help="429 when the queued work ahead would wait longer than this [KARMA_MAX_QUEUE_WAIT_S]"
+        ),
     ] = None,
     max_batch_tokens: Annotated[
         int | None, typer.Option(help="padded tokens per forward batch [KARMA_MAX_BATCH_TOKENS]")

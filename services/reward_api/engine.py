@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from karma.rm.model import Encoded, RewardModel
+    from karma.rm.model import Encoded, RewardModel, RMInput
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ class ModelExistsError(EngineError):
     pass
 
 
+class ItemTooLongError(EngineError):
+    """An item over the model's max_length with truncate=False (the HTTP layer answers 422)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"item {index}: {reason} (send truncate=true to cut the context from the left)")
+
+
 class Observer(Protocol):
     """What the engine reports (`core.metrics.Metrics` implements it)."""
 
@@ -94,6 +101,7 @@ class Observer(Protocol):
     def observe_queue_wait(self, model: str, seconds: float) -> None: ...
     def set_queue_depth(self, model: str, depth: int) -> None: ...
     def model_loaded(self, model: str, version: str, loaded: bool) -> None: ...
+    def observe_truncated(self, model: str, n_items: int) -> None: ...
 
 
 class _NullObserver:
@@ -101,6 +109,16 @@ class _NullObserver:
     def observe_queue_wait(self, *a, **k) -> None: ...
     def set_queue_depth(self, *a, **k) -> None: ...
     def model_loaded(self, *a, **k) -> None: ...
+    def observe_truncated(self, *a, **k) -> None: ...
+
+
+@dataclass
+class Scored:
+    """One request's result: a float score, a truncated flag per item, and the tokens they took."""
+
+    scores: list[float]
+    truncated: list[bool]
+    tokens: int
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -245,7 +263,9 @@ class BatchingWorker:
             self._queued_tokens -= job.queued_tokens
             self.cancelled_items += job.queued_items
             if job.queued_items:
-                log.info("model %s: dropped %d queued items of a cancelled request", self.name, job.queued_items)
+                log.info(
+                    "model %s: dropped %d queued items of a cancelled request", self.name, job.queued_items
+                )
             job.queued_items = job.queued_tokens = 0
             self.observer.set_queue_depth(self.name, self._queued_items)
 
@@ -390,10 +410,21 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 class ModelHandle:
     """A loaded reward model, its batching worker, its tokenising thread, and the leases of the requests
-    using it. The model's tokenizer is serialised by a lock, so one tokenising thread per model is enough."""
+    using it. The model's tokenizer is serialised by a lock, so one tokenising thread per model is enough.
 
-    def __init__(self, name: str, path: Path, model: RewardModel, worker: BatchingWorker):
+    `await handle.score(items)` is the one scoring path of every route: admission, encoding off the event loop,
+    the shared batch, normalisation."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        model: RewardModel,
+        worker: BatchingWorker,
+        observer: Observer | None = None,
+    ):
         self.name = name
+        self.observer = observer or worker.observer
         self.path = path
         self.model = model
         self.worker = worker
@@ -409,6 +440,36 @@ class ModelHandle:
     @property
     def leases(self) -> int:
         return self._leases
+
+    async def score(
+        self, items: Sequence[RMInput], *, truncate: bool = True, normalize: bool = False
+    ) -> Scored:
+        """Score `items` in the model's shared batches. Raises QueueBusyError / QueueFullError (refused before
+        any work), ItemTooLongError (truncate=False), WorkerClosedError; cancelling the awaiting task drops
+        the request's queued items."""
+        import asyncio
+
+        self.worker.admit(len(items))  # refuse before encoding when the queue is already too long
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self.encoder, self._encode_all, items, truncate)
+        scores = await asyncio.wrap_future(self.worker.submit(encoded))
+        truncated = [e.truncated for e in encoded]
+        if any(truncated):
+            self.observer.observe_truncated(self.name, sum(truncated))
+        if normalize:
+            scores = self.model.normalize(scores)
+        return Scored([float(s) for s in scores], truncated, sum(len(e) for e in encoded))
+
+    def _encode_all(self, items: Sequence[RMInput], truncate: bool) -> list[Encoded]:
+        from karma.rm.model import InputTooLongError
+
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(self.model.encode(item, truncate=truncate))
+            except InputTooLongError as exc:
+                raise ItemTooLongError(i, str(exc)) from None
+        return out
 
     def _acquire(self) -> None:  # under the registry lock
         with self._lock:
@@ -541,7 +602,7 @@ class ModelRegistry:
             time.perf_counter() - t0,
         )
         self.observer.model_loaded(name, model.version, True)
-        return ModelHandle(name, Path(path), model, worker)
+        return ModelHandle(name, Path(path), model, worker, self.observer)
 
     def _variant_at(self, path: Path) -> str:
         from karma.rm.model import load_config

@@ -57,6 +57,16 @@ def _missing() -> ServiceError:
     )
 
 
+def check_items(n: int, settings: Settings, what: str = "items") -> None:
+    """422 above max_client_batch_size: the OpenAPI document states the limit as `maxItems`, so more is a
+    schema violation (the body byte limit, which no schema states, is the 413)."""
+    if n > settings.max_client_batch_size:
+        raise ServiceError(
+            422,
+            f"{n} {what} in one request; the limit is max_client_batch_size={settings.max_client_batch_size}",
+        )
+
+
 def require_api_key(settings: SettingsDep, creds: ApiKeyCredentials) -> None:
     """Scoring routes and /info: open unless KARMA_API_KEY is set (the admin token is accepted too)."""
     if settings.api_key is None:

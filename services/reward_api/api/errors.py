@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from karma.protocol import ErrorBody, ErrorType
 from services.reward_api.engine import (
+    EngineError,
+    ItemTooLongError,
     ModelExistsError,
     ModelNotReadyError,
     QueueFullError,
@@ -47,6 +49,24 @@ _DESCRIPTIONS = {
     "retry after the Retry-After header (seconds, from the measured throughput)",
     503: "model not loaded yet",
 }
+
+
+#: every engine error's status, in one place (the most specific class in an error's MRO wins)
+ENGINE_STATUS: dict[type[EngineError], int] = {
+    UnknownModelError: 404,
+    ModelExistsError: 409,
+    ItemTooLongError: 422,
+    QueueFullError: 429,  # and QueueBusyError
+    ModelNotReadyError: 503,
+    WorkerClosedError: 503,
+}
+
+
+def engine_status(exc: EngineError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ENGINE_STATUS:
+            return ENGINE_STATUS[cls]
+    return 500
 
 
 class ServiceError(Exception):
@@ -112,26 +132,17 @@ def install(app: FastAPI, retry_after_s: int) -> None:
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
         return error_response(exc.status_code, str(exc.detail), None, headers)
 
-    @app.exception_handler(UnknownModelError)
-    async def _unknown(_: Request, exc: UnknownModelError):
-        return error_response(404, str(exc), "not_found")
-
-    @app.exception_handler(ModelNotReadyError)
-    async def _not_ready(_: Request, exc: ModelNotReadyError):
-        return error_response(503, str(exc), "not_ready", {"Retry-After": str(retry_after_s)})
-
-    @app.exception_handler(WorkerClosedError)
-    async def _closed(_: Request, exc: WorkerClosedError):
-        return error_response(503, str(exc), "not_ready", {"Retry-After": str(retry_after_s)})
-
-    @app.exception_handler(QueueFullError)
-    async def _full(_: Request, exc: QueueFullError):
-        wait = retry_after_s if exc.retry_after is None else max(1, math.ceil(exc.retry_after))
-        return error_response(429, str(exc), "overloaded", {"Retry-After": str(wait)})
-
-    @app.exception_handler(ModelExistsError)
-    async def _exists(_: Request, exc: ModelExistsError):
-        return error_response(409, str(exc), "conflict")
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError):
+        status = engine_status(exc)
+        headers = None
+        if status == 429:
+            estimate = getattr(exc, "retry_after", None)
+            wait = retry_after_s if estimate is None else max(1, math.ceil(estimate))
+            headers = {"Retry-After": str(wait)}
+        elif status == 503:
+            headers = {"Retry-After": str(retry_after_s)}
+        return error_response(status, str(exc), None, headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

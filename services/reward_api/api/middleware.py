@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 
@@ -13,15 +12,15 @@ from services.reward_api.core.metrics import Metrics
 
 
 async def _send_error(send, status: int, message: str, error_type: str) -> None:
-    body = json.dumps({"error": message, "error_type": error_type}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    """The one error body (`errors.error_response`), sent from pure ASGI code before any route ran."""
+    from services.reward_api.api.errors import error_response
+
+    response = error_response(status, message, error_type)  # type: ignore[arg-type]
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive():  # a response never reads the request
+    return {"type": "http.disconnect"}
 
 
 class BodyLimitMiddleware:
@@ -40,7 +39,7 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    return await _send_error(send, 400, "invalid Content-Length", "validation")
+                    return await _send_error(send, 422, "invalid Content-Length", "validation")
                 break
         too_large = f"request body exceeds max_body_bytes={self.max_bytes}"
         if length is not None:
@@ -185,7 +184,9 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            if status is None:  # nothing sent: 499 (nginx's "client closed request") if it went away, else 500
+            if (
+                status is None
+            ):  # nothing sent: 499 (nginx's "client closed request") if it went away, else 500
                 status = 499 if scope.get("state", {}).get("karma_disconnected") else 500
             self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(template).observe(time.perf_counter() - t0)

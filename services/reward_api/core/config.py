@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
-    max_client_batch_size: int = Field(256, ge=1, le=65536, description="items per request (422 above: the schema says maxItems)")
+    max_client_batch_size: int = Field(
+        256, ge=1, le=65536, description="items per request (422 above: the schema says maxItems)"
+    )
     max_body_bytes: int = Field(
         8 * 2**20,
         ge=1024,
@@ -89,7 +91,10 @@ class Settings(BaseSettings):
         0.25, ge=0, description="a batch's longest item may be this fraction longer than its shortest"
     )
     retry_after_s: int = Field(
-        1, ge=1, le=3600, description="Retry-After with 503, and with 429 before a model's throughput is known"
+        1,
+        ge=1,
+        le=3600,
+        description="Retry-After with 503, and with 429 before a model's throughput is known",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads (default: torch's)"

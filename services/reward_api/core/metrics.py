@@ -68,6 +68,9 @@ class Metrics:
     def set_queue_depth(self, model: str, depth: int) -> None:
         self.queue_depth.labels(model).set(depth)
 
+    def observe_truncated(self, model: str, n_items: int) -> None:
+        self.truncated.labels(model).inc(n_items)
+
     def model_loaded(self, model: str, version: str, loaded: bool) -> None:
         if loaded:
             self.model_info.labels(model, version).set(1)

@@ -9,10 +9,9 @@ from fastapi import APIRouter, Depends
 from pydantic import ValidationError
 
 from karma import chat
-from karma.protocol import GetRewardRequest, GetRewardResponse, Metadata
+from karma.protocol import GetRewardRequest, GetRewardResponse, Metadata, sigmoid
 from karma.rm.model import RMInput
-from services.reward_api.api import scoring
-from services.reward_api.api.deps import MetricsDep, SettingsDep, require_api_key
+from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.engine import ModelHandle
 
@@ -53,7 +52,6 @@ def make_router(model_dep: Callable) -> APIRouter:
         body: GetRewardRequest,
         handle: Annotated[ModelHandle, Depends(model_dep)],
         settings: SettingsDep,
-        metrics: MetricsDep,
     ) -> GetRewardResponse:
         """`{"query", "prompts", "labels"}` → `{"rewards", "scores", "extra_logs"}`. Chat markup and special
         tokens are read off each query (`karma.chat`, template per `--chat-template`, auto-detected by
@@ -62,12 +60,14 @@ def make_router(model_dep: Callable) -> APIRouter:
         the body says `"normalize": true` or, when it does not say, for the models in `--normalize-model`;
         `scores` are `sigmoid(rewards)` in [0, 1]. `labels` may be any JSON; an object label's `metadata`
         feeds the `full` variant, the rest is ignored."""
-        scoring.check_count(len(body.query), settings, "queries")
+        check_items(len(body.query), settings, "queries")
         prompts, labels = body.prompts, body.labels
         unpaired = {}  # a list that does not pair up with `query` is not used (and said so in extra_logs)
         for name, given in (("prompts", prompts), ("labels", labels)):
             if given is not None and len(given) != len(body.query):
-                log.warning("/get_reward: %d %s for %d queries; ignoring them", len(given), name, len(body.query))
+                log.warning(
+                    "/get_reward: %d %s for %d queries; ignoring them", len(given), name, len(body.query)
+                )
                 unpaired[name] = True
         if unpaired.get("prompts"):
             prompts = None
@@ -82,10 +82,10 @@ def make_router(model_dep: Callable) -> APIRouter:
             mismatched.append(0.0 if conv.prompt_matched and not unpaired.get("prompts") else 1.0)
             markup.append(0.0 if conv.template is None else 1.0)
         normalize = settings.normalize_default(handle.name) if body.normalize is None else body.normalize
-        out = await scoring.score(handle, items, settings=settings, metrics=metrics, normalize=normalize)
+        out = await handle.score(items, normalize=normalize)
         return GetRewardResponse(
             rewards=out.scores,
-            scores=[scoring.sigmoid(s) for s in out.scores],
+            scores=[sigmoid(s) for s in out.scores],
             extra_logs={
                 "karma_truncated": [float(t) for t in out.truncated],
                 "karma_prompt_mismatch": mismatched,

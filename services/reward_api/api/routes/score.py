@@ -7,8 +7,7 @@ from fastapi import APIRouter, Depends
 
 from karma.protocol import ScoreRequest, ScoreResponse
 from karma.rm.model import RMInput
-from services.reward_api.api import scoring
-from services.reward_api.api.deps import MetricsDep, SettingsDep, require_api_key
+from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import responses
 from services.reward_api.engine import ModelHandle
 
@@ -29,7 +28,6 @@ def make_router(model_dep: Callable) -> APIRouter:
         body: ScoreRequest,
         handle: Annotated[ModelHandle, Depends(model_dep)],
         settings: SettingsDep,
-        metrics: MetricsDep,
     ) -> ScoreResponse:
         """Renders every item with the model's own template (`karma_rm.json`), scores it in a shared batch, and
         returns raw scores (or standardised with the saved validation mean/std when `normalize` is true).
@@ -43,16 +41,14 @@ def make_router(model_dep: Callable) -> APIRouter:
             )
             for it in body.items
         ]
-        out = await scoring.score(
-            handle,
+        check_items(len(items), settings)
+        out = await handle.score(
             items,
-            settings=settings,
-            metrics=metrics,
             truncate=body.truncate,
             # a body that does not say gets the server's per-model default (`--normalize-model`)
-            normalize=body.normalize if "normalize" in body.model_fields_set else settings.normalize_default(
-                handle.name
-            ),
+            normalize=body.normalize
+            if "normalize" in body.model_fields_set
+            else settings.normalize_default(handle.name),
         )
         return ScoreResponse(
             model=handle.name, version=handle.version, scores=out.scores, truncated=out.truncated

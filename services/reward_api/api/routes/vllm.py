@@ -6,10 +6,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from karma import chat
-from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage
+from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage, sigmoid
 from karma.rm.model import RMInput
-from services.reward_api.api import scoring
-from services.reward_api.api.deps import MetricsDep, SettingsDep, require_api_key
+from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.engine import ModelHandle
 
@@ -49,7 +48,6 @@ def make_router(model_dep: Callable) -> APIRouter:
         body: ClassifyRequest,
         handle: Annotated[ModelHandle, Depends(model_dep)],
         settings: SettingsDep,
-        metrics: MetricsDep,
     ) -> ClassifyResponse:
         """One `data[i].probs = [p]` per input: `p = sigmoid(score)` unless `use_activation` is false, then the
         raw score (verl reads `data[-1].probs[-1]`). The score is normalised first when `normalize` says so
@@ -57,13 +55,12 @@ def make_router(model_dep: Callable) -> APIRouter:
         conversation (`--chat-template`). `model` in the body is ignored: choose the model by URL."""
         items = classify_items(body, chat.resolve(settings.chat_template(handle.name)))
         normalize = settings.normalize_default(handle.name) if body.normalize is None else body.normalize
-        out = await scoring.score(handle, items, settings=settings, metrics=metrics, normalize=normalize)
+        check_items(len(items), settings)
+        out = await handle.score(items, normalize=normalize)
         activate = body.use_activation if body.use_activation is not None else body.activation
         activate = True if activate is None else activate
         data = [
-            ClassifyData(
-                index=i, label="LABEL_0", probs=[scoring.sigmoid(s) if activate else s], num_classes=1
-            )
+            ClassifyData(index=i, label="LABEL_0", probs=[sigmoid(s) if activate else s], num_classes=1)
             for i, s in enumerate(out.scores)
         ]
         usage = ClassifyUsage(prompt_tokens=out.tokens, total_tokens=out.tokens)

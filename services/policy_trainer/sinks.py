@@ -1,0 +1,77 @@
+"""Where the trainer's numbers go: `metrics.jsonl` (one row per step), TensorBoard, one log line per step,
+and `trainer_result.json` (every run, failed ones included). NaN / infinite floats are written as null."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "trainer_result.json"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN / infinite floats replaced by None (JSON has neither), in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    (out / RESULT_FILE).write_text(json.dumps(json_safe(result), indent=2))
+
+
+class MetricSinks:
+    """The step rows of a run in `out`, to the sinks named in `report_to` ("jsonl", "tensorboard") and the log.
+
+    Opened at `step` (the resumed step, or 0): an existing metrics.jsonl keeps its rows up to `step` when
+    `resume`, and nothing otherwise; TensorBoard purges the events after `step`."""
+
+    def __init__(self, out: Path, report_to: list[str], *, resume: bool, step: int):
+        metrics_file = out / METRICS_FILE
+        if metrics_file.exists():  # keep the history up to the resumed step, drop anything after it
+            lines = [
+                ln
+                for ln in metrics_file.read_text().splitlines()
+                if ln.strip() and resume and json.loads(ln)["step"] <= step
+            ]
+            metrics_file.write_text("".join(ln + "\n" for ln in lines))
+        self._jsonl = metrics_file.open("a") if "jsonl" in report_to else None
+        self._tb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """The row of `step` (flushed), and its log line."""
+        clean = json_safe(metrics)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(clean) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        log.info(
+            "step %d: reward %.3f kl %.3f kl_coef %.4f loss %.4f (%.1fs)",
+            step,
+            metrics["reward/mean"],
+            metrics["objective/kl"],
+            metrics["objective/kl_coef"],
+            metrics["loss/policy"],
+            metrics["speed/step_s"],
+        )
+
+    def close(self) -> None:
+        for sink in (self._jsonl, self._tb):
+            if sink is not None:
+                sink.close()
