@@ -1,4 +1,4 @@
-"""Typed async client of the reward service, and a TRL reward-function adapter.
+"""Typed async client of the reward service (TRL's reward-function adapter is `karma.integrations.trl`).
 
     async with RewardClient(["http://rm1:8000", "http://rm2:8000"]) as rm:
         await rm.wait_ready(60)
@@ -25,7 +25,6 @@ import logging
 import math
 import random
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -433,99 +432,11 @@ def _error_type(resp: httpx.Response) -> str | None:
     return _error_body(resp).get("error_type")
 
 
-# --------------------------------------------------------------------------------------------- TRL adapter
-def _text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a multimodal content list."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and p.get("type") == "text"
-        )
-    return str(content)
+def __getattr__(name: str) -> Any:
+    """`karma.client.trl_reward_func`, the TRL adapter's former name, kept: it lives in `karma.integrations.trl`,
+    which imports this module, so the re-export is lazy (no circle at import time)."""
+    if name == "trl_reward_func":
+        from karma.integrations.trl import trl_reward_func
 
-
-def _context(prompt: Any) -> str | list[dict[str, str]]:
-    """A TRL prompt (str, or conversational messages) as our context; system messages are not context."""
-    if isinstance(prompt, str):
-        return prompt
-    return [
-        {"role": str(m.get("role", "user")), "content": _text(m.get("content"))}
-        for m in prompt
-        if m.get("role") != "system"
-    ]
-
-
-def _response(completion: Any) -> str:
-    """A TRL completion (str, or a list of messages) as the response text: the assistant messages joined."""
-    if isinstance(completion, str):
-        return completion
-    msgs = [m for m in completion if m.get("role", "assistant") == "assistant"] or list(completion)
-    return "\n\n".join(_text(m.get("content")) for m in msgs)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") and callable(value.item) else value
-
-
-def trl_reward_func(
-    url: str | Sequence[str],
-    *,
-    api_key: str | None = None,
-    model: str | None = None,
-    normalize: bool = False,
-    name: str = "karma_reward",
-    metadata_column: str | None = "metadata",
-    metadata_columns: Sequence[str] = (),
-    **client_kwargs: Any,
-):
-    """A TRL reward function (`GRPOTrainer(reward_funcs=[trl_reward_func(url)])`) scoring through the service.
-
-    The returned `async def f(prompts, completions, completion_ids=None, **columns) -> list[float]` takes
-    TRL 1.16's keyword arguments (`trainer_state`, `log_extra`, `log_metric` and the dataset columns) and
-    handles standard (str) and conversational (list of messages) prompts/completions. Per-row metadata for
-    the `full` variant comes from a dict column `metadata_column` and/or flat columns `metadata_columns`.
-    One `RewardClient` per event loop (TRL awaits async rewards on its own loop thread); `await f.aclose()`
-    closes them. The name TRL logs under is `name`.
-    """
-    clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RewardClient] = weakref.WeakKeyDictionary()
-
-    def client() -> RewardClient:
-        loop = asyncio.get_running_loop()
-        if loop not in clients:
-            clients[loop] = RewardClient(url, api_key=api_key, model=model, **client_kwargs)
-        return clients[loop]
-
-    async def reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        items = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            meta: dict[str, Any] = {}
-            if metadata_column and isinstance(columns.get(metadata_column), list):
-                meta.update(columns[metadata_column][i] or {})
-            for col in metadata_columns:
-                meta[col] = columns[col][i]
-            items.append(
-                ScoreItem(
-                    context=_context(prompt),
-                    response=_response(completion),
-                    metadata={k: _plain(v) for k, v in meta.items()} or None,
-                )
-            )
-        result = await client().score(items, normalize=normalize)
-        log_metric = columns.get("log_metric")
-        if callable(log_metric) and result.truncated:
-            log_metric(f"{name}/truncated_frac", sum(result.truncated) / len(result.truncated))
-        return result.scores
-
-    async def aclose() -> None:
-        for c in list(clients.values()):
-            await c.aclose()
-        clients.clear()
-
-    reward.__name__ = reward.__qualname__ = name
-    reward.aclose = aclose  # type: ignore[attr-defined]
-    return reward
+        return trl_reward_func
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,6 +35,11 @@ ACCEPTED_LAZY_CYCLES: dict[frozenset[str], str] = {
         "rule folders), and write_rule_folder writes the folder's karma_rm.json stub as a KarmaRMConfig; "
         "one folder format with two kinds. Opening it means moving KarmaRMConfig out of model.py."
     ),
+    frozenset({"karma.client", "karma.integrations.trl"}): (
+        "the TRL adapter moved from karma.client to karma.integrations.trl (which builds on RewardClient); "
+        "`karma.client.trl_reward_func` stays importable for existing callers through a module "
+        "`__getattr__` that imports it on first use. Dropping that re-export opens the circle."
+    ),
 }
 
 

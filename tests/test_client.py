@@ -1,4 +1,5 @@
-"""karma.client: RewardClient and trl_reward_func, faked at the HTTP boundary (httpx.MockTransport).
+"""karma.client: RewardClient, and karma.integrations.trl's trl_reward_func, faked at the HTTP boundary
+(httpx.MockTransport).
 
 The client against a real server is tested in test_reward_api_server.py.
 """
@@ -12,7 +13,8 @@ import re
 import httpx
 import pytest
 
-from karma.client import RewardClient, RewardServiceError, ScoreResult, trl_reward_func
+from karma.client import RewardClient, RewardServiceError, ScoreResult
+from karma.integrations.trl import trl_reward_func
 from karma.protocol import ScoreItem
 from karma.rm.model import RMInput
 
@@ -542,6 +544,38 @@ def test_bad_arguments_are_refused():
 
 
 # --------------------------------------------------------------------------------------------- TRL
+def test_trl_reward_func_is_still_importable_from_karma_client():
+    import karma.client
+    from karma.client import trl_reward_func as old_home
+
+    assert old_home is trl_reward_func is karma.client.trl_reward_func
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        karma.client.nothing_here  # noqa: B018
+
+
+def test_trl_reward_func_makes_numpy_and_missing_metadata_plain():
+    import numpy as np
+
+    service = FakeService()
+    f = trl_reward_func(
+        "http://rm1:8000", transport=httpx.MockTransport(service), metadata_columns=("depth",)
+    )
+
+    async def go():
+        try:
+            return await f(
+                prompts=["p"],
+                completions=["abc"],
+                depth=[np.float64(2.0)],
+                metadata=[{"seconds_since_post": np.nan}],
+            )
+        finally:
+            await f.aclose()
+
+    assert run(go()) == [3.0]
+    assert json.loads(service.calls[0].content)["items"][0]["metadata"] == {"depth": 2}
+
+
 def test_trl_reward_func_handles_standard_and_conversational_data():
     service = FakeService()
     logged: dict[str, float] = {}

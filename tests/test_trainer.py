@@ -550,7 +550,9 @@ def test_train_writes_a_loadable_policy_and_metrics(assets, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # first rollout: policy == reference
     assert rows[1]["objective/kl"] != 0.0
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the version string is no scalar
+    version = LocalRewardSource.load(assets.rm).version
+    assert version and [r["reward/version"] for r in rows] == [version, version]
     assert (out / "checkpoints" / "step-000002" / "trainer_state.pt").exists()
     assert json.loads((out / "trainer_result.json").read_text())["status"] == "completed"
 
@@ -563,11 +565,11 @@ class SignalAfter(LocalRewardSource):
         super().__init__(rm)
         self.n, self.calls = n, 0
 
-    async def score(self, contexts, responses, metadata=None):
+    async def score(self, items):
         self.calls += 1
         if self.calls == self.n:
             os.kill(os.getpid(), signal.SIGTERM)
-        return await super().score(contexts, responses, metadata)
+        return await super().score(items)
 
 
 class FailAfter(LocalRewardSource):
@@ -577,11 +579,11 @@ class FailAfter(LocalRewardSource):
         super().__init__(rm)
         self.n, self.calls = n, 0
 
-    async def score(self, contexts, responses, metadata=None):
+    async def score(self, items):
         self.calls += 1
         if self.calls >= self.n:
             raise RewardUnavailableError("reward service failed after 3 attempt(s) in 2.0s (http://x)")
-        return await super().score(contexts, responses, metadata)
+        return await super().score(items)
 
 
 @pytest.fixture(scope="module")
@@ -642,11 +644,11 @@ class ScoreAfter(LocalRewardSource):
         super().__init__(rm)
         self.n, self.value, self.calls = n, value, 0
 
-    async def score(self, contexts, responses, metadata=None):
+    async def score(self, items):
         self.calls += 1
         if self.calls >= self.n:
-            return [self.value] * len(responses)
-        return await super().score(contexts, responses, metadata)
+            return [self.value] * len(items)
+        return await super().score(items)
 
 
 def test_a_diverging_update_stops_before_its_gradient_with_a_named_error(assets, whole_run, tmp_path):
@@ -778,24 +780,28 @@ def reward_url(assets):
 
 
 def test_http_reward_equals_in_process_score(assets, reward_url):
+    from karma.protocol import ScoreItem
     from karma.rm.model import RewardModel
     from services.policy_trainer.rewards import HTTPRewardSource
 
-    contexts = ["Why is the sky blue?", "My essay is due tomorrow.\n\nAny tips?", ""]
-    responses = ["Rayleigh scattering.", "Start with an outline, then write.", "lol"]
-    meta = [{"subreddit": "College", "depth": 0}, None, None]
+    items = [
+        ScoreItem(context="Why is the sky blue?", response="Rayleigh scattering.", metadata={"depth": 0}),
+        ScoreItem(context="My essay is due tomorrow.\n\nAny tips?", response="Start with an outline."),
+        ScoreItem(context=[{"content": "a post"}, {"content": "a reply"}], response="lol"),
+    ]
     local = LocalRewardSource(RewardModel.load(assets.rm))
 
     async def both():
         http = HTTPRewardSource([reward_url], deadline_s=10)
         try:
-            return await http.score(contexts, responses, meta), await local.score(contexts, responses, meta)
+            return await http.score(items), await local.score(items), http.version
         finally:
             await http.aclose()
 
-    over_http, in_process = asyncio.run(both())
+    over_http, in_process, version = asyncio.run(both())
     assert over_http == pytest.approx(in_process, abs=1e-5)
     assert len(set(over_http)) == 3
+    assert version == local.version == RewardModel.load(assets.rm).version
 
 
 def bad_reward_service(kind: str):
@@ -868,6 +874,98 @@ def test_a_wrong_reward_answer_checkpoints_then_stops_with_a_named_error(assets,
     result = json.loads((out / "trainer_result.json").read_text())
     assert (result["status"], result["error_type"], result["step"]) == ("failed", "RewardUnavailableError", 0)
     assert result["checkpoint"] == str(out / "checkpoints" / "step-000000")
+
+
+def test_a_source_missing_part_of_the_protocol_is_refused():
+    from services.policy_trainer.rewards import RewardDispatcher
+
+    class ScoreOnly:  # no version, wait_ready or aclose: nothing is guessed
+        async def score(self, items):
+            return [0.0] * len(items)
+
+    with pytest.raises(TypeError, match="ScoreOnly is not a RewardSource"):
+        RewardDispatcher(ScoreOnly())
+
+
+def test_rollout_items_reach_the_wire_plain_and_the_version_is_logged(assets, tmp_path, caplog):
+    """The trainer builds one `ScoreItem` per reply, its prompt's metadata made plain once (numpy scalars ->
+    JSON numbers, NaN -> absent), sent as is; the model version of every step's scores is in its row, and
+    a hot swap between steps is logged."""
+    import httpx
+    import numpy as np
+
+    from services.policy_trainer.prompts import PromptRecord
+    from services.policy_trainer.rewards import HTTPRewardSource
+
+    bodies: list[bytes] = []
+    service = {"version": "v1"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/ready"):
+            return httpx.Response(200, json={"ready": True, "models": {"a": "ready"}})
+        bodies.append(request.content)
+        items = json.loads(request.content)["items"]
+        n = len(items)
+        scores = [len(it["response"]) / 10 for it in items]
+        return httpx.Response(
+            200,
+            json={"model": "a", "version": service["version"], "scores": scores, "truncated": [False] * n},
+        )
+
+    sent = []
+
+    class Recording(HTTPRewardSource):
+        async def score(self, items):
+            sent.extend(items)
+            return await super().score(items)
+
+    source = Recording(["http://rm1:8000"], deadline_s=5, transport=httpx.MockTransport(handler))
+    meta = {
+        "subreddit": np.str_("College"),
+        "depth": np.int64(2),
+        "sibling_count": np.float64(3.0),  # pandas makes an int column with gaps float
+        "seconds_since_post": float("nan"),  # pandas' missing value
+        "seconds_since_parent": np.float32(1.5),
+    }
+    cfg = tiny_config(
+        assets, tmp_path / "out", run={"steps": 2, "save_every": 0}, eval={"heldout_prompts": 0}
+    )
+    trainer = Trainer(cfg, reward_source=source)
+    try:
+        trainer.setup()
+        trainer.prompts.records = [PromptRecord(r.context, dict(meta)) for r in trainer.prompts.records]
+        trainer.prompts._cache.clear()
+        with caplog.at_level("INFO", logger="services.policy_trainer.trainer"):
+            first = trainer.train_step()
+            service["version"] = "v2"  # the service's model is hot-swapped between the steps
+            second = trainer.train_step()
+    finally:
+        trainer.close()
+    plain = {"subreddit": "College", "depth": 2, "sibling_count": 3, "seconds_since_parent": 1.5}
+    wire = [it for body in bodies for it in json.loads(body)["items"]]
+    assert len(wire) == 2 * 4 and all(it["metadata"] == plain for it in wire)
+    assert all(
+        type(it["metadata"]["depth"]) is int and type(it["metadata"]["sibling_count"]) is int for it in wire
+    )
+    assert b"NaN" not in b"".join(bodies)
+    # validated once per prompt: every item carries its prompt's one Metadata object, not a copy
+    drawn = {id(p.rm_metadata) for p in trainer.prompts._cache.values()}
+    assert {id(it.metadata) for it in sent} <= drawn and len(drawn) == len(trainer.prompts._cache)
+    assert (first["reward/version"], second["reward/version"]) == ("v1", "v2")
+    assert [r["reward/version"] for r in read_metrics(tmp_path / "out")] == ["v1", "v2"]
+    assert "reward model version v1 (step 1)" in caplog.text
+    assert "reward model version changed from v1 to v2 at step 2 (hot swap)" in caplog.text
+
+
+def test_invalid_prompt_metadata_is_a_named_error_when_drawn():
+    from services.policy_trainer.prompts import Prompt
+
+    with pytest.raises(
+        PromptSourceError,
+        match=r"(?s)invalid metadata .* of prompt 'why\?'.*depth.*greater than or equal to 0",
+    ):
+        Prompt("why?", "why?", [1, 2], {"depth": -1})
+    assert Prompt("why?", "why?", [1, 2], {}).rm_metadata is None
 
 
 def test_training_over_http_on_loopback(assets, reward_url, tmp_path):

@@ -67,10 +67,7 @@ def generate_batch(
         idx = [g.index for g in gens]
         for g in gens:
             texts[g.index] = tokenizer.decode(g.response_ids, skip_special_tokens=True).strip()
-        drawn = [prompts[rows[i]] for i in idx]
-        future = rewards.submit(
-            [pr.context for pr in drawn], [texts[i] for i in idx], [pr.metadata for pr in drawn]
-        )
+        future = rewards.submit([prompts[rows[i]].score_item(texts[i]) for i in idx])
         pending.append((idx, future))
 
     gens = engine.generate(

@@ -155,11 +155,12 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
         name: [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
         for name, gens in (("base", base), ("trained", trained))
     }
-    contexts = [p.context for p in prompts]
-    metadata = [p.metadata for p in prompts]
     timeout = cfg.reward.reward_deadline_s + cfg.reward.reward_timeout_s + 30
     t = time.perf_counter()
-    futures = {name: trainer.rewards.submit(contexts, replies, metadata) for name, replies in texts.items()}
+    futures = {
+        name: trainer.rewards.submit([p.score_item(r) for p, r in zip(prompts, replies, strict=True)])
+        for name, replies in texts.items()
+    }
     scores = {name: f.result(timeout) for name, f in futures.items()}
     seconds["reward"] = time.perf_counter() - t
 

@@ -9,7 +9,9 @@
 
 Each prompt keeps two fields: `context` (what the reward model sees) and the policy prompt rendered with the
 policy tokenizer's chat template (`prompt_text`, `prompt_ids`), rendered when a step first draws it
-(`PromptPool`). `load_prompt_sets` also sets aside the held-out prompts of the end-of-run evaluation.
+(`PromptPool`); its metadata is validated as the wire's `karma.protocol.Metadata` then, once, and every
+reply to it is scored as `prompt.score_item(reply)`. `load_prompt_sets` also sets aside the held-out prompts
+of the end-of-run evaluation.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
+
+from pydantic import ValidationError
+
+from karma.protocol import Metadata, ScoreItem
 
 FIELD_CANDIDATES = ("prompt", "context", "Request", "question", "text")
 METADATA_COLUMNS = (
@@ -48,6 +54,20 @@ class Prompt:
     prompt_text: str  # the policy's chat-template rendering (context possibly cut from the left)
     prompt_ids: list[int]
     metadata: dict[str, Any] | None = None
+    #: `metadata` as the wire type: validated and made plain (numpy scalars, NaN -> null) once, here
+    rm_metadata: Metadata | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.rm_metadata = Metadata.model_validate(self.metadata) if self.metadata else None
+        except ValidationError as exc:
+            raise PromptSourceError(
+                f"invalid metadata {self.metadata!r} of prompt {self.context[:60]!r}: {exc}"
+            ) from exc
+
+    def score_item(self, response: str) -> ScoreItem:
+        """The reward-model item of `response` to this prompt (the one item type of the reward path)."""
+        return ScoreItem(context=self.context, response=response, metadata=self.rm_metadata)
 
 
 def load_records(

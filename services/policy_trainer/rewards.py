@@ -1,7 +1,9 @@
 """Where the trainer's rewards come from: the `RewardSource` protocol and its two implementations.
 
 The reward model sees the *conversation* — the context text and the decoded response — never the policy's
-chat-template tokens, so policy and reward-model tokenizers may differ.
+chat-template tokens, so policy and reward-model tokenizers may differ. One item type travels from the
+trainer's rollouts to the reward model: `karma.protocol.ScoreItem`, the wire type (its metadata validated
+and made plain — numpy scalars to Python, NaN to null — once, when it is built).
 
 - `HTTPRewardSource`: the reward service through `karma.client.RewardClient` (several URLs are replicas: a
   failing one is skipped and the request fails over at once; retries with backoff up to a deadline; an
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from karma.protocol import ScoreItem
 
 
 class RewardUnavailableError(RuntimeError):
@@ -30,11 +33,18 @@ class RewardUnavailableError(RuntimeError):
 
 @runtime_checkable
 class RewardSource(Protocol):
-    """Scores (context, response) pairs; one float per pair, in order."""
+    """Scores `ScoreItem`s, one float per item, in order; its whole lifecycle is here.
 
-    async def score(
-        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
-    ) -> list[float]: ...
+    `version` is the reward model's version (content hash) that produced the latest scores — None before
+    the first answer when the source cannot know it earlier; it changes when the model is hot-swapped."""
+
+    version: str | None
+
+    async def wait_ready(self, deadline_s: float) -> None: ...
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[float]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class HTTPRewardSource:
@@ -75,21 +85,15 @@ class HTTPRewardSource:
         except RewardServiceError as exc:
             raise RewardUnavailableError(f"reward service unreachable at start: {exc}") from exc
 
-    async def score(
-        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
-    ) -> list[float]:
+    async def score(self, items: Sequence[ScoreItem]) -> list[float]:
         from karma.client import RewardServiceError
 
-        metadata = metadata or [None] * len(contexts)
-        items = [
-            {"context": c, "response": r, **({"metadata": _plain_metadata(m)} if m else {})}
-            for c, r, m in zip(contexts, responses, metadata, strict=True)
-        ]
         try:
             result = await self.client.score(items, normalize=self.normalize)
         except RewardServiceError as exc:
             raise RewardUnavailableError(str(exc)) from exc
-        self.version = result.version
+        if result.version:  # an empty call has no version
+            self.version = result.version
         return [float(s) for s in result.scores]
 
     async def aclose(self) -> None:
@@ -103,7 +107,7 @@ class LocalRewardSource:
         self.rm = model
         self.normalize = normalize
         self.batch_size = batch_size
-        self.version = getattr(model, "version", None)
+        self.version: str | None = model.version or None
         self._lock = threading.Lock()  # one forward at a time on the shared model
 
     @classmethod
@@ -115,35 +119,26 @@ class LocalRewardSource:
     async def wait_ready(self, deadline_s: float) -> None:  # loaded already
         return None
 
-    def score_sync(
-        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
-    ) -> list[float]:
+    def score_sync(self, items: Sequence[ScoreItem]) -> list[float]:
+        """The scores of `items`, as the service computes them from the same items (`/v1/score`)."""
         from karma.rm.model import RMInput
 
-        metadata = metadata or [None] * len(contexts)
-        items = [RMInput(c, r, m) for c, r, m in zip(contexts, responses, metadata, strict=True)]
+        inputs = [
+            RMInput(
+                it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
+                it.response,
+                it.rm_metadata(),
+            )
+            for it in items
+        ]
         with self._lock:
-            return self.rm.score(items, normalize=self.normalize, batch_size=self.batch_size)
+            return self.rm.score(inputs, normalize=self.normalize, batch_size=self.batch_size)
 
-    async def score(
-        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
-    ) -> list[float]:
-        return await asyncio.to_thread(self.score_sync, contexts, responses, metadata)
+    async def score(self, items: Sequence[ScoreItem]) -> list[float]:
+        return await asyncio.to_thread(self.score_sync, items)
 
     async def aclose(self) -> None:
         return None
-
-
-def _plain_metadata(meta: dict) -> dict:
-    """Metadata as JSON scalars (numpy / pandas values become Python ones; NaN becomes None)."""
-    out = {}
-    for k, v in meta.items():
-        if hasattr(v, "item") and callable(v.item):
-            v = v.item()
-        if isinstance(v, float) and math.isnan(v):
-            v = None
-        out[k] = v
-    return out
 
 
 class RewardDispatcher:
@@ -154,15 +149,21 @@ class RewardDispatcher:
     """
 
     def __init__(self, source: RewardSource):
+        if not isinstance(source, RewardSource):
+            raise TypeError(
+                f"{type(source).__name__} is not a RewardSource (needs version, wait_ready, score, aclose)"
+            )
         self.source = source
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="karma-rewards", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, contexts: list[str], responses: list[str], metadata: list[dict | None] | None = None
-    ) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(self.source.score(contexts, responses, metadata), self._loop)
+    def submit(self, items: Sequence[ScoreItem]) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self.source.score(items), self._loop)
+
+    def wait_ready(self, deadline_s: float) -> None:
+        """Block until the source is ready (`RewardUnavailableError` past `deadline_s`)."""
+        self.call(self.source.wait_ready, deadline_s)
 
     def call(self, coro_fn, *args, timeout: float | None = None):
         """Run `await coro_fn(*args)` on the dispatcher's loop and wait for it (e.g. `wait_ready`)."""
@@ -171,12 +172,10 @@ class RewardDispatcher:
     def close(self) -> None:
         if not self._thread.is_alive():
             return
-        aclose = getattr(self.source, "aclose", None)
-        if aclose is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(30)
-            except concurrent.futures.TimeoutError:  # a hung close must not block shutdown
-                pass
+        try:
+            asyncio.run_coroutine_threadsafe(self.source.aclose(), self._loop).result(30)
+        except concurrent.futures.TimeoutError:  # a hung close must not block shutdown
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         if not self._thread.is_alive():

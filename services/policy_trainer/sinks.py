@@ -1,5 +1,6 @@
 """Where the trainer's numbers go: `metrics.jsonl` (one row per step), TensorBoard, one log line per step,
-and `trainer_result.json` (every run, failed ones included). NaN / infinite floats are written as null."""
+and `trainer_result.json` (every run, failed ones included). NaN / infinite floats are written as null. A row
+holds numbers, and one string: `reward/version` (the reward model's version; not a TensorBoard scalar)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class MetricSinks:
 
             self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
         """The row of `step` (flushed), and its log line."""
         clean = json_safe(metrics)
         if self._jsonl is not None:
@@ -58,17 +59,18 @@ class MetricSinks:
             self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
-                if k != "step" and v is not None:
+                if k != "step" and isinstance(v, (int, float)):  # None (NaN) and strings are no scalars
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         log.info(
-            "step %d: reward %.3f kl %.3f kl_coef %.4f loss %.4f (%.1fs)",
+            "step %d: reward %.3f kl %.3f kl_coef %.4f loss %.4f (%.1fs, reward model %s)",
             step,
             metrics["reward/mean"],
             metrics["objective/kl"],
             metrics["objective/kl_coef"],
             metrics["loss/policy"],
             metrics["speed/step_s"],
+            metrics.get("reward/version"),
         )
 
     def close(self) -> None:

@@ -8,7 +8,8 @@
     advantages  KL penalty, GAE (ppo) or group baselines (rloo / grpo)
     update      epochs x minibatches x micro-batches (gradient accumulation), clipped losses
     sync        load the new weights into the rollout engine
-    log         the step's row in metrics.jsonl and TensorBoard
+    log         the step's row in metrics.jsonl and TensorBoard (with `reward/version`, the reward model's
+                version of the step's scores; a change between steps — a hot swap — is logged)
     checkpoint  every `save_every` steps (after the row: a kill between the two loses no row)
 
 Each phase's seconds go to `timing/<phase>` (the checkpoint's to the log). A loss, PPO statistic or gradient
@@ -138,7 +139,8 @@ class Trainer:
         self.sinks: MetricSinks | None = None
         self.step = 0
         self.samples_seen = 0
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, Any] = {}
+        self.reward_version: str | None = None  # the reward model's version in the latest step's row
         self._optimizer_steps_in_step = 0  # optimizer steps already taken by the step in progress
 
     # ================================================================================ set-up
@@ -156,9 +158,7 @@ class Trainer:
         self.policy_path = resolve_policy(cfg.model.policy)
         check_policy_path(self.policy_path)
         self.rewards = RewardDispatcher(self._reward_source or build_reward_source(cfg.reward))
-        ready = getattr(self.rewards.source, "wait_ready", None)
-        if ready is not None:
-            self.rewards.call(ready, cfg.reward.reward_ready_timeout_s)
+        self.rewards.wait_ready(cfg.reward.reward_ready_timeout_s)
         self.tokenizer = load_tokenizer(self.policy_path)
         self.prompts, self.heldout, self.heldout_source = load_prompts(
             cfg, self.tokenizer
@@ -252,7 +252,7 @@ class Trainer:
                 return f"stopped ({self._stop.name})"
         return "completed"
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One rollout + update; logs the step's metrics, then checkpoints (every `save_every` steps)."""
         timer = PhaseTimer()
         start = time.perf_counter()
@@ -268,6 +268,7 @@ class Trainer:
                 batch.scores = collect_scores(
                     batch.pending, batch.size, r.reward_deadline_s + r.reward_timeout_s + 30
                 )
+            version = self._note_reward_version()
             with timer("advantages"):
                 metrics = self.compute_advantages(batch)
             with timer("update"):
@@ -291,6 +292,7 @@ class Trainer:
             / max(timer.seconds["rollout"], 1e-9),
             "speed/reward_wait_share": timer.seconds["reward_wait"] / step_s,
             "lr": self.scheduler.get_last_lr()[0],
+            "reward/version": version,
         }
         self.sinks.write(self.step, metrics)  # before the checkpoint: resume drops rows after its step
         self.last_metrics = metrics
@@ -299,6 +301,23 @@ class Trainer:
             path = self.save_checkpoint()
             log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
         return metrics
+
+    def _note_reward_version(self) -> str | None:
+        """The reward model version of this step's scores (all arrived: none in flight); a change is logged
+        (the reward model was hot-swapped since the previous step, or the first version is known)."""
+        version = self.rewards.source.version
+        if version != self.reward_version:
+            if self.reward_version is None:
+                log.info("reward model version %s (step %d)", version, self.step + 1)
+            else:
+                log.warning(
+                    "reward model version changed from %s to %s at step %d (hot swap)",
+                    self.reward_version,
+                    version,
+                    self.step + 1,
+                )
+            self.reward_version = version
+        return version
 
     def _stop_in_step(self, at_start: dict[str, Any]) -> str:
         """The failed step's state for the error message. Before its first optimizer step the state is exactly
