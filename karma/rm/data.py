@@ -220,18 +220,11 @@ def read_sibling_rows(
 
     path = Path(data) / EXAMPLES
     names = set(_schema_names(path))
-    want = [
-        "example_id",
-        "parent_id",
-        "subreddit",
-        "thread_id",
-        "context",
-        "response",
-        "score",
-        "karma",
-        "created_utc",
-    ]
-    df = pd.read_parquet(path, columns=[c for c in want if c in names], filters=_filters(split, subreddits))
+    from karma.rm.pairsets import SIBLING_COLUMNS
+
+    df = pd.read_parquet(
+        path, columns=[c for c in SIBLING_COLUMNS if c in names], filters=_filters(split, subreddits)
+    )
     if exclude_subreddits:
         df = df[~df["subreddit"].isin(list(exclude_subreddits))]
     return df.reset_index(drop=True)

@@ -47,6 +47,20 @@ def score_rule(data: str | Path) -> tuple[float, int]:
     return float(cfg.get("min_score_ratio", 2.0)), int(cfg.get("min_pair_score", 2))
 
 
+#: what sibling pairs read of each comment (`karma.rm.data.read_sibling_rows` reads exactly these)
+SIBLING_COLUMNS = (
+    "example_id",
+    "parent_id",
+    "subreddit",
+    "thread_id",
+    "context",
+    "response",
+    "score",
+    "karma",
+    "created_utc",
+)
+
+
 def sibling_pairs(examples, *, min_score_ratio: float = 2.0, min_pair_score: int = 2, seed: int = 0):
     """Every (chosen, rejected) sibling pair of `examples` (same parent_id) that meets the score rule.
 
@@ -56,18 +70,7 @@ def sibling_pairs(examples, *, min_score_ratio: float = 2.0, min_pair_score: int
     import numpy as np
     import pandas as pd
 
-    cols = [
-        "example_id",
-        "parent_id",
-        "subreddit",
-        "thread_id",
-        "context",
-        "response",
-        "score",
-        "karma",
-        "created_utc",
-    ]
-    ex = examples[[c for c in cols if c in examples.columns]]
+    ex = examples[[c for c in SIBLING_COLUMNS if c in examples.columns]]
     ex = ex[ex["score"] >= min_pair_score]
     rank = (
         ex.assign(_r=np.random.default_rng(seed).random(len(ex)))
