@@ -17,6 +17,7 @@ from karma.data import InputNotFoundError, NoUsableDataError, PrepareConfig, pre
 from karma.data.cli import app
 from karma.data.relational import EXAMPLE_COLUMNS, PAIR_COLUMNS
 from karma.rm.template import context_text
+from tests.support import cli_text
 
 T0 = 1_600_000_000
 
@@ -244,7 +245,7 @@ def test_default_pair_rule_is_shps_chosen_written_no_earlier(dumps, tmp_path):
     assert pairs and {(p["chosen_id"], p["rejected_id"]) for p in pairs} <= ref
     assert card["pairs"]["candidates_before_cap"] == len(ref)
     assert all(ex[p["chosen_id"]]["created_utc"] >= ex[p["rejected_id"]]["created_utc"] for p in pairs)
-    with pytest.raises(ValueError, match="pair_order must be 'later', 'earlier' or 'any', got 'first'"):
+    with pytest.raises(ValueError, match="pair_order\n  Input should be 'later', 'earlier' or 'any'"):
         prepare(comments=[rc], out=tmp_path / "bad", pair_order="first")
 
 
@@ -445,7 +446,7 @@ def test_errors(dumps, tmp_path):
     rc, _ = dumps
     with pytest.raises(InputNotFoundError, match=r"input file not found: .*RC_missing.zst \(--comments\)"):
         prepare(comments=[rc, tmp_path / "RC_missing.zst"], out=tmp_path / "o")
-    with pytest.raises(ValueError, match="normalize must be one of log1p, percentile, zscore"):
+    with pytest.raises(ValueError, match="normalize\n  Input should be 'log1p', 'percentile' or 'zscore'"):
         PrepareConfig(comments=[str(rc)], normalize="rank")
     with pytest.raises(ValueError, match="val_frac and test_frac"):
         PrepareConfig(comments=[str(rc)], val_frac=0.6, test_frac=0.5)
@@ -545,7 +546,7 @@ def test_cli_errors(tmp_path):
         and f"error: input file not found: {tmp_path / 'RC_nope.zst'} (--comments)" in res.output
     )
     res = CliRunner().invoke(app, ["prepare", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "error: no input" in res.output
+    assert res.exit_code == 2 and "config: no input: give --comments" in cli_text(res.output)
     empty = tmp_path / "RC_empty.zst"
     empty.write_bytes(b"")
     res = CliRunner().invoke(app, ["prepare", "--comments", str(empty), "--out", str(tmp_path / "o")])

@@ -258,12 +258,15 @@ def test_data_folder_that_does_not_exist(backbone, tmp_path):
 
 
 def test_bad_config_values():
-    with pytest.raises(ValueError, match="unknown variant 'bogus'"):
+    with pytest.raises(ValueError, match="variant\n  Input should be 'full', 'context' or 'response'"):
         RMTrainConfig(variant="bogus")
-    with pytest.raises(ValueError, match="unknown objective 'ranking'"):
+    with pytest.raises(ValueError, match="objective\n  Input should be 'regression', 'pairwise' or 'both'"):
         RMTrainConfig(objective="ranking")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size\n  Input should be greater than or equal to 1"):
         RMTrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        RMTrainConfig(epochs=0)
+    assert RMTrainConfig(threads=0, eval_steps=0).threads is None  # the CLI's 0 = unset
 
 
 def test_model_folder_without_karma_rm_json_is_refused(backbone):

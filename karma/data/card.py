@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ BAD_INPUT_PREFIXES = (
 
 def config_dict(cfg) -> dict[str, Any]:
     """The options of a run (a `PrepareConfig`) as the card records them, with the time of writing."""
-    d = asdict(cfg)
+    d = cfg.model_dump()
     d["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return d
 

@@ -14,91 +14,73 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, field_validator, model_validator
+
+from karma.config import Cli
 from karma.data.errors import InputNotFoundError, NoUsableDataError
 from karma.data.records import Filters
+from karma.data.relational import RelationalConfig
 from karma.data.shp import expand_shp_inputs
 
 __all__ = ["InputNotFoundError", "NoUsableDataError", "PrepareConfig", "prepare"]
 
 log = logging.getLogger(__name__)
 
-NORMALIZE_CHOICES = ("log1p", "percentile", "zscore")
-SPLIT_BY_CHOICES = ("thread", "time")
 
+class PrepareConfig(RelationalConfig):
+    """Every option of `karma data prepare`: its inputs and filters, plus the relational stage's options."""
 
-@dataclass
-class PrepareConfig:
-    """Every option of `karma data prepare` (the CLI maps one flag to each field)."""
+    comments: list[str] = Field(
+        default_factory=list, description="Pushshift comment dump (RC_*.zst, .jsonl, .gz); repeatable"
+    )
+    submissions: list[str] = Field(
+        default_factory=list,
+        description="Pushshift submission dump (RS_*.zst, ...); repeatable. Alone: posts are the examples",
+    )
+    shp: list[str] = Field(
+        default_factory=list,
+        description="SHP rows: a JSONL/parquet file, a folder of them, or a hub id (needs internet); repeatable",
+    )
+    out: str = Field(
+        "data/prepared", description="output folder: examples.parquet, pairs.parquet, card.json, card.md"
+    )
+    drop_bots: Annotated[bool, Cli("--drop-bots/--keep-bots")] = Field(
+        True, description="bot accounts (AutoModerator, *bot)"
+    )
+    drop_deleted: Annotated[bool, Cli("--drop-deleted/--keep-deleted")] = Field(
+        True, description="[deleted]/[removed] bodies"
+    )
+    drop_moderator: Annotated[bool, Cli("--drop-moderator/--keep-moderator")] = Field(
+        True, description="distinguished comments"
+    )
+    drop_stickied: Annotated[bool, Cli("--drop-stickied/--keep-stickied")] = Field(
+        True, description="stickied comments"
+    )
+    limit: int | None = Field(None, ge=1, description="read only the first N records of each example file")
+    batch_rows: int = Field(65536, ge=1, description="rows per decoded batch")
 
-    comments: list[str] = field(default_factory=list)
-    submissions: list[str] = field(default_factory=list)
-    shp: list[str] = field(default_factory=list)
-    out: str = "data/prepared"
-    min_score_ratio: float = 2.0
-    min_pair_score: int = 2
-    max_pairs_per_parent: int = 5
-    # SHP's rule: the chosen reply was written no earlier than the rejected one, so its higher score is not
-    # explained by having been visible longer. "earlier" gives the opposite rule (timing-confounded).
-    pair_order: str = "later"
-    normalize: str = "log1p"
-    split_by: str = "thread"
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    seed: int = 0
-    max_depth: int = 8
-    drop_bots: bool = True
-    drop_deleted: bool = True
-    drop_moderator: bool = True
-    drop_stickied: bool = True
-    drop_missing_context: bool = False
-    workers: int = 0  # 0 = one per CPU core
-    limit: int | None = None
-    memory_limit: str = "auto"  # DuckDB memory limit ("8GB"); auto = half of this machine's RAM
-    batch_rows: int = 65536
+    @field_validator("comments", "submissions", "shp", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return [str(p) for p in value] if isinstance(value, list | tuple) else value
 
-    def __post_init__(self) -> None:
-        self.comments = [str(p) for p in self.comments]
-        self.submissions = [str(p) for p in self.submissions]
-        self.shp = [str(p) for p in self.shp]
-        self.out = str(self.out)
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> PrepareConfig:
         if not (self.comments or self.submissions or self.shp):
             raise ValueError("no input: give --comments, --submissions and/or --shp")
-        if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(
-                f"normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {self.normalize!r}"
-            )
-        if self.split_by not in SPLIT_BY_CHOICES:
-            raise ValueError(f"split_by must be one of {', '.join(SPLIT_BY_CHOICES)}, got {self.split_by!r}")
-        if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
-            raise ValueError(
-                f"val_frac and test_frac must be in [0, 1) with a sum below 1, got {self.val_frac} + {self.test_frac}"
-            )
-        if self.min_score_ratio < 1:
-            raise ValueError(f"min_score_ratio must be >= 1, got {self.min_score_ratio}")
-        if self.min_pair_score < 1:
-            raise ValueError(
-                f"min_pair_score must be >= 1 (a score ratio needs positive scores), got {self.min_pair_score}"
-            )
-        if self.pair_order not in ("later", "earlier", "any"):
-            raise ValueError(f"pair_order must be 'later', 'earlier' or 'any', got {self.pair_order!r}")
-        if self.max_pairs_per_parent < 0:
-            raise ValueError(f"max_pairs_per_parent must be >= 0, got {self.max_pairs_per_parent}")
-        if self.max_depth < 0:
-            raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.batch_rows < 1:
-            raise ValueError(f"batch_rows must be >= 1, got {self.batch_rows}")
         if self.workers == 0:
             self.workers = os.cpu_count() or 1
         if self.memory_limit == "auto":
             self.memory_limit = default_memory_limit()
+        return self
 
     @property
     def filters(self) -> Filters:
@@ -146,7 +128,7 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
     """
     from karma.data.card import build_card, write_card
     from karma.data.decode import FileTask, decode_files
-    from karma.data.relational import Relational, RelationalConfig
+    from karma.data.relational import Relational
 
     if cfg is None:
         cfg = PrepareConfig(**options)
@@ -189,26 +171,11 @@ def prepare(cfg: PrepareConfig | None = None, **options: Any) -> dict[str, Any]:
             timings["decode"],
         )
 
-        rcfg = RelationalConfig(
-            normalize=cfg.normalize,
-            split_by=cfg.split_by,
-            val_frac=cfg.val_frac,
-            test_frac=cfg.test_frac,
-            seed=cfg.seed,
-            max_depth=cfg.max_depth,
-            min_score_ratio=cfg.min_score_ratio,
-            min_pair_score=cfg.min_pair_score,
-            max_pairs_per_parent=cfg.max_pairs_per_parent,
-            pair_order=cfg.pair_order,
-            drop_missing_context=cfg.drop_missing_context,
-            memory_limit=cfg.memory_limit,
-            threads=cfg.workers,
-        )
         paths = {
             k: [p for s in file_stats if s.kind == k for p in s.out_paths]
             for k in ("comments", "submissions", "shp")
         }
-        rel = Relational(tmp, rcfg)
+        rel = Relational(tmp, cfg)
         try:
             summary = rel.run(
                 paths, has_comments=has_comments, posts_are_examples=posts_are_examples, out_dir=tmp

@@ -27,7 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from karma.config import Cli
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +58,50 @@ _ORDER_RULE = {
 MAX_JUMPS = 64  # pointer-jumping rounds: covers chains of 2**64 comments; a parent cycle ends as "unknown"
 
 
-@dataclass
-class RelationalConfig:
-    normalize: str = "log1p"
-    split_by: str = "thread"
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    seed: int = 0
-    max_depth: int = 8
-    min_score_ratio: float = 2.0
-    min_pair_score: int = 2
-    max_pairs_per_parent: int = 5
-    pair_order: str = "later"
-    drop_missing_context: bool = False
-    memory_limit: str = "4GB"
-    threads: int = 2
+class RelationalConfig(BaseModel):
+    """The options of the relational stage (threads, karma, splits, pairs); `PrepareConfig` extends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_score_ratio: float = Field(2.0, ge=1, description="pairs: chosen score / rejected score >= this")
+    min_pair_score: int = Field(
+        2, ge=1, description="pairs: both scores >= this (a score ratio needs positive scores; SHP uses 2)"
+    )
+    max_pairs_per_parent: int = Field(5, ge=0, description="pairs: at most K per parent (seeded pick)")
+    pair_order: Literal["later", "earlier", "any"] = Field(
+        "later",
+        description="pairs: 'later' = chosen written no earlier than rejected (SHP: its higher score is not "
+        "explained by visibility); 'earlier' = the reverse (confounded with posting time); 'any' = both "
+        "orders (the natural pairs: no timing rule a variant can read)",
+    )
+    normalize: Literal["log1p", "percentile", "zscore"] = Field(
+        "log1p", description="karma: log1p (signed) | percentile | zscore (within thread)"
+    )
+    split_by: Literal["thread", "time"] = Field(
+        "thread", description="thread (seeded hash of the thread id) | time (earlier threads train)"
+    )
+    val_frac: float = Field(0.05, ge=0, lt=1, description="fraction of threads (by time: of examples) in val")
+    test_frac: float = Field(
+        0.05, ge=0, lt=1, description="fraction of threads (by time: of examples) in test"
+    )
+    seed: int = Field(0, description="seed of the split hash and of the pair pick")
+    max_depth: int = Field(8, ge=0, description="ancestor comments kept in the context (nearest first)")
+    drop_missing_context: Annotated[bool, Cli("--drop-missing-context/--keep-missing-context")] = Field(
+        False, description="examples whose post/ancestor is unknown or deleted"
+    )
+    memory_limit: str = Field(
+        "auto", description="DuckDB memory limit, e.g. 8GB (auto: half the RAM); beyond it, it spills to disk"
+    )
+    workers: int = Field(0, ge=0, description="decode processes and DuckDB threads (0: one per core)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> RelationalConfig:
+        if self.val_frac + self.test_frac >= 1:
+            raise ValueError(
+                f"val_frac and test_frac must be in [0, 1) with a sum below 1, got {self.val_frac} + "
+                f"{self.test_frac}"
+            )
+        return self
 
 
 @dataclass
@@ -130,7 +163,7 @@ class Relational:
         self.tmp_dir = tmp_dir
         spill = tmp_dir / "duckdb_spill"
         spill.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(config={"memory_limit": cfg.memory_limit, "threads": max(cfg.threads, 1)})
+        self.con = duckdb.connect(config={"memory_limit": cfg.memory_limit, "threads": max(cfg.workers, 1)})
         self.con.execute(f"SET temp_directory = {_sql_str(str(spill))}")
         self.result = RelationalResult()
         self._datasets: list[Any] = []  # keep the registered pyarrow datasets alive

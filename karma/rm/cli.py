@@ -1,70 +1,70 @@
-"""`karma rm train | eval | compare` — the reward-model stage's commands (heavy imports inside each command)."""
+"""`karma rm train | eval | compare | rule` — the reward-model stage's commands (heavy imports inside each
+command). The flags of train / eval / compare are generated from their config types below (`karma.config`);
+each is also `KARMA_RM_<COMMAND>_<FIELD>` and a key of `--config FILE`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from karma.config import Cli, command
+from karma.rm.evaluate import RMEvalConfig
+from karma.rm.template import VARIANTS
+from karma.rm.train import RMHyperParams, RMTrainConfig
 
 app = typer.Typer(no_args_is_help=True)
 
-Data = Annotated[Path, typer.Option("--data", help="a `karma data prepare` output folder")]
-Variant = Annotated[str, typer.Option("--variant", help="full | context | response (input template)")]
-Objective = Annotated[str, typer.Option("--objective", help="regression | pairwise | both")]
-Backbone = Annotated[
-    str, typer.Option("--backbone", help="'minilm' (embedded default), a local HF folder or a hub id")
-]
-MaxLength = Annotated[
-    int, typer.Option("--max-length", help="tokens per input; the context is cut from the left")
-]
-Epochs = Annotated[float, typer.Option("--epochs")]
-MaxSteps = Annotated[
-    int, typer.Option("--max-steps", help="stop after N optimizer steps (-1: --epochs decides)")
-]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="pairs (or replies) per step")]
-GradAccum = Annotated[int, typer.Option("--grad-accum", help="gradient accumulation steps")]
-LR = Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW, linear schedule, 10% warm-up)")]
-MaxTrain = Annotated[
-    int, typer.Option("--max-train", help="subsample N training items (ignored with --full)")
-]
-Full = Annotated[
-    bool, typer.Option("--full", help="use every training item (hours on a CPU) instead of subsampling")
-]
-Patience = Annotated[int, typer.Option("--patience", help="early stopping: evaluations without improvement")]
-EvalSteps = Annotated[int, typer.Option("--eval-steps", help="steps between validations (0: four per run)")]
-Margin = Annotated[
-    float, typer.Option("--margin-scale", help="pairwise margin = scale * log(score_ratio); 0 = off")
-]
-RegWeight = Annotated[
-    float, typer.Option("--regression-weight", help="`both`: weight of the regression loss")
-]
-RegLoss = Annotated[str, typer.Option("--regression-loss", help="huber | mse")]
-Seed = Annotated[int, typer.Option("--seed")]
-Threads = Annotated[int, typer.Option("--threads", help="torch threads (0: torch's default)")]
-TrainSub = Annotated[
-    str, typer.Option("--train-subreddit", help="train on this subreddit only (transfer study)")
-]
-MaxEx = Annotated[
-    int,
-    typer.Option("--max-examples", help="test comments to score, whole threads (ignored with --full-eval)"),
-]
-MaxPairs = Annotated[int, typer.Option("--max-pairs", help="test pairs to score (ignored with --full-eval)")]
-FullEval = Annotated[bool, typer.Option("--full-eval", help="score the whole split")]
+ENV_PREFIX = "KARMA_RM_"
 
 
-def _train_kwargs(**kw) -> dict:
-    """CLI values → RMTrainConfig fields (0 / empty mean 'unset')."""
-    from karma.rm.train import DEFAULT_MAX_TRAIN
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    full = kw.pop("full")
-    kw["max_train"] = None if full else (kw.get("max_train") or DEFAULT_MAX_TRAIN)
-    kw["eval_steps"] = kw.get("eval_steps") or None
-    kw["threads"] = kw.get("threads") or None
-    sub = kw.pop("train_subreddit", None)
-    kw["train_subreddits"] = [sub] if sub else None
-    return kw
+
+class RMTrainJob(_Job):
+    """`karma rm train`: one reward model from a prepared data folder."""
+
+    data: Path = Field(description="a `karma data prepare` output folder")
+    out: Path = Field(description="the reward-model folder to write")
+    full: bool = Field(False, description="use every training item (hours on a CPU) instead of max_train")
+    training: RMTrainConfig = Field(default_factory=RMTrainConfig)
+
+
+class RMEvalJob(_Job):
+    """`karma rm eval`: karma-prediction metrics of a reward model (and the baselines) on one split."""
+
+    model: Path = Field(description="a reward-model folder (with karma_rm.json)")
+    data: Path = Field(description="a `karma data prepare` output folder")
+    out: Path = Field(description="folder for metrics.json, report.md and the PNG")
+    seed: int = Field(0, description="seed of the row subsample and the bootstrap")
+    evaluation: RMEvalConfig = Field(default_factory=RMEvalConfig)
+
+
+class RMCompareJob(_Job):
+    """`karma rm compare`: several variants trained alike and evaluated on the same rows."""
+
+    data: Path = Field(description="a `karma data prepare` output folder")
+    out: Path = Field(description="folder for the models, compare.json/.md and PNGs")
+    variants: Annotated[list[Literal[VARIANTS]], Cli("--variants")] = Field(
+        default_factory=lambda: list(VARIANTS), description="variants to train; repeatable or comma-separated"
+    )
+    full: bool = Field(False, description="use every training item (hours on a CPU) instead of max_train")
+    n_boot: Annotated[int, Cli("--bootstrap")] = Field(
+        500, ge=1, description="bootstrap resamples for the difference intervals"
+    )
+    training: RMHyperParams = Field(default_factory=RMHyperParams)
+    evaluation: RMEvalConfig = Field(default_factory=RMEvalConfig)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return [v.strip() for item in value for v in str(item).split(",") if v.strip()]
 
 
 def _fail(e: Exception) -> None:
@@ -72,62 +72,26 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-@app.command("train")
-def train(
-    data: Data,
-    out: Annotated[Path, typer.Option("--out", help="the reward-model folder to write")],
-    variant: Variant = "context",
-    objective: Objective = "pairwise",
-    backbone: Backbone = "minilm",
-    max_length: MaxLength = 128,
-    epochs: Epochs = 1.0,
-    max_steps: MaxSteps = -1,
-    batch_size: BatchSize = 16,
-    grad_accum: GradAccum = 1,
-    lr: LR = 5e-5,
-    max_train: MaxTrain = 1000,
-    full: Full = False,
-    patience: Patience = 3,
-    eval_steps: EvalSteps = 0,
-    margin_scale: Margin = 0.0,
-    regression_weight: RegWeight = 0.5,
-    regression_loss: RegLoss = "huber",
-    seed: Seed = 42,
-    threads: Threads = 0,
-    train_subreddit: TrainSub = "",
-) -> None:
+def _training(job: RMTrainJob | RMCompareJob) -> dict[str, Any]:
+    kw = job.training.model_dump()
+    if job.full:
+        kw["max_train"] = None
+    return kw
+
+
+def run_train(job: RMTrainJob) -> None:
     """Train a reward model. Default: a subsample (1,000 items, 128 tokens, 1 epoch) that fits minutes on a CPU."""
     from karma.models import ModelNotFoundError
     from karma.rm.data import DataError
     from karma.rm.train import train_rm
 
-    kw = _train_kwargs(
-        variant=variant,
-        objective=objective,
-        backbone=backbone,
-        max_length=max_length,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        learning_rate=lr,
-        max_train=max_train,
-        full=full,
-        patience=patience,
-        eval_steps=eval_steps,
-        margin_scale=margin_scale,
-        regression_weight=regression_weight,
-        regression_loss=regression_loss,
-        seed=seed,
-        threads=threads,
-        train_subreddit=train_subreddit,
-    )
     try:
-        path = train_rm(data, out, **kw)
+        path = train_rm(job.data, job.out, **_training(job))
     except (DataError, ModelNotFoundError, ValueError) as e:
         _fail(e)
     cfg = json.loads((path / "karma_rm.json").read_text())
     tr, val = cfg["metrics"]["train"], cfg["metrics"]["val"]
+    variant, objective = job.training.variant, job.training.objective
     typer.echo(
         f"trained {variant}/{objective} on {tr['items']} of {tr['items_available']} train {tr['item_kind']}"
         + (" (SUBSAMPLED: pass --full for the full run)" if tr["subsampled"] else "")
@@ -143,41 +107,24 @@ def train(
     )
 
 
-@app.command("eval")
-def eval_(
-    model: Annotated[Path, typer.Option("--model", help="a reward-model folder (with karma_rm.json)")],
-    data: Data,
-    out: Annotated[Path, typer.Option("--out", help="folder for metrics.json, report.md and the PNG")],
-    split: Annotated[str, typer.Option("--split")] = "test",
-    max_examples: MaxEx = 1000,
-    max_pairs: MaxPairs = 1000,
-    full_eval: FullEval = False,
-    no_baselines: Annotated[
-        bool, typer.Option("--no-baselines", help="skip the length and bag-of-words baselines")
-    ] = False,
-    subreddit: Annotated[
-        list[str], typer.Option("--subreddit", help="evaluate on these subreddits only")
-    ] = [],  # noqa: B006
-    exclude_subreddit: Annotated[list[str], typer.Option("--exclude-subreddit", help="leave these out")] = [],  # noqa: B006
-    seed: Seed = 0,
-) -> None:
+def run_eval(job: RMEvalJob) -> None:
     """Karma-prediction metrics of a reward model (and the baselines) on one split."""
     from karma.rm.data import DataError
     from karma.rm.evaluate import evaluate_rm, overall_table
     from karma.rm.model import MissingRMConfigError
 
+    ev, out = job.evaluation, job.out
     try:
         r = evaluate_rm(
-            model,
-            data,
-            split,
+            job.model,
+            job.data,
+            ev.split,
             out,
-            max_examples=None if full_eval else max_examples,
-            max_pairs=None if full_eval else max_pairs,
-            baselines=not no_baselines,
-            seed=seed,
-            subreddits=subreddit or None,
-            exclude_subreddits=exclude_subreddit or None,
+            **ev.limits(),
+            baselines=ev.baselines,
+            seed=job.seed,
+            subreddits=ev.subreddits or None,
+            exclude_subreddits=ev.exclude_subreddits or None,
         )
     except (DataError, MissingRMConfigError, FileNotFoundError) as e:
         _fail(e)
@@ -190,72 +137,43 @@ def eval_(
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'accuracy_vs_score_ratio.png'}")
 
 
-@app.command("compare")
-def compare(
-    data: Data,
-    out: Annotated[Path, typer.Option("--out", help="folder for the models, compare.json/.md and PNGs")],
-    variants: Annotated[
-        str, typer.Option("--variants", help="comma-separated variants")
-    ] = "full,context,response",
-    objective: Objective = "pairwise",
-    backbone: Backbone = "minilm",
-    max_length: MaxLength = 128,
-    epochs: Epochs = 1.0,
-    max_steps: MaxSteps = -1,
-    batch_size: BatchSize = 16,
-    lr: LR = 5e-5,
-    max_train: MaxTrain = 1000,
-    full: Full = False,
-    seed: Seed = 42,
-    threads: Threads = 0,
-    train_subreddit: TrainSub = "",
-    split: Annotated[str, typer.Option("--split")] = "test",
-    max_examples: MaxEx = 1000,
-    max_pairs: MaxPairs = 1000,
-    full_eval: FullEval = False,
-    n_boot: Annotated[
-        int, typer.Option("--bootstrap", help="bootstrap resamples for the difference intervals")
-    ] = 500,
-) -> None:
+def run_compare(job: RMCompareJob) -> None:
     """Train + evaluate several variants on the same split; one table and the answer to `full` vs `context`."""
     from karma.models import ModelNotFoundError
     from karma.rm.compare import compare_rm
     from karma.rm.data import DataError
+    from karma.rm.evaluate import overall_table
 
-    kw = _train_kwargs(
-        objective=objective,
-        backbone=backbone,
-        max_length=max_length,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        learning_rate=lr,
-        max_train=max_train,
-        full=full,
-        seed=seed,
-        threads=threads,
-    )
+    kw = _training(job)
+    subs = kw.pop("train_subreddits") or []
+    if len(subs) > 1:
+        _fail(ValueError("compare trains on at most one --train-subreddit (in-domain vs transfer)"))
+    ev, out = job.evaluation, job.out
     try:
         r = compare_rm(
-            data,
+            job.data,
             out,
-            [v.strip() for v in variants.split(",") if v.strip()],
-            split=split,
-            train_subreddit=train_subreddit or None,
-            max_examples=None if full_eval else max_examples,
-            max_pairs=None if full_eval else max_pairs,
-            n_boot=n_boot,
+            job.variants,
+            split=ev.split,
+            train_subreddit=subs[0] if subs else None,
+            **ev.limits(),
+            n_boot=job.n_boot,
             **kw,
         )
     except (DataError, ModelNotFoundError, ValueError) as e:
         _fail(e)
-    from karma.rm.evaluate import overall_table
-
-    for k, ev in r["evaluations"].items():
-        typer.echo(f"\n[{k}] {ev['n_examples']} comments, {ev['n_pairs']} pairs")
-        typer.echo(overall_table(ev["systems"]))
-        typer.echo(ev["statement"])
+    for k, result in r["evaluations"].items():
+        typer.echo(f"\n[{k}] {result['n_examples']} comments, {result['n_pairs']} pairs")
+        typer.echo(overall_table(result["systems"]))
+        typer.echo(result["statement"])
     typer.echo(f"\nwrote {out / 'compare.md'} and {out / 'compare.json'}")
+
+
+app.command("train")(command(RMTrainJob, run_train, prefix=ENV_PREFIX + "TRAIN_", help=run_train.__doc__))
+app.command("eval")(command(RMEvalJob, run_eval, prefix=ENV_PREFIX + "EVAL_", help=run_eval.__doc__))
+app.command("compare")(
+    command(RMCompareJob, run_compare, prefix=ENV_PREFIX + "COMPARE_", help=run_compare.__doc__)
+)
 
 
 @app.command("rule")

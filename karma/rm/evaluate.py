@@ -22,8 +22,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from karma.config import Cli
 from karma.rm import data as rmdata
 from karma.rm import pairsets
 
@@ -33,6 +36,39 @@ DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_MAX_PAIRS = 1000
 NDCG_KS = (1, 5)
 BASELINES = ("length", "bow_ridge", "earliness", "lateness")
+
+
+class RMEvalConfig(BaseModel):
+    """Which rows a reward-model evaluation scores (`karma rm eval`, `karma rm compare`, the experiment's
+    `rm_eval:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = Field("test", description="split of the prepared data to score")
+    max_examples: int = Field(
+        DEFAULT_MAX_EXAMPLES,
+        ge=1,
+        description="test comments to score, whole threads (ignored with --full-eval)",
+    )
+    max_pairs: int = Field(
+        DEFAULT_MAX_PAIRS, ge=1, description="test pairs to score (ignored with --full-eval)"
+    )
+    full_eval: bool = Field(False, description="score the whole split")
+    baselines: Annotated[bool, Cli("--baselines/--no-baselines")] = Field(
+        True, description="also score the length and bag-of-words baselines"
+    )
+    subreddits: Annotated[list[str], Cli("--subreddit")] = Field(
+        default_factory=list, description="evaluate on these subreddits only; repeatable"
+    )
+    exclude_subreddits: Annotated[list[str], Cli("--exclude-subreddit")] = Field(
+        default_factory=list, description="leave these subreddits out; repeatable"
+    )
+
+    def limits(self) -> dict[str, int | None]:
+        """`max_examples` / `max_pairs` as `evaluate_rm` takes them (None: the whole split)."""
+        if self.full_eval:
+            return {"max_examples": None, "max_pairs": None}
+        return {"max_examples": self.max_examples, "max_pairs": self.max_pairs}
 
 
 @dataclass

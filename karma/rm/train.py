@@ -18,10 +18,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from karma.config import Cli
 from karma.rm import data as rmdata
 from karma.rm.template import VARIANTS
 
@@ -35,75 +37,71 @@ DEFAULT_MAX_EVAL = 200
 NORM_EXAMPLES = 1000
 
 
-@dataclass
-class RMTrainConfig:
-    """Hyper-parameters of one reward-model training run (saved into karma_rm.json under `training`)."""
+class RMHyperParams(BaseModel):
+    """Everything of a reward-model training run but the input variant (what `karma rm compare` shares
+    between its variants, and `karma experiment`'s `rm:` holds)."""
 
-    variant: Literal["full", "context", "response"] = field(
-        default="context", metadata={"help": "input template: full (context+metadata), context, response"}
-    )
-    objective: Literal["regression", "pairwise", "both"] = field(
-        default="pairwise", metadata={"help": "regression on karma, Bradley–Terry on pairs, or both"}
-    )
-    backbone: str = field(default="minilm", metadata={"help": "'minilm', a local HF folder, or a hub id"})
-    max_length: int = field(
-        default=128, metadata={"help": "tokens per (context, response); context cut from the left"}
-    )
-    epochs: float = field(default=1.0, metadata={"help": "passes over the (subsampled) training items"})
-    max_steps: int = field(
-        default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs decide)"}
-    )
-    batch_size: int = field(default=16, metadata={"help": "items (pairs or replies) per forward pass"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up as a fraction of the steps"})
-    regression_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "regression loss"})
-    regression_weight: float = field(default=0.5, metadata={"help": "`both`: weight of the regression term"})
-    margin_scale: float = field(default=0.0, metadata={"help": "pairwise margin = scale * log(score_ratio)"})
-    max_train: int | None = field(
-        default=DEFAULT_MAX_TRAIN, metadata={"help": "subsample training items (None: all)"}
-    )
-    max_eval: int | None = field(
-        default=DEFAULT_MAX_EVAL, metadata={"help": "validation items per evaluation"}
-    )
-    eval_steps: int | None = field(
-        default=None, metadata={"help": "steps between evaluations (None: 4 per run)"}
-    )
-    patience: int = field(default=3, metadata={"help": "early stopping: evaluations without improvement"})
-    logging_steps: int = field(default=10, metadata={"help": "steps between training-loss logs"})
-    seed: int = field(default=42, metadata={"help": "seeds sampling, head init, shuffling and dropout"})
-    train_subreddits: list[str] | None = field(
-        default=None, metadata={"help": "train (and validate) on these only"}
-    )
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "torch.set_num_threads for this process (None: torch's default); 1 is fastest for tiny models "
-            "on a busy CPU"
-        },
-    )
-    progress: bool = field(default=True, metadata={"help": "show the Trainer's progress bar"})
+    model_config = ConfigDict(extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
-        if self.objective not in rmdata.OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {self.objective!r}; expected one of {', '.join(rmdata.OBJECTIVES)}"
-            )
-        if self.regression_loss not in ("huber", "mse"):
-            raise ValueError(f"unknown regression loss {self.regression_loss!r}; expected huber or mse")
-        for name in ("batch_size", "grad_accum", "max_length", "patience", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train", "max_eval", "eval_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+    objective: Literal[rmdata.OBJECTIVES] = Field(
+        "pairwise", description="regression on karma, Bradley-Terry on pairs, or both"
+    )
+    backbone: str = Field("minilm", description="'minilm' (embedded default), a local HF folder, or a hub id")
+    max_length: int = Field(
+        128, ge=1, description="tokens per (context, response); the context is cut from the left"
+    )
+    epochs: float = Field(1.0, description="passes over the (subsampled) training items")
+    max_steps: int = Field(-1, description="stop after N optimizer steps (-1: epochs decide)")
+    batch_size: int = Field(16, ge=1, description="items (pairs or replies) per forward pass")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    learning_rate: Annotated[float, Cli("--learning-rate", "--lr")] = Field(
+        5e-5, ge=0, description="AdamW peak learning rate (linear schedule)"
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warm-up as a fraction of the steps")
+    regression_loss: Literal["huber", "mse"] = Field("huber", description="regression loss")
+    regression_weight: float = Field(0.5, ge=0, description="`both`: weight of the regression term")
+    margin_scale: float = Field(0.0, ge=0, description="pairwise margin = scale * log(score_ratio); 0 = off")
+    max_train: int | None = Field(
+        DEFAULT_MAX_TRAIN, ge=1, description="subsample N training items (unset or --full: all)"
+    )
+    max_eval: int | None = Field(DEFAULT_MAX_EVAL, ge=1, description="validation items per evaluation")
+    eval_steps: int | None = Field(
+        None, ge=1, description="steps between validations (unset or 0: four per run)"
+    )
+    patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement")
+    logging_steps: int = Field(10, ge=1, description="steps between training-loss logs")
+    seed: int = Field(42, description="seeds sampling, head init, shuffling and dropout")
+    train_subreddits: Annotated[list[str] | None, Cli("--train-subreddit")] = Field(
+        None, description="train (and validate) on these subreddits only (transfer study); repeatable"
+    )
+    device: str = Field("cpu", description="torch device")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch.set_num_threads for this process (unset or 0: torch's default); 1 is fastest for "
+        "tiny models on a busy CPU",
+    )
+    progress: bool = Field(True, description="show the Trainer's progress bar")
+
+    @field_validator("eval_steps", "threads", mode="before")
+    @classmethod
+    def _zero_is_unset(cls, value: Any) -> Any:
+        return None if value in (0, "0") else value
+
+    @model_validator(mode="after")
+    def _length(self) -> RMHyperParams:
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("epochs must be > 0 (or set max_steps)")
+        return self
+
+
+class RMTrainConfig(RMHyperParams):
+    """Hyper-parameters of one reward-model training run (saved into karma_rm.json under `training`)."""
+
+    variant: Literal[VARIANTS] = Field(
+        "context", description="input template: full (context + metadata), context, response"
+    )
 
     @property
     def pairs(self) -> bool:
@@ -173,7 +171,7 @@ def train_rm(
     """
     from karma.models import resolve_backbone
 
-    cfg = replace(config, **overrides) if config is not None else RMTrainConfig(**overrides)
+    cfg = RMTrainConfig(**{**(config.model_dump() if config is not None else {}), **overrides})
     data, out = Path(data), Path(out)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -354,7 +352,7 @@ def train_rm(
         "train": train_info,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-    rm.config.training = asdict(cfg)  # type: ignore[attr-defined]  # KarmaRMConfig allows extra keys
+    rm.config.training = cfg.model_dump()  # type: ignore[attr-defined]  # KarmaRMConfig allows extra keys
     rm.config.backbone = cfg.backbone  # the alias / id as given, not this machine's resolved path
     t = time.perf_counter()
     rm.save(out)
