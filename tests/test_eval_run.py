@@ -20,7 +20,7 @@ from karma.eval.run import check_reward_service
 from karma.eval.scoring import CausalLM, NotACausalLMError, inspect_model
 from karma.eval.tasks import TaskSchemaError, UnknownSuiteError, load_tasks, requests
 from karma.paths import shared_data_dir
-from tests.support import make_tiny_causal_lm
+from tests.support import cli_text, make_tiny_causal_lm
 
 DATA = shared_data_dir()
 SMALL = "implicatures,hhh_alignment/harmless,truthfulqa_mc,metaphor_understanding,known_unknowns"
@@ -414,7 +414,10 @@ def test_cli_eval_and_compare(runs, models, tmp_path):
             f"error: --task {tmp_path / 'missing'}: no such file or folder",
         ),
         (["--task", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'}: not valid JSON"),
-        (["--task", str(snarks), "--task-limit", "snarks"], "error: --task-limit 'snarks': expected NAME=N"),
+        (
+            ["--task", str(snarks), "--task-limit", "snarks"],
+            "task_limits: --task-limit 'snarks': expected NAME=N (N >= 1) or NAME=all (from flag --task-limit)",
+        ),
         (
             ["--task", str(snarks), "--task-limit", "sarcasm=2"],
             "error: task_limits: 'sarcasm' not among the selected",
@@ -422,7 +425,7 @@ def test_cli_eval_and_compare(runs, models, tmp_path):
     ]:
         (tmp_path / "bad.json").write_text("{not json")
         r = runner.invoke(app, ["eval", "--model", str(models["base"]), *args, "--out", str(tmp_path / "x")])
-        assert r.exit_code == 2 and message in r.output, r.output
+        assert r.exit_code == 2 and message in cli_text(r.output), r.output
     r = runner.invoke(
         app,
         [

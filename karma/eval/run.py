@@ -14,10 +14,12 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from karma.config import Cli
 from karma.eval import metrics as M
 from karma.eval.tasks import PROMPT_FORMAT_VERSION, Task, item_key, join, load_tasks, requests
 
@@ -25,6 +27,88 @@ log = logging.getLogger(__name__)
 
 RESULTS_FORMAT_VERSION = 1
 GENERATION_MEAN_METRICS = ("length_words", "length_tokens", "rep_4", "reward")
+
+
+def parse_task_limits(value: Any) -> Any:
+    """`["implicatures=200", "social_iqa=all"]` (the flag, repeatable) -> {"implicatures": 200, "social_iqa":
+    None}; a mapping passes through (the file)."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    out: dict[str, int | None] = {}
+    for spec in [value] if isinstance(value, str) else value:
+        name, sep, n = str(spec).partition("=")
+        n = n.strip()
+        if not sep or not name.strip() or not (n == "all" or (n.isdigit() and int(n) >= 1)):
+            raise ValueError(f"--task-limit {spec!r}: expected NAME=N (N >= 1) or NAME=all")
+        out[name.strip()] = None if n == "all" else int(n)
+    return out
+
+
+class PolicyEvalConfig(BaseModel):
+    """Everything `karma eval` (and the experiment's `eval:`) can be told: which tasks, which model, how to
+    score and generate. `run_eval(**cfg.model_dump())` runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="causal LM folder (full or LoRA adapter), hub id, or 'smollm2'")
+    suites: Annotated[str | None, Cli("--suite")] = Field(
+        None,
+        description="comma-separated suites (pragmatics, side_effects, factuality, all) and/or task names "
+        "(unset: pragmatics,side_effects,factuality; none when --task is given)",
+    )
+    task_paths: Annotated[list[Path], Cli("--task")] = Field(
+        default_factory=list,
+        description="a BIG-bench task by path (task.json, another .json in its format, or a folder holding "
+        "task.json); repeatable; evaluated beside --suite, or alone",
+    )
+    limit: int | None = Field(None, ge=1, description="first N items of each task (smoke runs)")
+    task_limits: Annotated[dict[str, int | None], Cli("--task-limit")] = Field(
+        default_factory=dict,
+        description="NAME=N or NAME=all: items of one task, family or subtask, overriding --limit; repeatable",
+    )
+    out: Path | None = Field(None, description="output folder: results.json, report.md, *.png")
+    reward_url: Annotated[str | None, Cli(env=("KARMA_REWARD_URL",))] = Field(
+        None, description="reward service URL(s), comma-separated, to score generated replies"
+    )
+    reward_api_key: Annotated[str | None, Cli(env=("KARMA_REWARD_API_KEY",))] = Field(
+        None, description="bearer token of the reward service"
+    )
+    reward_model: str | None = Field(None, description="model name on a multi-model reward service")
+    reward_normalize: bool = Field(False, description="ask the service for normalised scores")
+    prompts: Path | None = Field(
+        None,
+        description="held-out prompts for the generation metrics: one per line, or .jsonl with a 'prompt' "
+        "field (unset: the politeness-corpus hold-out)",
+    )
+    n_prompts: int = Field(32, ge=1, description="prompts taken from the default hold-out")
+    data_dir: Annotated[Path | None, Cli(env=("KARMA_SHARED_DATA",))] = Field(
+        None, description="shared data folder holding eval/ (unset: ../shared/data)"
+    )
+    batch_size: int = Field(16, ge=1, description="(prompt, option) pairs per forward pass")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on GPU"
+    )
+    max_new_tokens: int = Field(64, ge=1, description="generated reply length limit (tokens)")
+    gen_batch_size: int = Field(16, ge=1, description="prompts per generate() call")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(0.9, ge=0, le=1, description="nucleus sampling")
+    chat_template: bool | None = Field(
+        None, description="wrap generation prompts in the chat template (unset: if the model has one)"
+    )
+    seed: int = Field(0, description="seed of sampling and of the bootstrap")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's choice)")
+    n_boot: int = Field(1000, ge=100, description="bootstrap resamples per CI")
+    progress: bool = Field(True, description="progress bars")
+
+    @field_validator("task_limits", mode="before")
+    @classmethod
+    def _task_limits(cls, value: Any) -> Any:
+        return parse_task_limits(value)
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`run_eval` (`threads` is the caller's: it sets torch's)."""
+        return self.model_dump(exclude={"threads"})
 
 
 def run_eval(
