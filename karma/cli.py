@@ -13,7 +13,7 @@ import typer
 from karma.data.cli import app as data_app
 from karma.demo import demo
 from karma.eval.cli import app as eval_app
-from karma.experiment import experiment
+from karma.experiment.cli import experiment
 from karma.rm.cli import app as rm_app
 from services.policy_trainer.cli import train
 from services.reward_api.cli import serve

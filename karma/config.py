@@ -116,6 +116,8 @@ def _no_decode() -> Any:
 
 
 def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else str
@@ -127,6 +129,13 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
+def _is_model_union(tp: Any) -> bool:
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return len(args) > 1 and all(_is_section(a) for a in args)
+
+
 def options(cls: type[BaseModel], *, sections: bool = True) -> list[Option]:
     """Every leaf field of `cls` in declaration order (sections flattened, or skipped when `sections=False`).
     Raises `TypeError` if two leaves share a name: flags are flat."""
@@ -134,6 +143,8 @@ def options(cls: type[BaseModel], *, sections: bool = True) -> list[Option]:
 
     def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
         for name, info in model.model_fields.items():
+            if _is_model_union(info.annotation):
+                continue  # one of several section types (the experiment's data): the file's, not a flag
             if _is_section(info.annotation):
                 if sections:
                     walk(_strip_optional(info.annotation), (*prefix, name))
@@ -207,7 +218,7 @@ def load(
     data: dict[str, Any] = copy.deepcopy(dict(file)) if isinstance(file, Mapping) else {}
     if isinstance(file, str | Path):
         data = read_yaml(file)
-    file_label = str(file) if isinstance(file, str | Path) else "the config"
+    file_label = str(file) if isinstance(file, str | Path) else ""
     source: dict[tuple[str, ...], str] = {}
     opts = options(cls, sections=sections)
     environ = os.environ if environ is None else environ
@@ -232,7 +243,9 @@ def load(
         raise ConfigError(describe(exc, source, file_label)) from None
 
 
-def describe(exc: ValidationError, source: Mapping[tuple[str, ...], str] | None = None, file: str = "") -> str:
+def describe(
+    exc: ValidationError, source: Mapping[tuple[str, ...], str] | None = None, file: str = ""
+) -> str:
     """A pydantic error as one line per field: `ppo.kl_coef: must be >= 0 (from flag --kl-coef)`."""
     lines = []
     for err in exc.errors():
@@ -309,7 +322,7 @@ def command(
     run: Callable[..., Any],
     *,
     prefix: str | None,
-    help: str | None = None,  # noqa: A002 - typer's word
+    help: str | None = None,
     sections: bool = True,
     config_help: str | None = None,
     extra: Sequence[inspect.Parameter] = (),

@@ -52,15 +52,15 @@ def demo(
         overrides["eval.limit"] = eval_limit
     try:
         cfg = ExperimentConfig.load("demo", overrides)
-        data_opts = {k: v for k, v in cfg.data.items() if k == "limit"}
-        if limit is not None:
-            data_opts["limit"] = limit
+        preset_limit = getattr(cfg.data, "limit", None)
+        data_opts = {"limit": limit if limit is not None else preset_limit}
+        data_opts = {k: v for k, v in data_opts.items() if v is not None}
         if data is not None:
             spec = data_spec_from_path(data)
-            cfg.data = spec if "prepared" in spec else {**data_opts, **spec}
+            cfg = cfg.with_data(spec if "prepared" in spec else {**data_opts, **spec})
         else:
             # The hub path: a small SHP subset (needs network; the data stage says so clearly when offline).
-            cfg.data = {"shp": [SHP_HUB_ID], **data_opts}
+            cfg = cfg.with_data({"shp": [SHP_HUB_ID], **data_opts})
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

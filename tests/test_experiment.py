@@ -13,9 +13,9 @@ from karma.experiment import (
     PLAUSIBLE_EFFECT,
     POWER,
     ExperimentConfig,
-    _training_summary,
     claims,
     data_spec_from_path,
+    training_summary,
     write_report,
 )
 from karma.paths import shared_data_dir
@@ -29,22 +29,60 @@ def test_presets_load_and_validate():
         assert cfg.variants and cfg.conditions
     assert ExperimentConfig.load("quick").smoke and not ExperimentConfig.load("cpu").smoke
     assert ExperimentConfig.load("quick").variants == ["full", "context"]
-    assert ExperimentConfig.load("quick", {"train.run.steps": 2}).train["run"]["steps"] == 2
+    assert ExperimentConfig.load("quick", {"train.run.steps": 2}).train.run.steps == 2
 
 
 def test_bad_configs_fail_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match="rm.variants must be a non-empty list"):
+    with pytest.raises(ValueError, match=r"rm.variants.0\n  Input should be 'full', 'context' or 'response'"):
         ExperimentConfig(data={"comments": ["x"]}, rm={"variants": ["karma"]}, conditions={"r": "reddit"})
     with pytest.raises(ValueError, match="prompt source must be 'reddit', 'politeness' or 'file:PATH'"):
         ExperimentConfig(data={"comments": ["x"]}, conditions={"r": "twitter"})
-    with pytest.raises(ValueError, match="data is empty"):
+    with pytest.raises(ValueError, match="data\n  Field required"):
         ExperimentConfig(conditions={"r": "reddit"})
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\nsteps: 3\n")
-    with pytest.raises(ValueError, match="unknown key\\(s\\) steps"):
+    with pytest.raises(
+        ValueError,
+        match=f"{bad}: invalid config:\n  data: Field required\n  conditions: Field required\n  steps: unknown key",
+    ):
         ExperimentConfig.load(str(bad))
     with pytest.raises(FileNotFoundError, match="experiment config not found"):
         ExperimentConfig.load(str(tmp_path / "missing.yaml"))
+    # every section is its stage's own type: a wrong key or value deep inside fails at load, named
+    quick = "preset quick: invalid config:\n  "
+    for override, message in [
+        ({"train.ppo.kl_coeff": 0.1}, "train.ppo.kl_coeff: unknown key"),
+        ({"train.ppo.algo": "dpo"}, "train.ppo.algo: Input should be 'ppo', 'rloo' or 'grpo'"),
+        ({"rm.max_lenght": 64}, "rm.max_lenght: unknown key"),
+        ({"rm_eval.max_pairs": 0}, "rm_eval.max_pairs: Input should be greater than or equal to 1"),
+        ({"eval.suite": "pragmatics"}, "eval.suite: unknown key"),
+        ({"data.normalise": "log1p"}, "data.dumps.normalise: unknown key"),
+        (
+            {"serve": {"max_wait": 3}},
+            "serve: unknown `karma serve` setting\\(s\\) max_wait; expected admin_token",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=quick + message):
+            ExperimentConfig.load("quick", override)
+
+
+def test_experiment_flags_and_environment(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from karma.cli import app
+
+    monkeypatch.setenv("KARMA_EXPERIMENT_SEED", "7")
+    res = CliRunner().invoke(app, ["experiment", "--quick", "--out", str(tmp_path / "o"), "--print-config"])
+    assert res.exit_code == 0, res.output
+    cfg = __import__("yaml").safe_load(res.output)
+    assert (cfg["name"], cfg["seed"], cfg["out"], cfg["train"]["run"]["steps"]) == (
+        "quick",
+        7,
+        str(tmp_path / "o"),
+        6,
+    )
+    res = CliRunner().invoke(app, ["experiment", "-c", "cpu", "--seed", "3", "--print-config"])
+    assert res.exit_code == 0 and __import__("yaml").safe_load(res.output)["seed"] == 3
 
 
 def test_data_spec_from_path(tmp_path):
@@ -321,7 +359,7 @@ def test_ppo_table_reads_heldout_reward_when_present(tmp_path):
     (new / "heldout_reward.json").write_text(json.dumps(_heldout()))
     (broken / "heldout_reward.json").write_text("{oops")
     bare.mkdir()
-    summary = {d.name: _training_summary(d) for d in (new, old, broken, bare)}
+    summary = {d.name: training_summary(d) for d in (new, old, broken, bare)}
     assert summary["old"] == {"steps": 2, "reward_first": 0.1, "reward_last": 0.3, "kl_last": 0.02}
     assert summary["new"]["heldout"] == _heldout() and summary["new"]["steps"] == 2
     assert summary["broken"]["heldout"]["error"].startswith("unreadable heldout_reward.json")
@@ -350,9 +388,9 @@ def _pragmatics_units(cfg):
 
     options = cfg.eval
     tasks = load_tasks(
-        options["suites"],
-        limit=options.get("limit"),
-        task_limits=options.get("task_limits"),
+        options.suites,
+        limit=options.limit,
+        task_limits=options.task_limits,
         data_dir=SHARED,
         n_prompts=1,
     )

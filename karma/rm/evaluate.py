@@ -45,13 +45,13 @@ class RMEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     split: str = Field("test", description="split of the prepared data to score")
-    max_examples: int = Field(
+    max_examples: int | None = Field(
         DEFAULT_MAX_EXAMPLES,
         ge=1,
-        description="test comments to score, whole threads (ignored with --full-eval)",
+        description="test comments to score, whole threads (null in a file, or --full-eval: all)",
     )
-    max_pairs: int = Field(
-        DEFAULT_MAX_PAIRS, ge=1, description="test pairs to score (ignored with --full-eval)"
+    max_pairs: int | None = Field(
+        DEFAULT_MAX_PAIRS, ge=1, description="test pairs to score (null in a file, or --full-eval: all)"
     )
     full_eval: bool = Field(False, description="score the whole split")
     baselines: Annotated[bool, Cli("--baselines/--no-baselines")] = Field(
