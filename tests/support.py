@@ -423,3 +423,10 @@ def make_tiny_causal_lm(path: str | Path, *, seed: int = 0, lora_of: str | Path 
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def cli_text(output: str) -> str:
+    """A command's output with typer's boxes and line wrapping taken out (for matching messages)."""
+    import re
+
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
