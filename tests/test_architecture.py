@@ -15,6 +15,10 @@ Rules, checked on every module under karma/ and services/:
    test support lives in tests/support.py, outside the product, and depends on the product, never the
    reverse.
 
+4. **The app layer sits above the library.** The app layer is what a user runs: `karma.cli`, `karma.demo`,
+   `karma.experiment.*` and every stage's command module (`*.cli`). No library module imports an app module,
+   at any level; an app module may import anything.
+
 Pure `ast`: the whole walk takes well under a second.
 """
 
@@ -206,3 +210,21 @@ def test_no_product_module_imports_test_support():
 def test_no_test_support_module_inside_the_product():
     names = {p.stem for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     assert not names & {"testing", "fixtures", "conftest"}
+
+
+def is_app(module: str) -> bool:
+    return (
+        module in ("karma.cli", "karma.demo", "karma.__main__")
+        or module == "karma.experiment"
+        or module.startswith("karma.experiment.")
+        or module.rsplit(".", 1)[-1] == "cli"
+    )
+
+
+def test_the_app_layer_sits_above_the_library():
+    top, lazy, _ = import_graph()
+    assert {"karma.cli", "karma.experiment.stages", "services.reward_api.cli", "karma.rm.cli"} <= {
+        m for m in top if is_app(m)
+    }
+    bad = {mod: sorted(t for t in top[mod] | lazy[mod] if is_app(t)) for mod in top if not is_app(mod)}
+    assert {m: t for m, t in bad.items() if t} == {}

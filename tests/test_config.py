@@ -196,3 +196,20 @@ def test_config_types_take_paths(tmp_path):
 
     assert load(P, file={"out": str(tmp_path)}).out == tmp_path
     assert load(P, flags={"out": tmp_path}).out == tmp_path
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the command line; a changed field must regenerate it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "scripts/config_reference.py", "--check"],
+        cwd=root,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
