@@ -127,6 +127,16 @@ class ScoreRequest(_Strict):
     truncate: bool = Field(
         True, description="cut over-long context from the left (true) or reject the request with 422 (false)"
     )
+    components: bool = Field(
+        False,
+        description="also return each component's values per item (a composed reward's components, unweighted; "
+        "a plain model is its own one component)",
+    )
+    group_normalize: bool = Field(
+        False,
+        description="z-score the scores within the items sharing one context (GRPO / RLOO callers): "
+        "(s - mean) / std over the group, population std; 0 for a group of one or of equal scores",
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -134,6 +144,11 @@ class ScoreResponse(BaseModel):
     version: str = Field(description="content hash of the model that produced every score in this response")
     scores: list[float]
     truncated: list[bool]
+    components: dict[str, list[float]] | None = Field(
+        None,
+        description="with `components: true`: each component's value per item, before weighting and group "
+        "normalisation (scores = Σ weight · component, then group-normalised if asked)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- OpenRLHF
@@ -252,6 +267,8 @@ class Limits(BaseModel):
     max_batch_tokens: int
     max_wait_ms: float
     padding_tolerance: float
+    score_cache_items: int = Field(description="recent scores kept per model version (0: no cache)")
+    monitor_window: int = Field(description="recent items per model in the monitor's statistics (0: off)")
 
 
 class InfoResponse(BaseModel):
@@ -260,6 +277,34 @@ class InfoResponse(BaseModel):
     models: list[ModelInfo]
     limits: Limits
     auth: dict[str, bool] = Field(description="which credentials are configured: api_key, admin")
+
+
+class MonitorStats(BaseModel):
+    """Rolling statistics of what one model scored: its last `n` items (at most `window`), of one version
+    (the window restarts when the version changes). `null` where a figure is undefined (no items; a
+    correlation with a constant side)."""
+
+    version: str
+    window: int
+    n: int = Field(description="items in the window")
+    score_mean: float | None
+    score_std: float | None = Field(description="population std (ddof 0)")
+    length_mean: float | None = Field(description="response length, in whitespace-separated words")
+    score_length_corr: float | None = Field(
+        description="Pearson correlation of score and response length in words"
+    )
+    distinct_1: float | None = Field(
+        description="distinct word unigrams / unigrams over the window's responses"
+    )
+    distinct_2: float | None = Field(
+        description="distinct word bigrams / bigrams over the window's responses"
+    )
+    duplicate_rate: float | None = Field(description="1 - distinct responses / responses")
+    truncated_share: float | None = Field(description="share of items whose input was cut")
+
+
+class MonitorResponse(BaseModel):
+    models: dict[str, MonitorStats]
 
 
 class ModelList(BaseModel):

@@ -223,6 +223,71 @@ def test_claims_are_stated_from_the_numbers():
     assert "TruthfulQA went down" not in text
 
 
+def test_claim_six_compares_the_composed_reward_with_its_base_variant():
+    shaped = {
+        "components": [
+            {"model": "context"},
+            {"rule": {"kind": "length_window", "min_words": 5, "max_words": 40}, "weight": 0.5},
+            {"rule": {"kind": "distinct_n", "n": 2}, "weight": 0.5, "name": "repetition"},
+        ]
+    }
+    cfg = ExperimentConfig(
+        data={"comments": ["x"]}, conditions={"reddit": "reddit"}, composed={"shaped": shaped}
+    )
+    with pytest.raises(
+        ValueError, match="composed reward 'x' reads full, not among rm.variants \\(context\\)"
+    ):
+        ExperimentConfig(
+            data={"comments": ["x"]},
+            conditions={"reddit": "reddit"},
+            rm={"variants": ["context"]},
+            composed={"x": {"components": [{"model": "full"}]}},
+        )
+    comparison = {
+        "trained": [{"label": r} for r in ("context-reddit", "shaped-reddit")],
+        "rows": [
+            _cmp_row(
+                "pragmatics",
+                "pragmatics (mean of 9 tasks)",
+                "suite",
+                "acc",
+                {"context-reddit": 0.03, "shaped-reddit": 0.025},
+                mde=0.02,
+            )
+        ],
+    }
+    h2h = {
+        "reddit": {
+            "trained": [{"label": "shaped-reddit"}],
+            "rows": [
+                _cmp_row(
+                    "pragmatics",
+                    "pragmatics (mean of 9 tasks)",
+                    "suite",
+                    "acc",
+                    {"shaped-reddit": -0.005},
+                    p=0.6,
+                    mde=0.03,
+                ),
+                _cmp_row("factuality", "truthfulqa_mc", "task", "mc1", {"shaped-reddit": 0.04}, mde=0.03),
+            ],
+        }
+    }
+    rm = {v: {"systems": {}} for v in cfg.variants}
+    text = "\n".join(claims(cfg, rm, comparison, None, {"shaped": h2h}))
+    assert "### 6. Composed reward `shaped` = 1*context+0.5*length_window+0.5*repetition" in text
+    assert "(a) **Reproduced** (pragmatics went up, p < 0.05, in all 1 runs)" in text
+    assert (
+        "(b) pragmatics against `context`: no significant loss in 1 runs: no effect larger than 0.030" in text
+    )
+    assert "(c) **Reproduced** (TruthfulQA higher than with `context`, p < 0.05, in all 1 runs)" in text
+    h2h["reddit"]["rows"][0]["models"]["shaped-reddit"].update(delta=-0.04, p=0.01)
+    text = "\n".join(claims(cfg, rm, comparison, None, {"shaped": h2h}))
+    assert "(b) pragmatics against `context`: **lower** in 1 of 1 runs (p < 0.05)" in text
+    text = "\n".join(claims(cfg, rm, comparison, None, None))
+    assert "- reddit prompts: no head-to-head comparison of `shaped-reddit` with `context-reddit`" in text
+
+
 # ------------------------------------------------------------------------------------ power beside the verdicts
 def _power_comparison(mde, n=150, p=0.5, delta=0.01):
     runs = ["full-reddit", "context-reddit"]
@@ -460,12 +525,36 @@ def test_experiment_end_to_end_tiny(tmp_path):
             "n_prompts": 2,
             "max_new_tokens": 8,
         },
+        composed={  # issue 15's condition: the context RM + a length window + a repetition penalty
+            "context_shaped": {
+                "components": [
+                    {"model": "context"},
+                    {"rule": {"kind": "length_window", "min_words": 3, "max_words": 30}, "weight": 0.5},
+                    {"rule": {"kind": "distinct_n", "n": 2}, "weight": 0.5, "name": "repetition"},
+                ]
+            }
+        },
     )
     report = run_experiment(cfg)
     text = report.read_text()
     assert "### 1. The best karma predictor" in text and "### 5. Factuality drops" in text
     out = Path(cfg.out)
-    for run in ("full-reddit", "full-nonreddit", "context-reddit", "context-nonreddit"):
+    assert "### 6. Composed reward `context_shaped` = 1*context+0.5*length_window+0.5*repetition" in text
+    for cond in ("reddit", "nonreddit"):
+        assert f"{cond} prompts: pragmatics, `context_shaped-{cond}` − `context-{cond}`:" in text
+        assert (out / "compare" / f"context_shaped-{cond}_vs_context-{cond}" / "compare.json").exists()
+    rows = [
+        json.loads(line)
+        for line in (out / "policies/context_shaped-reddit/metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows and all(r["reward/version"] for r in rows)  # trained against the composed endpoint
+    for run in (
+        "full-reddit",
+        "full-nonreddit",
+        "context-reddit",
+        "context-nonreddit",
+        "context_shaped-reddit",
+    ):
         assert (out / "policies" / run / "config.json").exists()
         res = json.loads((out / "eval" / run / "results.json").read_text())
         assert "truthfulqa_mc" in res["tasks"]
@@ -475,6 +564,8 @@ def test_experiment_end_to_end_tiny(tmp_path):
         "full-nonreddit",
         "context-reddit",
         "context-nonreddit",
+        "context_shaped-reddit",
+        "context_shaped-nonreddit",
     }
     # every compared row states its MDE; 4 items per task can never reach p < 0.05 under exact McNemar
     cells = [c for r in cmp["rows"] for c in r["models"].values()]

@@ -429,7 +429,8 @@ def test_verl_reward_function_as_verl_calls_it(loopback, rm_a, rm_b, monkeypatch
     )
     assert score == pytest.approx(rm_b.score([RMInput(CLEAN_CONTEXT, REPLY, meta)])[0], abs=1e-5)
     normalized = verl.compute_score(solution_str=REPLY, extra_info={}, url=loopback, normalize="true")
-    assert normalized["score"] == pytest.approx((rm_a.score([RMInput("", REPLY)])[0] - 0.25) / 2.0, abs=1e-5)
+    # the item was scored (batched) above, so the service's score cache answers: batch tolerance, 1e-4
+    assert normalized["score"] == pytest.approx((rm_a.score([RMInput("", REPLY)])[0] - 0.25) / 2.0, abs=1e-4)
     verl.close()
 
 

@@ -223,7 +223,7 @@ def test_unknown_route_and_method_use_the_error_body(client):
 def test_not_ready_until_every_model_is_loaded(root):
     from services.reward_api.engine import ModelRegistry
 
-    registry = ModelRegistry(device="cpu")
+    registry = ModelRegistry(Settings().limits(), device="cpu", dtype="auto")
     registry.default = "a"
     registry.declare("a")
     app = create_app(Settings(), registry=registry)
@@ -256,6 +256,8 @@ def test_info_and_health(client, rm_a):
         "max_batch_tokens": 16384,
         "max_wait_ms": 2.0,
         "padding_tolerance": 0.25,
+        "score_cache_items": 100_000,
+        "monitor_window": 1024,
     }
     a = next(m for m in info["models"] if m["name"] == "a")
     assert a["version"] == rm_a.version and a["dtype"] == "float32" and a["device"] == "cpu"

@@ -6,6 +6,7 @@ it is given; one test checks batch invariance with a real (tiny) RewardModel.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -14,7 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from karma.protocol import Limits
 from karma.rm.model import Encoded, RMInput
+from services.reward_api.core.config import Settings
 from services.reward_api.engine import (
     BatchingWorker,
     ModelExistsError,
@@ -27,6 +30,12 @@ from services.reward_api.engine import (
     WorkerClosedError,
     plan_batches,
 )
+
+
+def limits(**overrides) -> Limits:
+    """The service's default limits (`Settings().limits()`, the one place for defaults) with `overrides`, not
+    validated against the settings' bounds (tests use budgets smaller than a server would accept)."""
+    return Settings().limits().model_copy(update=overrides)
 
 
 class FakeModel:
@@ -85,7 +94,9 @@ def test_plan_batches_keeps_lengths_within_the_padding_tolerance():
 
 def test_worker_batches_across_requests_and_returns_each_request_its_scores():
     model = FakeModel()
-    worker = BatchingWorker(model, name="m", max_batch_tokens=10_000, max_wait_ms=1000)
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=10_000, max_wait_ms=1000, padding_tolerance=math.inf)
+    )
     try:
         futures = [worker.submit([enc(5 + i, value=i), enc(3, value=100 + i)]) for i in range(10)]
         results = [f.result(5) for f in futures]
@@ -98,7 +109,7 @@ def test_worker_batches_across_requests_and_returns_each_request_its_scores():
 
 def test_worker_fires_early_when_the_token_budget_is_reached():
     model = FakeModel()
-    worker = BatchingWorker(model, name="m", max_batch_tokens=40, max_wait_ms=5_000)
+    worker = BatchingWorker(model, name="m", limits=limits(max_batch_tokens=40, max_wait_ms=5_000))
     try:
         t0 = time.perf_counter()
         fut = worker.submit([enc(10)] * 4)  # 40 tokens queued: no need to wait 5 s
@@ -112,7 +123,9 @@ def test_worker_fires_early_when_the_token_budget_is_reached():
 def test_queue_full_raises_and_the_worker_recovers():
     gate = threading.Event()
     model = FakeModel(gate=gate)
-    worker = BatchingWorker(model, name="m", max_batch_tokens=8, max_wait_ms=0, max_queue_items=4)
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=8, max_wait_ms=0, max_queue_items=4)
+    )
     try:
         first = worker.submit([enc(8)])  # taken at once, blocks in forward on the gate
         deadline = time.monotonic() + 5
@@ -136,7 +149,7 @@ def test_queue_full_raises_and_the_worker_recovers():
 
 def test_close_drains_queued_items_then_refuses_new_ones():
     model = FakeModel()
-    worker = BatchingWorker(model, name="m", max_batch_tokens=10_000, max_wait_ms=300)
+    worker = BatchingWorker(model, name="m", limits=limits(max_batch_tokens=10_000, max_wait_ms=300))
     futures = [worker.submit([enc(4, value=i)]) for i in range(5)]
     worker.close()
     assert [f.result(0) for f in futures] == [[float(i)] for i in range(5)]
@@ -146,7 +159,7 @@ def test_close_drains_queued_items_then_refuses_new_ones():
 
 def test_cancelled_requests_are_skipped_and_forward_errors_reach_the_waiting_requests():
     model = FakeModel()
-    worker = BatchingWorker(model, name="m", max_batch_tokens=10_000, max_wait_ms=200)
+    worker = BatchingWorker(model, name="m", limits=limits(max_batch_tokens=10_000, max_wait_ms=200))
     try:
         gone = worker.submit([enc(9)])
         assert gone.cancel()
@@ -156,7 +169,7 @@ def test_cancelled_requests_are_skipped_and_forward_errors_reach_the_waiting_req
         worker.close()
     assert model.batches == [[4]]  # the cancelled item never reached the model
 
-    failing = BatchingWorker(FakeModel(fail=True), name="f", max_wait_ms=0)
+    failing = BatchingWorker(FakeModel(fail=True), name="f", limits=limits(max_wait_ms=0))
     try:
         with pytest.raises(RuntimeError, match="boom"):
             failing.submit([enc(3)]).result(5)
@@ -175,7 +188,9 @@ class SlowModel(FakeModel):
 def test_admission_by_time_refuses_with_the_estimated_wait_and_cancelled_work_stops_counting():
     gate = threading.Event()
     model = SlowModel()
-    worker = BatchingWorker(model, name="m", max_batch_tokens=100, max_wait_ms=0, max_queue_wait_s=0.5)
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=100, max_wait_ms=0, max_queue_wait_s=0.5)
+    )
     try:
         assert worker.estimated_wait() == 0.0
         worker.submit([enc(100)]).result(5)  # measures the throughput
@@ -210,7 +225,7 @@ def test_admission_by_time_refuses_with_the_estimated_wait_and_cancelled_work_st
 
 
 def test_empty_submit_resolves_immediately():
-    worker = BatchingWorker(FakeModel(), name="m")
+    worker = BatchingWorker(FakeModel(), name="m", limits=limits())
     try:
         fut = worker.submit([])
         assert isinstance(fut, Future) and fut.result(0) == []
@@ -220,14 +235,16 @@ def test_empty_submit_resolves_immediately():
 
 # --------------------------------------------------------------------------------------------- registry
 def fake_registry(monkeypatch) -> ModelRegistry:
-    registry = ModelRegistry(device="cpu", max_wait_ms=0)
+    registry = ModelRegistry(limits(max_wait_ms=0), device="cpu", dtype="auto")
 
     def variant(path: Path) -> str:  # a folder named "full-..." holds a `full` model
         return Path(path).name.split("-")[0] if "-" in Path(path).name else "context"
 
     def build(name: str, path: Path) -> ModelHandle:
         model = FakeModel(version=Path(path).name, variant=variant(path))
-        return ModelHandle(name, Path(path), model, BatchingWorker(model, name=name, max_wait_ms=0))
+        return ModelHandle(
+            name, Path(path), model, BatchingWorker(model, name=name, limits=limits(max_wait_ms=0))
+        )
 
     monkeypatch.setattr(registry, "_build", build)
     monkeypatch.setattr(registry, "_variant_at", variant)
@@ -307,7 +324,7 @@ def test_batch_invariance_with_a_real_tiny_model(tmp_path):
     items = [RMInput("context " * (i * 3), "a reply " * (1 + i % 5)) for i in range(24)]
     encoded = [rm.encode(it) for it in items]
     alone = [rm.forward([e])[0] for e in encoded]
-    worker = BatchingWorker(rm, name="tiny", max_batch_tokens=300, max_wait_ms=100)
+    worker = BatchingWorker(rm, name="tiny", limits=limits(max_batch_tokens=300, max_wait_ms=100))
     try:
         futures = [worker.submit(encoded[i : i + 3]) for i in range(0, 24, 3)]
         batched = [s for f in futures for s in f.result(30)]

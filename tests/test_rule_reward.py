@@ -102,6 +102,49 @@ def test_rules_score_as_computed_by_hand(folders):
     )
 
 
+def distinct(text: str, n: int) -> float:
+    """The distinct_n rule, written out: distinct word n-grams / n-grams (1 when there is none)."""
+    words = text.lower().split()
+    grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def test_repetition_refusal_and_format_rules_score_as_computed_by_hand():
+    texts = [
+        *RESPONSES,
+        "I can't help with that.",
+        "Sorry, I can\u2019t do it",
+        "As an AI language model, no.",
+        "icannot is one word",
+        "Answer: 42",
+        "the the the the",
+    ]
+    spec = RuleSpec.parse(
+        {
+            "rules": [
+                {"kind": "distinct_n"},
+                {"kind": "distinct_n", "n": 1, "weight": 2},
+                {"kind": "refusal", "weight": -1},
+                {"kind": "format", "pattern": r"^Answer: \d+$", "weight": 3},
+            ]
+        }
+    )
+    refusal = [0.0] * len(RESPONSES) + [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    fmt = [float(t == "Answer: 42") for t in texts]
+    want = [
+        distinct(t, 2) + 2 * distinct(t, 1) - r + 3 * f for t, r, f in zip(texts, refusal, fmt, strict=True)
+    ]
+    assert [spec.score(t) for t in texts] == pytest.approx(want)
+    assert distinct("word " * 16, 2) == pytest.approx(1 / 15) and spec.rules[0].value(
+        "word " * 16
+    ) == pytest.approx(1 / 15)
+    full = RuleSpec.parse(
+        {"rules": [{"kind": "format", "pattern": "yes|no", "full": True, "ignore_case": True}]}
+    )
+    assert [full.score(t) for t in ("YES", "yes sir", "No")] == [1.0, 0.0, 1.0]
+    assert spec.describe() == "distinct_n+distinct_n+refusal+format"
+
+
 def test_version_is_the_hash_of_the_spec(folders):
     a = RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 5, "max_words": 15, "scale": 10}]})
     reordered = RuleSpec.parse(
@@ -123,7 +166,10 @@ def test_version_is_the_hash_of_the_spec(folders):
         ),
         (
             {"rules": [{"kind": "sentiment"}]},
-            r"rules\.0: Input tag 'sentiment' .* expected tags: 'length_window', 'marker'",
+            (
+                r"rules\.0: Input tag 'sentiment' .* expected tags: 'length_window', 'marker', 'distinct_n', "
+                r"'refusal', 'format'$"
+            ),
         ),
         ({"rules": []}, r"rules: List should have at least 1 item"),
         (
@@ -135,6 +181,19 @@ def test_version_is_the_hash_of_the_spec(folders):
             r"rules\.0: markers must be non-empty strings \(empty at position\(s\) \[1\]\)",
         ),
         ({"rules": [{"kind": "marker", "weigth": 2}]}, r"rules\.0\.weigth: Extra inputs are not permitted"),
+        (
+            {"rules": [{"kind": "distinct_n", "n": 0}]},
+            r"rules\.0\.n: Input should be greater than or equal to 1",
+        ),
+        (
+            {"rules": [{"kind": "format", "pattern": "(unclosed"}]},
+            r"rules\.0: pattern '\(unclosed' is not a valid regular expression: missing \), unterminated subpattern",
+        ),
+        ({"rules": [{"kind": "format"}]}, r"rules\.0\.pattern: Field required"),
+        (
+            {"rules": [{"kind": "refusal", "phrases": [""]}]},
+            r"rules\.0: phrases must be non-empty strings \(empty at position\(s\) \[0\]\)",
+        ),
     ],
 )
 def test_bad_specs_raise_a_typed_error_naming_the_field(spec, message):

@@ -3,6 +3,7 @@ fails when the config loads, not an hour into stage 4."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from karma.config import Cli, ConfigError, load, options, to_yaml
 from karma.data.prepare import PrepareConfig
 from karma.eval.run import PolicyEvalConfig
+from karma.protocol import MODEL_NAME_PATTERN
+from karma.rm.compose import CompositionSpec
 from karma.rm.evaluate import RMEvalConfig
 from karma.rm.template import VARIANTS
 from karma.rm.train import RMHyperParams
@@ -81,6 +84,13 @@ class ExperimentConfig(BaseModel):
         description="trainer sections (model, rollout, ppo, run, ...) shared by every PPO run",
     )
     eval: PolicyEvalConfig = Field(default_factory=PolicyEvalConfig)
+    composed: Annotated[dict[str, CompositionSpec], Cli(hidden=True)] = Field(
+        default_factory=dict,
+        description="optional extra rewards, NAME -> composition (karma.rm.compose): an RM variant composed "
+        "with rule components, e.g. the `context` RM + a length window + a repetition penalty; each is "
+        "served beside the variants, PPO'd under every condition, and compared head-to-head with the policy "
+        "of the variant it builds on (claim 6)",
+    )
 
     @field_validator("conditions")
     @classmethod
@@ -106,6 +116,27 @@ class ExperimentConfig(BaseModel):
             )
         Settings(**value)  # the values, checked as `karma serve` would
         return value
+
+    @field_validator("composed")
+    @classmethod
+    def _composed(cls, value: dict[str, CompositionSpec], info: Any) -> dict[str, CompositionSpec]:
+        variants = list(info.data["rm"].variants) if "rm" in info.data else []
+        for name, spec in value.items():
+            if not re.fullmatch(MODEL_NAME_PATTERN, name) or name in VARIANTS:
+                raise ValueError(f"composed reward name {name!r} must be a model name other than a variant")
+            if not spec.models:
+                raise ValueError(f"composed reward {name!r} has no model component (it would be a rule only)")
+            missing = [m for m in spec.models if m not in variants]
+            if missing:
+                raise ValueError(
+                    f"composed reward {name!r} reads {', '.join(missing)}, not among rm.variants "
+                    f"({', '.join(variants)})"
+                )
+        return value
+
+    def composed_base(self, name: str) -> str:
+        """The variant a composed reward builds on (its first model component): its policy is the comparison."""
+        return self.composed[name].models[0]
 
     @property
     def variants(self) -> list[str]:

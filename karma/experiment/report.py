@@ -251,6 +251,7 @@ def claims(
     rm_metrics: dict[str, Any],
     comparison: dict[str, Any],
     head_to_head: dict[str, dict[str, Any]] | None = None,
+    composed: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The paper's claims, each stated from the numbers ("not reproduced" where that is what happened).
 
@@ -358,6 +359,72 @@ def claims(
                     lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
     lines.append(_verdict(flags, "TruthfulQA went down", cells) if flags else "No TruthfulQA rows to test.")
     lines.append("")
+    for name in cfg.composed:
+        lines += _claim_composed(cfg, name, runs, comparison, (composed or {}).get(name) or {})
+    return lines
+
+
+def _claim_composed(
+    cfg: ExperimentConfig, name: str, runs: list[str], comparison: dict[str, Any], h2h: dict[str, Any]
+) -> list[str]:
+    """Claim 6 (beyond the paper): does the composed reward keep the pragmatics gains while factuality falls
+    less? (a) its policies' pragmatics against the base model; (b) its policies against the policies of the
+    variant it builds on, head to head on the same items: pragmatics (no worse) and TruthfulQA (higher)."""
+    base = cfg.composed_base(name)
+    title = f"Composed reward `{name}` = {cfg.composed[name].describe()}"
+    lines = [f"### 6. {title}: pragmatics kept, factuality falling less than with `{base}`?"]
+    prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc")
+    flags, cells = [], []
+    for r in prag:
+        for run in runs:
+            if run.startswith(f"{name}-") and run in r["models"]:
+                c = r["models"][run]
+                flags.append(_supports(c, +1))
+                cells.append(c)
+                lines.append(f"- `{run}` vs base: Δ pragmatics accuracy {_delta_cell(c)}")
+    lines.append(
+        "(a) " + (_verdict(flags, "pragmatics went up", cells) if flags else "No pragmatics rows to test.")
+    )
+    prag_flags, prag_cells, fact_flags, fact_cells = [], [], [], []
+    for cond in cfg.conditions:
+        table, run = h2h.get(cond), f"{name}-{cond}"
+        if not table:
+            lines.append(f"- {cond} prompts: no head-to-head comparison of `{run}` with `{base}-{cond}`")
+            continue
+        for r in _rows(table, suite="pragmatics", kind="suite", metric="acc"):
+            if run in r["models"]:
+                c = r["models"][run]
+                prag_flags.append(_supports(c, -1))  # a significant fall would lose the gains
+                prag_cells.append(c)
+                lines.append(f"- {cond} prompts: pragmatics, `{run}` − `{base}-{cond}`: {_delta_cell(c)}")
+        for metric_name in ("mc1", "mc2"):
+            for r in _rows(table, suite="factuality", kind="task", metric=metric_name):
+                if run in r["models"]:
+                    c = r["models"][run]
+                    fact_flags.append(_supports(c, +1))
+                    fact_cells.append(c)
+                    lines.append(
+                        f"- {cond} prompts: {r['row']} {metric_name}, `{run}` − `{base}-{cond}`: {_delta_cell(c)}"
+                    )
+    if prag_flags:
+        lost = sum(d and s for d, s in prag_flags)
+        lines.append(
+            f"(b) pragmatics against `{base}`: "
+            + (
+                f"**lower** in {lost} of {len(prag_flags)} runs (p < {ALPHA:g}): the composition cost pragmatics"
+                if lost
+                else f"no significant loss in {len(prag_flags)} runs{_power_suffix(prag_cells, found=False)}"
+            )
+        )
+    lines.append(
+        "(c) "
+        + (
+            _verdict(fact_flags, f"TruthfulQA higher than with `{base}`", fact_cells)
+            if fact_flags
+            else "No TruthfulQA rows to test."
+        )
+    )
+    lines.append("")
     return lines
 
 
@@ -381,6 +448,7 @@ def write_report(
     training: dict[str, Any],
     timings: dict[str, float],
     head_to_head: dict[str, dict[str, Any]] | None = None,
+    composed: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     lines = [
         f"# KARMA experiment `{cfg.name}`",
@@ -402,7 +470,7 @@ def write_report(
             f"effect; a run whose MDE exceeds {PLAUSIBLE_EFFECT * 100:g} points is underpowered for the claim."
         ),
         "",
-        *claims(cfg, rm_metrics, comparison, head_to_head),
+        *claims(cfg, rm_metrics, comparison, head_to_head, composed),
         "## PPO runs (reward from each run's own RM, over HTTP)",
         "",
         (

@@ -19,6 +19,7 @@ from typing import Any, Self
 
 from karma.experiment.config import ExperimentConfig, PreparedData
 from karma.experiment.report import training_summary, write_report
+from karma.rm.compose import write_compose_folder
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,10 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     for variant in cfg.variants:
         with Stage(f"train RM ({variant})", timings):
             rm_dirs[variant] = _train_rm(cfg, data_dir, out / "rm" / variant, variant)
+    for name, spec in cfg.composed.items():  # no training: a definition over the variants just trained
+        rm_dirs[name] = write_compose_folder(spec, out / "rm" / name)
     with Stage("evaluate RMs", timings):  # every variant on the same rows: their differences are paired
-        joint = _eval_rm(cfg, data_dir, list(rm_dirs.values()), out / "rm" / "eval")
+        joint = _eval_rm(cfg, data_dir, [rm_dirs[v] for v in cfg.variants], out / "rm" / "eval")
         rm_metrics = {variant: joint for variant in cfg.variants}
 
     policies: dict[str, Path] = {}
@@ -139,7 +142,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         flags=cfg.serve_flags(),
         port=cfg.serve.get("port"),
     ) as url:
-        for variant in cfg.variants:
+        for variant in [*cfg.variants, *cfg.composed]:
             for cond, spec in cfg.conditions.items():
                 run = f"{variant}-{cond}"
                 with Stage(f"PPO {run}", timings):
@@ -177,6 +180,20 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
                     seed=cfg.seed,
                     plots=False,
                 )
+        composed = {}  # claim 6: each composed reward's policy against the policy of the variant it builds on
+        for name in cfg.composed:
+            base = cfg.composed_base(name)
+            composed[name] = {
+                cond: compare(
+                    eval_dir / f"{base}-{cond}",
+                    eval_dir / f"{name}-{cond}",
+                    names=[f"{name}-{cond}"],
+                    out=out / "compare" / f"{name}-{cond}_vs_{base}-{cond}",
+                    seed=cfg.seed,
+                    plots=False,
+                )
+                for cond in cfg.conditions
+            }
     training = {run: training_summary(path) for run, path in policies.items()}
     for stage, seconds in previous.items():
         if stage != "total" and timings.get(stage, 0.0) < 1.0 and seconds >= 1.0:
@@ -186,7 +203,7 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         timings["total (this run, resumed)"] = timings.pop("total")
         if "total" in previous:  # the run that did the work
             timings = {"total": previous["total"], **timings}
-    report = write_report(cfg, out, rm_metrics, comparison, training, timings, head_to_head)
+    report = write_report(cfg, out, rm_metrics, comparison, training, timings, head_to_head, composed)
     log.info("experiment report: %s", report)
     return report
 

@@ -15,6 +15,12 @@ tokens (`len(text.split())`):
   (`1 - distance / scale`), floored at `floor` when one is set.
 - `marker`: 1 when the response contains any of `markers` (case-insensitive, at a word start: "thank"
   matches "Thanks"); with `count: true`, the number of distinct markers present.
+- `distinct_n`: the response's distinct word n-grams / its n-grams (`n` 2 by default; lower-cased words), in
+  [0, 1]: 1 when no n-gram repeats (and for a response shorter than `n` words), falling as it repeats itself.
+- `refusal`: 1 when the response contains one of `phrases` ("I can't", "as an AI", ...; case-insensitive, at
+  a word start, `'` and `’` alike), else 0 — give it a negative weight to penalise refusals.
+- `format`: 1 when the regular expression `pattern` matches the response (`re.search`; `full: true` for
+  `re.fullmatch`), else 0.
 
 `karma rm rule --kind length_window --min-words 5 --max-words 15 --out DIR` writes a folder.
 """
@@ -22,6 +28,7 @@ tokens (`len(text.split())`):
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,8 +98,92 @@ class MarkerRule(_Rule):
         return float(hits) if self.count else float(hits > 0)
 
 
-Rule = Annotated[LengthWindowRule | MarkerRule, Field(discriminator="kind")]
-KINDS = ("length_window", "marker")
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The lower-cased whitespace-word n-grams of `text` (what `distinct_n` counts)."""
+    words = text.lower().split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+class DistinctNRule(_Rule):
+    """Repetition penalty: distinct word n-grams / n-grams of the response (1 = nothing repeats)."""
+
+    kind: Literal["distinct_n"] = "distinct_n"
+    n: int = Field(2, ge=1, le=8, description="n-gram size, in words")
+
+    def value(self, text: str) -> float:
+        grams = word_ngrams(text, self.n)
+        return len(set(grams)) / len(grams) if grams else 1.0
+
+
+#: phrases that open a refusal in chat models' replies (matched case-insensitively at a word start)
+REFUSAL_PHRASES = (
+    "I can't",
+    "I cannot",
+    "I won't",
+    "I am unable",
+    "I'm unable",
+    "I'm sorry, but",
+    "I am sorry, but",
+    "as an AI",
+    "I'm not able to",
+)
+
+
+class RefusalRule(_Rule):
+    """1 when the response holds a refusal phrase, else 0 (use a negative weight to penalise refusals)."""
+
+    kind: Literal["refusal"] = "refusal"
+    phrases: list[str] = Field(default_factory=lambda: list(REFUSAL_PHRASES), min_length=1)
+
+    @model_validator(mode="after")
+    def _phrases(self) -> RefusalRule:
+        empty = [i for i, m in enumerate(self.phrases) if not m.strip()]
+        if empty:
+            raise ValueError(f"phrases must be non-empty strings (empty at position(s) {empty})")
+        return self
+
+    @cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        alternatives = "|".join(re.escape(_plain_quotes(p.strip())) for p in self.phrases)
+        return re.compile(rf"(?<!\w)(?:{alternatives})", re.IGNORECASE)
+
+    def value(self, text: str) -> float:
+        return float(self._pattern.search(_plain_quotes(text)) is not None)
+
+
+def _plain_quotes(text: str) -> str:
+    return text.replace("\u2019", "'")
+
+
+class FormatRule(_Rule):
+    """1 when the regular expression `pattern` matches the response (`re.search`, or `re.fullmatch`)."""
+
+    kind: Literal["format"] = "format"
+    pattern: str = Field(min_length=1, description="a Python regular expression")
+    full: bool = Field(False, description="the whole response must match (re.fullmatch)")
+    ignore_case: bool = False
+
+    @model_validator(mode="after")
+    def _compiles(self) -> FormatRule:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
+        return self
+
+    @cached_property
+    def _regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern, re.IGNORECASE if self.ignore_case else 0)
+
+    def value(self, text: str) -> float:
+        match = self._regex.fullmatch(text) if self.full else self._regex.search(text)
+        return float(match is not None)
+
+
+Rule = Annotated[
+    LengthWindowRule | MarkerRule | DistinctNRule | RefusalRule | FormatRule, Field(discriminator="kind")
+]
+KINDS = ("length_window", "marker", "distinct_n", "refusal", "format")
 
 
 class RuleSpec(BaseModel):
@@ -127,7 +218,7 @@ class RuleSpec(BaseModel):
 
 
 def _describe_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("length_window", "marker"))
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in KINDS)
     msg = str(err.get("msg", "")).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
@@ -135,6 +226,42 @@ def _describe_error(err: dict[str, Any]) -> str:
 def count_words(text: str) -> int:
     """Words as the rules count them: whitespace-separated tokens."""
     return len(text.split())
+
+
+# ------------------------------------------------------------------ text statistics (the monitors share them)
+def distinct_n(responses: Sequence[str], n: int) -> float | None:
+    """Corpus-level distinct-n: distinct lower-cased word n-grams / all n-grams over `responses` (the
+    `distinct_n` rule is this over one response); None when there is no n-gram at all. Read by the
+    reward-hacking monitors of the service (`services/reward_api/monitor.py`) and the trainer
+    (`services/policy_trainer/monitor.py`)."""
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for text in responses:
+        grams = word_ngrams(text, n)
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else None
+
+
+def duplicate_rate(responses: Sequence[str]) -> float | None:
+    """1 - distinct responses / responses (exact string equality); None for no responses."""
+    return 1 - len(set(responses)) / len(responses) if responses else None
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation of two equal-length sequences; None for fewer than 2 points or a constant side."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"pearson: {n} x values but {len(y)} y values")
+    if n < 2:
+        return None
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    syy = math.fsum((b - my) ** 2 for b in y)
+    if sxx <= 1e-24 * n * max(1.0, mx * mx) or syy <= 1e-24 * n * max(1.0, my * my):
+        return None
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
 @dataclass

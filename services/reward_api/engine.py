@@ -11,22 +11,33 @@
   refuses a request (`QueueBusyError`, 429 + Retry-After) when the work queued ahead of it would keep it
   waiting longer than `max_queue_wait_s`; `max_queue_items` stays as a hard cap. Work whose request was
   cancelled (the client went away) leaves the queue's accounting at once and is never forwarded.
-* `ModelHandle` — a loaded model + its worker + a lease count. A request holds a lease from lookup to reply.
+* `ModelHandle` — a loaded model + its worker + a lease count + a bounded score cache. A request holds a
+  lease from lookup to reply. Items already scored by this version (`ScoreCache`, keyed on a hash of context,
+  response, metadata and the truncate flag) are answered without a forward; duplicates inside one request
+  are forwarded once.
+* `ComposedHandle` — a composed reward (`karma.rm.compose`): Σ weight · component, its model components
+  scored through their own (current) handles, so shared batches, admission and caches apply; its version
+  hashes the definition and the component versions.
 * `ModelRegistry` — name → handle. `swap` loads the new folder beside the old one, switches atomically under
   the registry lock, then (in the background) waits for the old handle's leases to end, drains its worker and
   frees it: no request fails and every reply names the version that produced it.
+
+Every limit comes from one `karma.protocol.Limits` (built by the service's `Settings.limits()`): the engine has
+no defaults of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import logging
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +45,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
+    from karma.protocol import Limits
+    from karma.rm.compose import CompositionSpec
     from karma.rm.model import Encoded, RewardModel, RMInput
+    from services.reward_api.monitor import ScoreMonitor
+
+    #: what a model is loaded from: a folder, or (a composed reward given to the admin API) its definition
+    Source = Path | CompositionSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +102,11 @@ class ModelExistsError(EngineError):
     pass
 
 
+class CompositionError(ValueError):
+    """A composed reward that cannot be built: a component that is not served, or is itself composed. Like any
+    folder that does not load, it fails the model at start and is a 422 `model_load` on the admin routes."""
+
+
 class ItemTooLongError(EngineError):
     """An item over the model's max_length with truncate=False (the HTTP layer answers 422)."""
 
@@ -102,6 +124,8 @@ class Observer(Protocol):
     def set_queue_depth(self, model: str, depth: int) -> None: ...
     def model_loaded(self, model: str, version: str, loaded: bool) -> None: ...
     def observe_truncated(self, model: str, n_items: int) -> None: ...
+    def observe_cache(self, model: str, hits: int, misses: int, size: int) -> None: ...
+    def observe_components(self, model: str, values: Mapping[str, Sequence[float]]) -> None: ...
 
 
 class _NullObserver:
@@ -110,15 +134,88 @@ class _NullObserver:
     def set_queue_depth(self, *a, **k) -> None: ...
     def model_loaded(self, *a, **k) -> None: ...
     def observe_truncated(self, *a, **k) -> None: ...
+    def observe_cache(self, *a, **k) -> None: ...
+    def observe_components(self, *a, **k) -> None: ...
 
 
 @dataclass
 class Scored:
-    """One request's result: a float score, a truncated flag per item, and the tokens they took."""
+    """One request's result: a float score, a truncated flag per item, the tokens they took, the version that
+    scored every item, and (composed rewards; a plain model is its own one component) each component's values."""
 
     scores: list[float]
     truncated: list[bool]
     tokens: int
+    version: str = ""
+    components: dict[str, list[float]] | None = None
+
+
+def group_zscore(scores: Sequence[float], groups: Sequence[object]) -> list[float]:
+    """Group normalisation (GRPO / RLOO style): within the items sharing a group key (the context),
+    `z_i = (s_i - mean_g) / std_g` with the population std (ddof = 0). A group whose scores are all equal —
+    a group of one item included — has std 0 and gets z = 0 for every item (no signal, no division by 0)."""
+    members: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = [0.0] * len(scores)
+    for idx in members.values():
+        vals = [float(scores[i]) for i in idx]
+        mean = math.fsum(vals) / len(vals)
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / len(vals))
+        if std > 1e-12 * max(1.0, abs(mean)):
+            for i, v in zip(idx, vals, strict=True):
+                out[i] = (v - mean) / std
+    return out
+
+
+# --------------------------------------------------------------------------------------------- cache
+def item_key(item: RMInput, truncate: bool) -> bytes:
+    """What identifies an item's score under one model version: a 16-byte hash of (context, response, metadata,
+    truncate) — so the cache holds 16 bytes a key, not the texts."""
+    text = json.dumps([item.context, item.response, item.metadata, truncate], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    score: float
+    truncated: bool
+    tokens: int
+
+
+class ScoreCache:
+    """A bounded LRU of recent raw scores of one model version: item key → (score, truncated, tokens).
+    `max_items=0` turns it off (duplicates inside one request are still forwarded once). Thread-safe."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._data: OrderedDict[bytes, _Cached] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, _Cached]:
+        found: dict[bytes, _Cached] = {}
+        if not self.max_items:
+            return found
+        with self._lock:
+            for key in keys:
+                hit = self._data.get(key)
+                if hit is not None:
+                    self._data.move_to_end(key)
+                    found[key] = hit
+        return found
+
+    def put_many(self, entries: Mapping[bytes, _Cached]) -> None:
+        if not self.max_items:
+            return
+        with self._lock:
+            for key, value in entries.items():
+                self._data[key] = value
+                self._data.move_to_end(key)
+            while len(self._data) > self.max_items:
+                self._data.popitem(last=False)
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -171,25 +268,14 @@ def plan_batches(
 class BatchingWorker:
     """One thread that forwards queued items of one model in dynamic batches."""
 
-    def __init__(
-        self,
-        model: RewardModel,
-        *,
-        name: str = "model",
-        max_batch_tokens: int = 16384,
-        max_wait_ms: float = 2.0,
-        max_queue_items: int = 4096,
-        max_queue_wait_s: float | None = None,
-        padding_tolerance: float = math.inf,
-        observer: Observer | None = None,
-    ):
+    def __init__(self, model: RewardModel, *, name: str, limits: Limits, observer: Observer | None = None):
         self.model = model
-        self.max_queue_wait_s = max_queue_wait_s
-        self.padding_tolerance = padding_tolerance
+        self.max_queue_wait_s = limits.max_queue_wait_s
+        self.padding_tolerance = limits.padding_tolerance
         self.name = name
-        self.max_batch_tokens = max_batch_tokens
-        self.max_wait_s = max_wait_ms / 1000.0
-        self.max_queue_items = max_queue_items
+        self.max_batch_tokens = limits.max_batch_tokens
+        self.max_wait_s = limits.max_wait_ms / 1000.0
+        self.max_queue_items = limits.max_queue_items
         self.observer = observer or _NullObserver()
         self._queue: deque[_Slot] = deque()
         self._queued_tokens = 0  # of live (not cancelled) items
@@ -408,68 +494,24 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-class ModelHandle:
-    """A loaded reward model, its batching worker, its tokenising thread, and the leases of the requests
-    using it. The model's tokenizer is serialised by a lock, so one tokenising thread per model is enough.
+class _Leased:
+    """The lease count of a handle: requests hold a lease from lookup to reply; `retire` stops new leases and
+    `_drained` is set once the current ones have ended."""
 
-    `await handle.score(items)` is the one scoring path of every route: admission, encoding off the event loop,
-    the shared batch, normalisation."""
+    name: str
+    version: str
 
-    def __init__(
-        self,
-        name: str,
-        path: Path,
-        model: RewardModel,
-        worker: BatchingWorker,
-        observer: Observer | None = None,
-    ):
-        self.name = name
-        self.observer = observer or worker.observer
-        self.path = path
-        self.model = model
-        self.worker = worker
-        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"karma-encode-{name}")
-        self.version = model.version
-        self.loaded_at = time.time()
+    def _init_leases(self) -> None:
         self._leases = 0
         self._retired = False
         self._lock = threading.Lock()
         self._drained = threading.Event()
         self.closed = threading.Event()
+        self.loaded_at = time.time()
 
     @property
     def leases(self) -> int:
         return self._leases
-
-    async def score(
-        self, items: Sequence[RMInput], *, truncate: bool = True, normalize: bool = False
-    ) -> Scored:
-        """Score `items` in the model's shared batches. Raises QueueBusyError / QueueFullError (refused before
-        any work), ItemTooLongError (truncate=False), WorkerClosedError; cancelling the awaiting task drops
-        the request's queued items."""
-        import asyncio
-
-        self.worker.admit(len(items))  # refuse before encoding when the queue is already too long
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self.encoder, self._encode_all, items, truncate)
-        scores = await asyncio.wrap_future(self.worker.submit(encoded))
-        truncated = [e.truncated for e in encoded]
-        if any(truncated):
-            self.observer.observe_truncated(self.name, sum(truncated))
-        if normalize:
-            scores = self.model.normalize(scores)
-        return Scored([float(s) for s in scores], truncated, sum(len(e) for e in encoded))
-
-    def _encode_all(self, items: Sequence[RMInput], truncate: bool) -> list[Encoded]:
-        from karma.rm.model import InputTooLongError
-
-        out = []
-        for i, item in enumerate(items):
-            try:
-                out.append(self.model.encode(item, truncate=truncate))
-            except InputTooLongError as exc:
-                raise ItemTooLongError(i, str(exc)) from None
-        return out
 
     def _acquire(self) -> None:  # under the registry lock
         with self._lock:
@@ -490,6 +532,86 @@ class ModelHandle:
             if self._leases == 0:
                 self._drained.set()
 
+
+class ModelHandle(_Leased):
+    """A loaded reward model, its batching worker, its tokenising thread, its score cache, and the leases of
+    the requests using it. The model's tokenizer is serialised by a lock, so one tokenising thread per model
+    is enough.
+
+    `await handle.score(items)` is the one scoring path of every route: cache, admission, encoding off the
+    event loop, the shared batch, normalisation."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        model: RewardModel,
+        worker: BatchingWorker,
+        observer: Observer | None = None,
+        *,
+        cache_items: int = 0,
+        monitor: ScoreMonitor | None = None,
+    ):
+        self.name = name
+        self.observer = observer or worker.observer
+        self.path = path
+        self.model = model
+        self.worker = worker
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"karma-encode-{name}")
+        self.version = model.version
+        self.cache = ScoreCache(cache_items)  # per handle, so per model version
+        self.monitor = monitor
+        self._init_leases()
+
+    async def score(
+        self, items: Sequence[RMInput], *, truncate: bool = True, normalize: bool = False
+    ) -> Scored:
+        """Score `items` in the model's shared batches; items in the cache (or repeated in this request) cost
+        no forward of their own. Raises QueueBusyError / QueueFullError (refused before any work),
+        ItemTooLongError (truncate=False), WorkerClosedError; cancelling the awaiting task drops the request's
+        queued items."""
+        import asyncio
+
+        self.worker.admit(len(items))  # refuse before encoding when the queue is already too long
+        loop = asyncio.get_running_loop()
+        keys, known, todo = await loop.run_in_executor(self.encoder, self._prepare, items, truncate)
+        if todo:
+            raw = await asyncio.wrap_future(self.worker.submit([e for _, e in todo]))
+            fresh = {k: _Cached(float(s), e.truncated, len(e)) for (k, e), s in zip(todo, raw, strict=True)}
+            self.cache.put_many(fresh)
+            known.update(fresh)
+        self.observer.observe_cache(self.name, len(items) - len(todo), len(todo), len(self.cache))
+        results = [known[k] for k in keys]
+        scores = [r.score for r in results]
+        truncated = [r.truncated for r in results]
+        if any(truncated):
+            self.observer.observe_truncated(self.name, sum(truncated))
+        if normalize:
+            scores = [float(s) for s in self.model.normalize(scores)]
+        if self.monitor is not None:
+            self.monitor.observe(self.name, self.version, [it.response for it in items], scores, truncated)
+        return Scored(scores, truncated, sum(r.tokens for r in results), self.version, {self.name: scores})
+
+    def _prepare(
+        self, items: Sequence[RMInput], truncate: bool
+    ) -> tuple[list[bytes], dict[bytes, _Cached], list[tuple[bytes, Encoded]]]:
+        """(each item's key, the cached results, the distinct uncached items encoded) — in the encoder thread."""
+        from karma.rm.model import InputTooLongError
+
+        keys = [item_key(it, truncate) for it in items]
+        known = self.cache.get_many(keys)
+        todo: list[tuple[bytes, Encoded]] = []
+        seen: set[bytes] = set()
+        for i, (key, item) in enumerate(zip(keys, items, strict=True)):
+            if key in known or key in seen:
+                continue
+            seen.add(key)
+            try:
+                todo.append((key, self.model.encode(item, truncate=truncate)))
+            except InputTooLongError as exc:
+                raise ItemTooLongError(i, str(exc)) from None
+        return keys, known, todo
+
     def close(self, timeout: float | None = None) -> None:
         """Wait for in-flight requests, drain the worker, free the weights."""
         self.retire()
@@ -508,36 +630,145 @@ class ModelHandle:
         log.info("model %s version %s unloaded", self.name, self.version)
 
 
+# --------------------------------------------------------------------------------------------- composed
+VARIANT_ORDER = ("response", "context", "full")  # what a composition reads: the most its components read
+
+
+@dataclass
+class ComposedConfig:
+    """What `/info` reports of a composed model (the fields a `KarmaRMConfig` has there)."""
+
+    variant: str
+    backbone: str
+    objective: str = "compose"
+    template_version: int = 0
+
+
+class ComposedModel:
+    """The `model` of a composed handle, as `/info` reads it (no weights: its components have them)."""
+
+    dtype = "float64"
+    device = "cpu"
+
+    def __init__(self, spec: CompositionSpec, registry: ModelRegistry):
+        self.spec = spec
+        self._registry = registry
+
+    @property
+    def config(self) -> ComposedConfig:
+        return ComposedConfig(
+            variant=self._registry.composition_variant(self.spec),
+            backbone=f"compose:{self.spec.describe()}",
+        )
+
+    @property
+    def max_length(self) -> int:
+        lengths = [self._registry.get(m).model.max_length for m in self.spec.models]
+        return max(lengths, default=0)
+
+
+class ComposedHandle(_Leased):
+    """A composed reward: `score = Σ weight_i · component_i`. Model components are looked up by name at every
+    request (a hot swap of a component takes effect at once) and scored through their own handles, each
+    under a lease held for the request; rule components run in a thread. `version` hashes the definition and
+    the component versions that scored the reply."""
+
+    def __init__(self, name: str, path: Path | None, spec: CompositionSpec, registry: ModelRegistry):
+        from karma.rm.compose import ModelComponent
+
+        self.name = name
+        self.path = path
+        self.spec = spec
+        self.registry = registry
+        self.model = ComposedModel(spec, registry)
+        self.observer = registry.observer
+        self.monitor = registry.monitor
+        self._model_parts = [c for c in spec.components if isinstance(c, ModelComponent)]
+        self._rule_parts = [c for c in spec.components if not isinstance(c, ModelComponent)]
+        self._init_leases()
+
+    @property
+    def version(self) -> str:  # type: ignore[override]
+        """The version a request would get now (the current component versions). Reads the registry without
+        its lock (a dict read), so it is safe where the lock is held (the retired-lease error message)."""
+        return self.spec.served_version(self.registry.current_versions(self.spec.models))
+
+    async def score(
+        self, items: Sequence[RMInput], *, truncate: bool = True, normalize: bool = False
+    ) -> Scored:
+        """Σ weight · component per item; `normalize` standardises each model component with its own saved
+        statistics before weighting (rules are never rescaled)."""
+        import asyncio
+
+        with contextlib.ExitStack() as stack:
+            handles = {
+                m: stack.enter_context(self.registry.lease(m)) for m in dict.fromkeys(self.spec.models)
+            }
+            tasks = [
+                asyncio.ensure_future(h.score(items, truncate=truncate, normalize=normalize))
+                for h in handles.values()
+            ]
+            if self._rule_parts:
+                tasks.append(asyncio.ensure_future(asyncio.to_thread(self._rule_values, items)))
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
+            by_model: dict[str, Scored] = dict(zip(handles, results, strict=False))
+            version = self.spec.served_version({m: h.version for m, h in handles.items()})
+        components: dict[str, list[float]] = {c.label: by_model[c.model].scores for c in self._model_parts}
+        if self._rule_parts:
+            components.update(results[-1])
+        ordered = {c.label: components[c.label] for c in self.spec.components}
+        total = [
+            math.fsum(c.weight * ordered[c.label][i] for c in self.spec.components) for i in range(len(items))
+        ]
+        truncated = [any(s.truncated[i] for s in by_model.values()) for i in range(len(items))]
+        tokens = sum(s.tokens for s in by_model.values())
+        self.observer.observe_components(self.name, ordered)
+        if self.monitor is not None:
+            self.monitor.observe(self.name, version, [it.response for it in items], total, truncated)
+        return Scored(total, truncated, tokens, version, ordered)
+
+    def _rule_values(self, items: Sequence[RMInput]) -> dict[str, list[float]]:
+        return {c.label: [c.rule.value(str(it.response)) for it in items] for c in self._rule_parts}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for in-flight requests (the components are models of their own and stay)."""
+        self.retire()
+        self._drained.wait(timeout)
+        self.closed.set()
+        log.info("composed model %s unloaded", self.name)
+
+
+Handle = ModelHandle | ComposedHandle
 Status = Literal["loading", "ready", "failed"]
 
 
 class ModelRegistry:
-    """name → ModelHandle, with atomic hot swap. Blocking methods (load/add/swap/remove) belong in a thread."""
+    """name → handle, with atomic hot swap. Blocking methods (load/add/swap/remove) belong in a thread.
+
+    `limits` (from `Settings.limits()`) sets every worker's batching and admission, the cache size and the
+    monitor window; `monitor`, if given, records what every model scores."""
 
     def __init__(
         self,
+        limits: Limits,
         *,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_batch_tokens: int = 16384,
-        max_wait_ms: float = 2.0,
-        max_queue_items: int = 4096,
-        max_queue_wait_s: float | None = None,
-        padding_tolerance: float = math.inf,
+        device: str,
+        dtype: str,
         observer: Observer | None = None,
+        monitor: ScoreMonitor | None = None,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.worker_args = {
-            "max_batch_tokens": max_batch_tokens,
-            "max_wait_ms": max_wait_ms,
-            "max_queue_items": max_queue_items,
-            "max_queue_wait_s": max_queue_wait_s,
-            "padding_tolerance": padding_tolerance,
-        }
+        self.limits = limits
         self.observer = observer or _NullObserver()
+        self.monitor = monitor
         self.default: str | None = None
-        self._handles: dict[str, ModelHandle] = {}
+        self._handles: dict[str, Handle] = {}
         self.status: dict[str, Status] = {}
         self.errors: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -548,16 +779,16 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self.status)
 
-    def handles(self) -> list[ModelHandle]:
+    def handles(self) -> list[Handle]:
         with self._lock:
             return list(self._handles.values())
 
-    def get(self, name: str | None = None) -> ModelHandle:
+    def get(self, name: str | None = None) -> Handle:
         name = self.default if name is None else name
         with self._lock:
             return self._lookup(name)
 
-    def _lookup(self, name: str | None) -> ModelHandle:
+    def _lookup(self, name: str | None) -> Handle:
         if name is None:
             raise ModelNotReadyError("no model is configured")
         handle = self._handles.get(name)
@@ -571,7 +802,7 @@ class ModelRegistry:
         return handle
 
     @contextmanager
-    def lease(self, name: str | None = None) -> Iterator[ModelHandle]:
+    def lease(self, name: str | None = None) -> Iterator[Handle]:
         """The current handle of `name` (default model if None), kept alive until the block ends."""
         with self._lock:
             handle = self._lookup(self.default if name is None else name)
@@ -585,15 +816,34 @@ class ModelRegistry:
     def ready(self) -> bool:
         return bool(self.status) and all(s == "ready" for s in self.status.values())
 
+    def current_versions(self, names: Sequence[str]) -> dict[str, str]:
+        """The served version of each name ("?" for one not served), without taking the registry lock."""
+        handles = self._handles
+        return {n: h.version if (h := handles.get(n)) is not None else "?" for n in names}
+
+    def dependents(self, name: str) -> list[str]:
+        """The composed models that read model `name`."""
+        with self._lock:
+            return [
+                h.name
+                for h in self._handles.values()
+                if isinstance(h, ComposedHandle) and name in h.spec.models
+            ]
+
     # ------------------------------------------------------------------------------------ loading
-    def _build(self, name: str, path: Path) -> ModelHandle:
+    def _build(self, name: str, path: Source) -> Handle:
+        from karma.rm.compose import CompositionSpec, is_composition
         from karma.rm.model import RewardModel
 
+        if isinstance(path, CompositionSpec):
+            return self._build_composed(name, None, path)
+        if is_composition(path):
+            return self._build_composed(name, Path(path), CompositionSpec.load(path))
         t0 = time.perf_counter()
         model = RewardModel.load(
             path, device=self.device, dtype=None if self.dtype == "float32" else self.dtype
         )
-        worker = BatchingWorker(model, name=name, observer=self.observer, **self.worker_args)
+        worker = BatchingWorker(model, name=name, limits=self.limits, observer=self.observer)
         log.info(
             "loaded model %s (version %s) from %s in %.1fs",
             name,
@@ -602,11 +852,63 @@ class ModelRegistry:
             time.perf_counter() - t0,
         )
         self.observer.model_loaded(name, model.version, True)
-        return ModelHandle(name, Path(path), model, worker, self.observer)
+        return ModelHandle(
+            name,
+            Path(path),
+            model,
+            worker,
+            self.observer,
+            cache_items=self.limits.score_cache_items,
+            monitor=self.monitor,
+        )
 
-    def _variant_at(self, path: Path) -> str:
+    def _components(self, name: str, spec: CompositionSpec) -> dict[str, Handle]:
+        """The served handles of a composition's model components; CompositionError naming what is wrong."""
+        out: dict[str, Handle] = {}
+        for model in spec.models:
+            if model == name:
+                raise CompositionError(f"composed model {name!r} cannot be a component of itself")
+            try:
+                handle = self.get(model)
+            except EngineError as exc:
+                served = ", ".join(n for n, s in self.status.items() if s == "ready" and n != name) or "none"
+                raise CompositionError(
+                    f"composed model {name!r}: component model {model!r} is not served ({exc}; served: {served})"
+                ) from None
+            if isinstance(handle, ComposedHandle):
+                raise CompositionError(
+                    f"composed model {name!r}: component model {model!r} is itself composed; compositions "
+                    "do not nest (list its components instead)"
+                )
+            out[model] = handle
+        return out
+
+    def composition_variant(self, spec: CompositionSpec) -> str:
+        """What a composition reads: the widest variant among its model components (rules read the response)."""
+        variants = [self.get(m).model.config.variant for m in spec.models]
+        return max(variants, key=VARIANT_ORDER.index, default="response")
+
+    def _build_composed(self, name: str, path: Path | None, spec: CompositionSpec) -> ComposedHandle:
+        self._components(name, spec)
+        handle = ComposedHandle(name, path, spec, self)
+        log.info(
+            "loaded composed model %s (%s, version %s) from %s",
+            name,
+            spec.describe(),
+            handle.version,
+            path or "the admin API",
+        )
+        self.observer.model_loaded(name, handle.version, True)
+        return handle
+
+    def _variant_at(self, path: Source) -> str:
+        from karma.rm.compose import CompositionSpec, is_composition
         from karma.rm.model import load_config
 
+        if isinstance(path, CompositionSpec) or is_composition(path):
+            spec = path if isinstance(path, CompositionSpec) else CompositionSpec.load(path)
+            self._components("?", spec)
+            return self.composition_variant(spec)
         return load_config(path).variant
 
     def declare(self, name: str) -> None:
@@ -614,7 +916,7 @@ class ModelRegistry:
         with self._lock:
             self.status.setdefault(name, "loading")
 
-    def load(self, name: str, path: Path) -> ModelHandle:
+    def load(self, name: str, path: Source) -> Handle:
         """Load a configured model at startup (status loading → ready | failed)."""
         self.declare(name)
         try:
@@ -630,7 +932,7 @@ class ModelRegistry:
             self.errors.pop(name, None)
         return handle
 
-    def add(self, name: str, path: Path) -> ModelHandle:
+    def add(self, name: str, path: Source) -> Handle:
         """Admin load of a new name; ModelExistsError if the name is taken."""
         with self._admin_lock:
             with self._lock:
@@ -646,7 +948,7 @@ class ModelRegistry:
                     self.default = name
             return handle
 
-    def set_default(self, name: str) -> ModelHandle:
+    def set_default(self, name: str) -> Handle:
         """Make `name` the model behind the un-prefixed routes (requests already leased keep theirs)."""
         with self._lock:
             handle = self._lookup(name)
@@ -654,13 +956,22 @@ class ModelRegistry:
         log.info("default model is now %s", name)
         return handle
 
-    def swap(self, name: str, path: Path, *, force: bool = False) -> tuple[ModelHandle, ModelHandle]:
+    def swap(self, name: str, path: Source, *, force: bool = False) -> tuple[Handle, Handle]:
         """Hot swap: load beside the old, switch atomically, retire the old in the background. A swap that would
         change the variant (what the model reads) under the name is refused (ModelExistsError) unless `force`:
-        a client that chose this name would silently get another kind of reward."""
+        a client that chose this name would silently get another kind of reward. Swapping a component of a
+        composed model changes the composed model's version and scores from the next request on."""
+        from karma.rm.compose import CompositionSpec, is_composition
+
         with self._admin_lock:
             with self._lock:
                 old = self._lookup(name)
+            users = self.dependents(name)
+            if users and (isinstance(path, CompositionSpec) or is_composition(path)):
+                raise CompositionError(
+                    f"model {name!r} is a component of composed model(s) {', '.join(users)}; compositions do "
+                    "not nest, so it cannot become one"
+                )
             if not force:
                 was, new_variant = old.model.config.variant, self._variant_at(path)
                 if new_variant != was:
@@ -668,36 +979,46 @@ class ModelRegistry:
                         f"swapping model {name!r} would change its variant from {was!r} to {new_variant!r}; "
                         "send force=true to swap anyway, or load it under a new name"
                     )
+            before = {u: self.get(u).version for u in users}
             new = self._build(name, path)
             with self._lock:
                 self._handles[name] = new
                 self.status[name] = "ready"
                 old.retire()
+            for user, version in before.items():  # their version moved with the component's
+                self.observer.model_loaded(user, version, False)
+                self.observer.model_loaded(user, self.get(user).version, True)
             self._close_later(old)
             return new, old
 
-    def remove(self, name: str) -> ModelHandle:
+    def remove(self, name: str) -> Handle:
         with self._admin_lock:
+            users = self.dependents(name)
             with self._lock:
                 handle = self._lookup(name)
                 if name == self.default:
                     raise ModelExistsError(f"model {name!r} is the default model and cannot be removed")
+                if users:
+                    raise ModelExistsError(
+                        f"model {name!r} is a component of composed model(s) {', '.join(users)}; remove or "
+                        "swap them first"
+                    )
                 del self._handles[name]
                 self.status.pop(name, None)
                 handle.retire()
             self._close_later(handle)
             return handle
 
-    def _close_later(self, handle: ModelHandle) -> None:
+    def _close_later(self, handle: Handle) -> None:
         self.observer.model_loaded(handle.name, handle.version, False)
         t = threading.Thread(target=handle.close, name=f"karma-retire-{handle.name}", daemon=True)
         t.start()
         self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stop every worker (lifespan shutdown)."""
+        """Stop every worker (lifespan shutdown): composed models first, then the models they read."""
         with self._lock:
-            handles = list(self._handles.values())
+            handles = sorted(self._handles.values(), key=lambda h: not isinstance(h, ComposedHandle))
             self._handles.clear()
         for h in handles:
             h.close(timeout)

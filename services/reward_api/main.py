@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from karma.rm.compose import is_composition
 from services.reward_api.api import deps, errors
 from services.reward_api.api.middleware import (
     BodyLimitMiddleware,
@@ -20,24 +21,20 @@ from services.reward_api.api.middleware import (
     InternalErrorMiddleware,
     MetricsMiddleware,
 )
-from services.reward_api.api.routes import health, models, openrlhf, score, vllm
+from services.reward_api.api.routes import health, models, monitor, openrlhf, score, vllm
 from services.reward_api.core.config import Settings
 from services.reward_api.core.metrics import Metrics
 from services.reward_api.engine import ModelRegistry
+from services.reward_api.monitor import MonitorCollector, ScoreMonitor
 
 log = logging.getLogger(__name__)
 
 
-def build_registry(settings: Settings, metrics: Metrics | None = None) -> ModelRegistry:
+def build_registry(
+    settings: Settings, metrics: Metrics | None = None, monitor: ScoreMonitor | None = None
+) -> ModelRegistry:
     registry = ModelRegistry(
-        device=settings.device,
-        dtype=settings.dtype,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_ms=settings.max_wait_ms,
-        max_queue_items=settings.max_queue_items,
-        max_queue_wait_s=settings.max_queue_wait_s,
-        padding_tolerance=settings.padding_tolerance,
-        observer=metrics,
+        settings.limits(), device=settings.device, dtype=settings.dtype, observer=metrics, monitor=monitor
     )
     registry.default = settings.default_model
     for name in settings.models:
@@ -46,7 +43,9 @@ def build_registry(settings: Settings, metrics: Metrics | None = None) -> ModelR
 
 
 def _load_all(registry: ModelRegistry, settings: Settings) -> None:
-    for name, path in settings.models.items():
+    # composed rewards last: they read models by name, which must be served by then
+    order = sorted(settings.models.items(), key=lambda kv: is_composition(kv[1]))
+    for name, path in order:
         try:
             registry.load(name, path)
         except Exception as exc:  # noqa: BLE001 - reported by /ready (status "failed" + the error)
@@ -87,6 +86,9 @@ def _document_settings(app: FastAPI, settings: Settings) -> None:
 def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    given = registry.monitor if registry is not None else None
+    score_monitor = given if given is not None else ScoreMonitor(settings.monitor_window)
+    metrics.watch(MonitorCollector(score_monitor))
     if settings.torch_threads:
         import torch
 
@@ -95,7 +97,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         own = registry is None
-        reg = app.state.registry = registry or build_registry(settings, metrics)
+        reg = app.state.registry = registry or build_registry(settings, metrics, score_monitor)
         loader = asyncio.create_task(asyncio.to_thread(_load_all, reg, settings)) if own else None
         try:
             yield
@@ -113,11 +115,13 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.monitor = score_monitor
     if registry is not None:
         app.state.registry = registry
     errors.install(app, settings.retry_after_s)
 
     app.include_router(health.router)
+    app.include_router(monitor.router)
     for module in (score, openrlhf, vllm):
         app.include_router(module.make_router(deps.default_model))
         app.include_router(module.make_router(deps.named_model), prefix="/models/{name}")

@@ -17,7 +17,8 @@ from karma.protocol import MODEL_NAME_PATTERN
 from services.reward_api.api.errors import ServiceError
 from services.reward_api.core.config import Settings
 from services.reward_api.core.metrics import Metrics
-from services.reward_api.engine import ModelHandle, ModelRegistry
+from services.reward_api.engine import Handle, ModelRegistry
+from services.reward_api.monitor import ScoreMonitor
 
 
 def get_settings(request: Request) -> Settings:
@@ -32,9 +33,14 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_monitor(request: Request) -> ScoreMonitor:
+    return request.app.state.monitor
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+MonitorDep = Annotated[ScoreMonitor, Depends(get_monitor)]
 
 # Two schemes, so the OpenAPI document can drop the API-key one when no key is configured (main.py).
 _api_key = HTTPBearer(
@@ -90,7 +96,7 @@ def require_admin(settings: SettingsDep, creds: AdminCredentials) -> None:
     raise ServiceError(401, "invalid admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def default_model(registry: RegistryDep) -> AsyncIterator[ModelHandle]:
+async def default_model(registry: RegistryDep) -> AsyncIterator[Handle]:
     """The default model, leased for the whole request (a hot swap waits for it)."""
     with registry.lease(None) as handle:
         yield handle
@@ -99,7 +105,7 @@ async def default_model(registry: RegistryDep) -> AsyncIterator[ModelHandle]:
 async def named_model(
     registry: RegistryDep,
     name: Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="model name (see GET /info)")],
-) -> AsyncIterator[ModelHandle]:
+) -> AsyncIterator[Handle]:
     """The model named in `/models/{name}/...`; 404 listing the known names."""
     with registry.lease(name) as handle:
         yield handle

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from karma.protocol import ErrorBody, ErrorType
 from services.reward_api.engine import (
+    CompositionError,
     EngineError,
     ItemTooLongError,
     ModelExistsError,
@@ -44,7 +45,7 @@ _DESCRIPTIONS = {
     409: "conflict with the current models",
     413: "body larger than max_body_bytes",
     422: "malformed request, empty items, more items than maxItems, unknown fields, or input too long with "
-    "truncate=false",
+    "truncate=false; a folder (or composition) that does not load",
     429: "overloaded (the queued work would wait longer than max_queue_wait_s, or the queue is full); "
     "retry after the Retry-After header (seconds, from the measured throughput)",
     503: "model not loaded yet",
@@ -131,6 +132,10 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         if exc.status_code == 405:  # Starlette lists only the first matching route's methods
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
         return error_response(exc.status_code, str(exc.detail), None, headers)
+
+    @app.exception_handler(CompositionError)
+    async def _composition(_: Request, exc: CompositionError):
+        return error_response(422, str(exc), "model_load")
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError):

@@ -1,7 +1,7 @@
 """The reward service's settings: one pydantic-settings class, every field also an env var `KARMA_<FIELD>`.
 
-`karma serve` passes only the flags the user gave, so a flag overrides its environment variable, which
-overrides the default. A bad value refuses to start (pydantic `ValidationError`).
+`karma serve`'s flags are generated from these fields (`karma.config.command`): defaults < `--config FILE`
+< environment < flags. A bad value refuses to start with the field's name and where its value came from.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from karma.config import Cli
 from karma.protocol import MODEL_NAME_PATTERN, Limits
 from karma.rm.model import CONFIG_NAME
 
@@ -47,24 +48,27 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KARMA_", extra="forbid", validate_default=True)
 
-    models: Annotated[dict[str, Path], NoDecode] = Field(
+    models: Annotated[dict[str, Path], NoDecode, Cli("--model", "-m")] = Field(
         default_factory=dict,
-        description="reward-model folders to serve: NAME=PATH[,NAME=PATH] or a JSON object",
+        description="NAME=PATH of a reward-model folder to serve; repeatable (env: NAME=PATH[,NAME=PATH] or a "
+        "JSON object)",
     )
-    default_model: str | None = Field(
-        None, description="model behind the un-prefixed routes (default: the first)"
+    default_model: Annotated[str | None, Cli("--default")] = Field(
+        None, description="model behind the un-prefixed routes; unset: the first"
     )
     host: str = Field("127.0.0.1", description="bind address (loopback by default)")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="port (0: any free one)")
     api_key: SecretStr | None = Field(
         None, description="if set, scoring and /info need `Authorization: Bearer KEY`"
     )
     admin_token: SecretStr | None = Field(None, description="enables the model-management routes")
-    model_roots: Annotated[list[Path], NoDecode] = Field(
+    model_roots: Annotated[list[Path], NoDecode, Cli("--model-root")] = Field(
         default_factory=list,
-        description=f"folders admin routes may load models from ({os.pathsep}-separated)",
+        description=f"folder admin routes may load models from; repeatable (env: {os.pathsep}-separated)",
     )
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto | cpu | cuda[:N] | mps"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
@@ -99,17 +103,29 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads (default: torch's)"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    chat_templates: Annotated[dict[str, str], NoDecode] = Field(
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    chat_templates: Annotated[dict[str, str], NoDecode, Cli("--chat-template")] = Field(
         default_factory=dict,
         description="how /get_reward and /classify read chat-templated text, per model: [NAME=]TEMPLATE "
         "with TEMPLATE auto | none | chatml | llama3 | gemma | mistral | a tokenizer folder (its chat "
         "template and special tokens); without NAME= for every model; default auto (see karma.chat)",
     )
-    normalize_models: Annotated[list[str], NoDecode] = Field(
+    normalize_models: Annotated[list[str], NoDecode, Cli("--normalize-model")] = Field(
         default_factory=list,
         description="models whose scores are normalised unless the request says otherwise ('*': all), for "
         "clients that cannot ask (OpenRLHF)",
+    )
+    score_cache_items: int = Field(
+        100_000,
+        ge=0,
+        le=100_000_000,
+        description="recent scores kept per model version, keyed on a 16-byte hash of the item (0: no cache)",
+    )
+    monitor_window: int = Field(
+        1024,
+        ge=0,
+        le=1_000_000,
+        description="recent items per model in GET /v1/monitor's statistics (0: off)",
     )
 
     @field_validator("models", mode="before")
@@ -230,4 +246,6 @@ class Settings(BaseSettings):
             max_batch_tokens=self.max_batch_tokens,
             max_wait_ms=self.max_wait_ms,
             padding_tolerance=self.padding_tolerance,
+            score_cache_items=self.score_cache_items,
+            monitor_window=self.monitor_window,
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -51,6 +54,22 @@ class Metrics:
         self.model_info = Gauge(
             "karma_model_info", "loaded models (value 1)", ["model", "version"], registry=r
         )
+        self.cache_hits = Counter(
+            "karma_cache_hits",
+            "items answered without a forward of their own (cached, or repeated in the request)",
+            ["model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "karma_cache_misses", "distinct uncached items sent to a forward", ["model"], registry=r
+        )
+        self.cache_entries = Gauge("karma_cache_entries", "scores held in the cache", ["model"], registry=r)
+        self.component_values = Summary(
+            "karma_component_value",
+            "values of each component of a composed reward, unweighted (_count: items, _sum / _count: mean)",
+            ["model", "component"],
+            registry=r,
+        )
 
     # called by engine workers (thread-safe: prometheus_client metrics lock internally)
     def observe_batch(
@@ -70,6 +89,21 @@ class Metrics:
 
     def observe_truncated(self, model: str, n_items: int) -> None:
         self.truncated.labels(model).inc(n_items)
+
+    def observe_cache(self, model: str, hits: int, misses: int, size: int) -> None:
+        self.cache_hits.labels(model).inc(hits)
+        self.cache_misses.labels(model).inc(misses)
+        self.cache_entries.labels(model).set(size)
+
+    def observe_components(self, model: str, values: Mapping[str, Sequence[float]]) -> None:
+        for component, vals in values.items():
+            summary = self.component_values.labels(model, component)
+            for v in vals:
+                summary.observe(v)
+
+    def watch(self, collector: Collector) -> None:
+        """Export a collector's figures (the score monitor's gauges) with this app's metrics."""
+        self.registry.register(collector)
 
     def model_loaded(self, model: str, version: str, loaded: bool) -> None:
         if loaded:

@@ -11,12 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from karma.protocol import MODEL_NAME_PATTERN, HealthResponse, InfoResponse, ModelInfo, ReadyResponse
 from services.reward_api.api.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
 from services.reward_api.api.errors import responses
-from services.reward_api.engine import ModelHandle, ModelRegistry, UnknownModelError
+from services.reward_api.engine import Handle, ModelRegistry, UnknownModelError
 
 router = APIRouter(tags=["operations"])
 
 
-def model_info(handle: ModelHandle, registry: ModelRegistry, with_path: bool = False) -> ModelInfo:
+def model_info(handle: Handle, registry: ModelRegistry, with_path: bool = False) -> ModelInfo:
     cfg = handle.model.config
     return ModelInfo(
         name=handle.name,
@@ -30,7 +30,7 @@ def model_info(handle: ModelHandle, registry: ModelRegistry, with_path: bool = F
         device=str(handle.model.device),
         default=handle.name == registry.default,
         loaded_at=handle.loaded_at,
-        path=str(handle.path) if with_path else None,
+        path=str(handle.path) if with_path and handle.path is not None else None,
     )
 
 

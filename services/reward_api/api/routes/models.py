@@ -104,9 +104,9 @@ async def load_model(body: LoadModelRequest, registry: RegistryDep, settings: Se
 async def swap_model(
     name: Name, body: SwapModelRequest, registry: RegistryDep, settings: SettingsDep
 ) -> SwapResponse:
-    """Loads the new folder beside the old model, switches atomically, lets requests already holding the old
-    model finish on it, then frees it. No request fails; each reply names the version that scored it.
-    A folder of another variant is refused (409) unless `force` is true."""
+    """Loads the new folder (a composition folder too) beside the old model, switches atomically, lets
+    requests already holding the old model finish on it, then frees it. No request fails; each reply names the
+    version that scored it. A folder of another variant is refused (409) unless `force` is true."""
     registry.get(name)  # 404 before loading anything
     path = confine(body.path, settings)
     new, old = await _load_in_thread(path, registry.swap, name, path, force=body.force)

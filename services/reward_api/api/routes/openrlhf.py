@@ -13,7 +13,7 @@ from karma.protocol import GetRewardRequest, GetRewardResponse, Metadata, sigmoi
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import ServiceError, responses
-from services.reward_api.engine import ModelHandle
+from services.reward_api.engine import Handle
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def make_router(model_dep: Callable) -> APIRouter:
     )
     async def get_reward(
         body: GetRewardRequest,
-        handle: Annotated[ModelHandle, Depends(model_dep)],
+        handle: Annotated[Handle, Depends(model_dep)],
         settings: SettingsDep,
     ) -> GetRewardResponse:
         """`{"query", "prompts", "labels"}` → `{"rewards", "scores", "extra_logs"}`. Chat markup and special

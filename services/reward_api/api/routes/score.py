@@ -1,5 +1,7 @@
-"""`POST /v1/score`: our scoring route (context, response, metadata → raw or normalised scores)."""
+"""`POST /v1/score`: our scoring route (context, response, metadata → raw or normalised scores; per-component
+values and group normalisation on request)."""
 
+import json
 from collections.abc import Callable
 from typing import Annotated
 
@@ -9,7 +11,7 @@ from karma.protocol import ScoreRequest, ScoreResponse
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import responses
-from services.reward_api.engine import ModelHandle
+from services.reward_api.engine import Handle, group_zscore
 
 
 def make_router(model_dep: Callable) -> APIRouter:
@@ -26,13 +28,14 @@ def make_router(model_dep: Callable) -> APIRouter:
     )
     async def score(
         body: ScoreRequest,
-        handle: Annotated[ModelHandle, Depends(model_dep)],
+        handle: Annotated[Handle, Depends(model_dep)],
         settings: SettingsDep,
     ) -> ScoreResponse:
         """Renders every item with the model's own template (`karma_rm.json`), scores it in a shared batch, and
         returns raw scores (or standardised with the saved validation mean/std when `normalize` is true).
         Over-long context is cut from the left and flagged in `truncated`, or rejected with 422 when
-        `truncate` is false."""
+        `truncate` is false. A composed reward returns Σ weight · component (each component with `components:
+        true`); `group_normalize: true` z-scores the scores within the items sharing one context."""
         items = [
             RMInput(
                 context=it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
@@ -50,8 +53,15 @@ def make_router(model_dep: Callable) -> APIRouter:
             if "normalize" in body.model_fields_set
             else settings.normalize_default(handle.name),
         )
+        scores = out.scores
+        if body.group_normalize:
+            scores = group_zscore(scores, [json.dumps(it.context, sort_keys=True) for it in items])
         return ScoreResponse(
-            model=handle.name, version=handle.version, scores=out.scores, truncated=out.truncated
+            model=handle.name,
+            version=out.version,
+            scores=scores,
+            truncated=out.truncated,
+            components=out.components if body.components else None,
         )
 
     return router

@@ -10,7 +10,7 @@ from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, Clas
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
 from services.reward_api.api.errors import ServiceError, responses
-from services.reward_api.engine import ModelHandle
+from services.reward_api.engine import Handle
 
 
 def classify_items(body: ClassifyRequest, template: str | chat.ChatFormat = chat.AUTO) -> list[RMInput]:
@@ -46,7 +46,7 @@ def make_router(model_dep: Callable) -> APIRouter:
     )
     async def classify(
         body: ClassifyRequest,
-        handle: Annotated[ModelHandle, Depends(model_dep)],
+        handle: Annotated[Handle, Depends(model_dep)],
         settings: SettingsDep,
     ) -> ClassifyResponse:
         """One `data[i].probs = [p]` per input: `p = sigmoid(score)` unless `use_activation` is false, then the
