@@ -34,11 +34,6 @@ TEST_SUPPORT = ("tests", "conftest", "helpers", "support")
 
 #: circles made only of function-level imports that are accepted (frozenset of the modules in the circle)
 ACCEPTED_LAZY_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"karma.rm.model", "karma.rm.rule"}): (
-        "RewardModel.load hands a rule folder to RuleRewardModel (lazily: rule.py is then loaded only for "
-        "rule folders), and write_rule_folder writes the folder's karma_rm.json stub as a KarmaRMConfig; "
-        "one folder format with two kinds. Opening it means moving KarmaRMConfig out of model.py."
-    ),
     frozenset({"karma.client", "karma.integrations.trl"}): (
         "the TRL adapter moved from karma.client to karma.integrations.trl (which builds on RewardClient); "
         "`karma.client.trl_reward_func` stays importable for existing callers through a module "

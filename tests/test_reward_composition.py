@@ -90,6 +90,15 @@ def test_the_spec_round_trips_through_its_folder_and_hashes_its_definition(root)
     assert a != b and len(a) == 12
 
 
+def test_a_composition_folder_is_not_loadable_on_its_own(root):
+    from karma.rm.model import RewardModel
+
+    with pytest.raises(
+        ValueError, match="is a composed reward \\(karma_compose.yaml\\): it has no weights of its own"
+    ):
+        RewardModel.load(root / "mix")
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
@@ -407,3 +416,26 @@ def test_group_normalize_over_http_groups_items_by_context(root):
     assert grouped["scores"][:3] == pytest.approx(((q1 - q1.mean()) / q1.std()).tolist())
     assert grouped["scores"][3] == 0.0 and grouped["scores"][4:] == [-1.0, 1.0]
     assert grouped["components"] == {"polite": raw}  # components are before group normalisation
+
+
+def test_karma_rm_compose_and_rule_write_folders(tmp_path):
+    from typer.testing import CliRunner
+
+    from karma.cli import app
+    from karma.rm.rule import RuleSpec
+
+    spec = tmp_path / "shaped.yaml"
+    spec.write_text("components:\n  - model: context\n  - rule: {kind: distinct_n, n: 2}\n    weight: 0.5\n")
+    res = CliRunner().invoke(app, ["rm", "compose", "--spec", str(spec), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert CompositionSpec.load(tmp_path / "c").describe() == "1*context+0.5*distinct_n"
+    spec.write_text("components:\n  - weight: 1\n")
+    res = CliRunner().invoke(app, ["rm", "compose", "--spec", str(spec), "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "components.0: give exactly one of `model`" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["rm", "rule", "--kind", "refusal", "--kind", "distinct_n", "--n", "3", "--out", str(tmp_path / "r")],
+    )
+    assert res.exit_code == 0, res.output
+    rules = RuleSpec.parse((tmp_path / "r" / "karma_rule.json").read_text()).rules
+    assert [r.kind for r in rules] == ["refusal", "distinct_n"] and rules[1].n == 3

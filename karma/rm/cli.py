@@ -179,7 +179,12 @@ app.command("compare")(
 @app.command("rule")
 def rule(
     out: Annotated[Path, typer.Option("--out", help="the rule reward-model folder to write")],
-    kind: Annotated[list[str], typer.Option("--kind", help="length_window | marker (repeat to sum several)")],
+    kind: Annotated[
+        list[str],
+        typer.Option(
+            "--kind", help="length_window | marker | distinct_n | refusal | format (repeat to sum several)"
+        ),
+    ],
     min_words: Annotated[
         int | None, typer.Option("--min-words", help="length_window: window start (words)")
     ] = None,
@@ -198,20 +203,30 @@ def rule(
     count: Annotated[
         bool, typer.Option("--count", help="marker: count distinct markers instead of 0/1")
     ] = False,
+    n: Annotated[int, typer.Option("--n", help="distinct_n: n-gram size in words")] = 2,
+    phrase: Annotated[
+        list[str],
+        typer.Option("--phrase", help="refusal: a refusal phrase (repeat; default: a built-in list)"),
+    ] = [],  # noqa: B006
+    pattern: Annotated[
+        str | None, typer.Option("--pattern", help="format: a Python regular expression")
+    ] = None,
+    full_match: Annotated[
+        bool, typer.Option("--full-match", help="format: the whole reply must match")
+    ] = False,
 ) -> None:
     """Write a rule reward model (a positive control with a known optimum; no weights) that `karma serve` loads."""
     from karma.rm.rule import RuleSpec, RuleSpecError, write_rule_folder
 
-    rules: list[dict] = []
-    for k in kind:
-        if k == "length_window":
-            rules.append(
-                {"kind": k, "min_words": min_words, "max_words": max_words, "scale": scale, "floor": floor}
-            )
-        elif k == "marker":
-            rules.append({"kind": k, "count": count, **({"markers": marker} if marker else {})})
-        else:
-            rules.append({"kind": k})  # refused by the spec's validation, with the known kinds
+    options: dict[str, dict] = {
+        "length_window": {"min_words": min_words, "max_words": max_words, "scale": scale, "floor": floor},
+        "marker": {"count": count, **({"markers": marker} if marker else {})},
+        "distinct_n": {"n": n},
+        "refusal": {"phrases": phrase} if phrase else {},
+        "format": {"pattern": pattern, "full": full_match},
+    }
+    # an unknown kind is refused by the spec's validation, which names the known kinds
+    rules = [{"kind": k, **options.get(k, {})} for k in kind]
     try:
         spec = RuleSpec.parse({"rules": rules}, where="karma rm rule")
     except RuleSpecError as e:
@@ -220,4 +235,28 @@ def rule(
     typer.echo(
         f"wrote {path} (rule {spec.describe()}, version {spec.version}); serve it with "
         f"`karma serve --model rule={path}`"
+    )
+
+
+@app.command("compose")
+def compose(
+    spec: Annotated[
+        Path, typer.Option("--spec", help="a composition: YAML/JSON with `components` (see docs)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the composition folder to write")],
+) -> None:
+    """Write a composed reward (weighted served models + rules) that `karma serve` loads beside its components."""
+    from karma.rm.compose import CompositionSpec, CompositionSpecError, write_compose_folder
+
+    if not spec.is_file():
+        _fail(FileNotFoundError(f"composition file not found: {spec}"))
+    try:
+        parsed = CompositionSpec.parse(spec.read_text(), where=str(spec))
+    except CompositionSpecError as e:
+        _fail(e)
+    path = write_compose_folder(parsed, out)
+    models = " ".join(f"--model {m}=PATH" for m in parsed.models)
+    typer.echo(
+        f"wrote {path} ({parsed.describe()}, definition {parsed.version}); serve it with its components: "
+        f"`karma serve {models} --model NAME={path}`"
     )

@@ -199,7 +199,7 @@ def write_compose_folder(spec: CompositionSpec, out: str | Path) -> Path:
     """Write `karma_compose.yaml` (the spec) and the `karma_rm.json` stub; returns the folder."""
     import yaml
 
-    from karma.rm.model import CONFIG_NAME, KarmaRMConfig
+    from karma.rm.folder import CONFIG_NAME, KarmaRMConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -654,7 +654,8 @@ def evaluate_rm(
     `train_subreddits` restricts the bag-of-words baseline's training rows (use the RM's own training
     subreddits for a transfer evaluation). Returns the metrics dict that metrics.json holds.
     """
-    from karma.rm.model import RewardModel, load_config
+    from karma.rm.folder import load_config
+    from karma.rm.model import RewardModel
 
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     for m in models:

@@ -9,55 +9,18 @@ the evaluation all score through `RewardModel`, so a text gets the same score ev
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from karma.chat import CHATML_TEMPLATE
-from karma.rm.template import TEMPLATE_DOC, TEMPLATE_VERSION, VARIANTS, render
+from karma.rm.folder import CONFIG_NAME, KarmaRMConfig, MissingRMConfigError
+from karma.rm.template import VARIANTS, render
 
 if TYPE_CHECKING:
     from karma.rm.rule import RuleRewardModel
-
-CONFIG_NAME = "karma_rm.json"
-
-
-class MissingRMConfigError(FileNotFoundError):
-    """A model folder without karma_rm.json."""
-
-
-class ScoreNormalization(BaseModel):
-    mean: float = 0.0
-    std: float = 1.0
-
-
-class KarmaRMConfig(BaseModel):
-    """Everything needed to score exactly as in training; saved as karma_rm.json."""
-
-    model_config = ConfigDict(extra="allow")
-
-    format_version: int = 1
-    variant: Literal["full", "context", "response"]
-    objective: Literal["regression", "pairwise", "both"] = "pairwise"
-    backbone: str = ""
-    template_version: int = TEMPLATE_VERSION
-    template: str = ""
-    max_length: int = Field(256, ge=8)
-    truncation_side: Literal["left", "right"] = "left"
-    karma_normalization: str = "log1p"
-    score_normalization: ScoreNormalization = ScoreNormalization()
-    data_card_sha256: str | None = None
-    metrics: dict[str, Any] = {}
-    version: str = ""  # content hash of the weights + config; set by RewardModel.save
-
-    def model_post_init(self, _: Any) -> None:
-        if not self.template:
-            self.template = TEMPLATE_DOC[self.variant]
 
 
 @dataclass
@@ -135,6 +98,13 @@ class RewardModel:
 
         if (path / RULE_CONFIG_NAME).is_file():
             return RuleRewardModel.load(path)
+        from karma.rm.compose import COMPOSE_CONFIG_NAME
+
+        if (path / COMPOSE_CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{path} is a composed reward ({COMPOSE_CONFIG_NAME}): it has no weights of its own and scores "
+                "through other served models; serve it beside its components (`karma serve --model NAME=PATH`)"
+            )
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -289,10 +259,3 @@ def new_reward_model(
     model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
     cfg = KarmaRMConfig(variant=variant, backbone=str(backbone), max_length=max_length, **config)
     return RewardModel(model.to(device), tokenizer, cfg, device=device)
-
-
-def load_config(path: str | Path) -> KarmaRMConfig:
-    p = Path(path) / CONFIG_NAME
-    if not p.exists():
-        raise MissingRMConfigError(f"{path} is not a KARMA reward model: {CONFIG_NAME} is missing")
-    return KarmaRMConfig.model_validate(json.loads(p.read_text()))

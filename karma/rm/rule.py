@@ -327,7 +327,7 @@ class RuleRewardModel:
 
 def write_rule_folder(spec: RuleSpec, out: str | Path) -> Path:
     """Write `karma_rule.json` (the spec) and the `karma_rm.json` stub; returns the folder."""
-    from karma.rm.model import CONFIG_NAME, KarmaRMConfig
+    from karma.rm.folder import CONFIG_NAME, KarmaRMConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -903,7 +903,7 @@ class ModelRegistry:
 
     def _variant_at(self, path: Source) -> str:
         from karma.rm.compose import CompositionSpec, is_composition
-        from karma.rm.model import load_config
+        from karma.rm.folder import load_config
 
         if isinstance(path, CompositionSpec) or is_composition(path):
             spec = path if isinstance(path, CompositionSpec) else CompositionSpec.load(path)

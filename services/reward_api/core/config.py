@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from karma.config import Cli
 from karma.protocol import MODEL_NAME_PATTERN, Limits
-from karma.rm.model import CONFIG_NAME
+from karma.rm.folder import CONFIG_NAME
 
 _NAME = re.compile(MODEL_NAME_PATTERN)
 

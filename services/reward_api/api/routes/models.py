@@ -21,7 +21,7 @@ from karma.protocol import (
     SwapModelRequest,
     SwapResponse,
 )
-from karma.rm.model import CONFIG_NAME
+from karma.rm.folder import CONFIG_NAME
 from services.reward_api.api.deps import RegistryDep, SettingsDep, require_admin
 from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.api.routes.health import model_info
