@@ -5,16 +5,20 @@
         result = await rm.score([{"context": "Why is the sky blue?", "response": "Rayleigh scattering."}])
         result.scores, result.version
 
-One long-lived `httpx.AsyncClient` (one connection pool) serves every call. Several URLs are replicas, used
-round-robin. A replica that fails — the connection could not be made or broke before a response, or it
-answered 5xx / 429 — is marked down for a back-off (its `Retry-After`, else `backoff_s` x 2^n capped by
-`max_backoff_s`) and the request goes to another replica at once; only when every replica is down does the
-client wait (exponential backoff with full jitter, or `Retry-After` plus jitter). This goes on until
-`max_retries` or the call's `deadline_s` runs out; then `RewardServiceError` names the URL(s) and the last
-cause. So a request sent while one of two replicas restarts is answered by the other. A 4xx other than 429
-is the caller's mistake and raises at once; so does a 2xx whose body is not a valid response (not JSON, no
-`version`, null or string scores). Read timeouts are not retried (a slow server would get the same work
-twice). While retrying, the client logs at INFO at most every `log_interval_s` (the rest at DEBUG).
+One long-lived `httpx.AsyncClient` (one connection pool) serves every call. Several URLs are replicas, and
+so is every address a URL's host name resolves to (`karma.discovery`: `http://reward-api:8000` of a compose
+service scaled to N replicas is N endpoints, resolved again every `resolve_interval_s`, so replicas that join
+are used and those that leave are dropped; `resolve_interval_s=None` uses the URLs as given). The endpoints
+are used round-robin. One that fails — the connection could not be made or broke before a response (a
+request in flight on a replica that died), or it answered 5xx / 429 — is out of rotation for a back-off (its
+`Retry-After`, else `backoff_s` x 2^(n-1) for its n-th failure in a row, capped by `max_backoff_s`), then
+tried again; the request goes to another endpoint at once (scoring is idempotent). Only when every endpoint
+is out does the client wait (exponential backoff with full jitter, or `Retry-After` plus jitter). This goes
+on until `max_retries` or the call's `deadline_s` runs out; then `RewardServiceError` names the URL(s) and
+the last cause. So a request sent while one of two replicas restarts is answered by the other. A 4xx other
+than 429 is the caller's mistake and raises at once; so does a 2xx whose body is not a valid response (not
+JSON, no `version`, null or string scores). Read timeouts are not retried (a slow server would get the same
+work twice). While retrying, the client logs at INFO at most every `log_interval_s` (the rest at DEBUG).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, Self
 import httpx
 from pydantic import ValidationError
 
+from karma.discovery import Endpoint, Replicas, Resolver, resolve_addresses
 from karma.protocol import ScoreItem, ScoreResponse, as_score_item
 
 log = logging.getLogger(__name__)
@@ -80,7 +85,7 @@ class ScoreResult:
 class _Reply:
     """A 2xx answer, its JSON body decoded."""
 
-    url: str  # the replica that answered
+    endpoint: Endpoint  # the replica that answered
     where: str  # "POST http://rm1:8000/v1/score", for messages
     status: int
     data: Any
@@ -93,6 +98,7 @@ class _Failure:
     cause: str  # "http://rm1:8000: HTTP 503: model 'a' is still loading"
     exc: BaseException | None
     retry_after: float | None  # the server's Retry-After (s), if it sent one
+    connect: bool = False  # no connection could be made (the replica may be gone)
 
 
 def _normalise_urls(urls: str | Sequence[str]) -> list[str]:
@@ -139,6 +145,8 @@ class RewardClient:
         backoff_s: float = 0.25,
         max_backoff_s: float = 8.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        resolve_interval_s: float | None = 30.0,
+        resolver: Resolver = resolve_addresses,
     ):
         if max_retries < 0 or deadline_s <= 0 or timeout <= 0 or batch_size < 1:
             raise ValueError("max_retries >= 0, deadline_s > 0, timeout > 0 and batch_size >= 1 are required")
@@ -158,9 +166,20 @@ class RewardClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
         )
-        self._next = 0
-        self._down_until: dict[str, float] = {}
+        self._replicas = Replicas(
+            self.urls,
+            interval_s=resolve_interval_s,
+            resolver=resolver,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            clock=lambda: self._clock(),  # late-bound: tests replace `_clock` on the instance
+        )
         self._last_info = -math.inf
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Where requests go now: one per URL, or per address of a URL's host name once resolved."""
+        return self._replicas.endpoints
 
     # -------------------------------------------------------------------------------- lifecycle
     async def aclose(self) -> None:
@@ -203,7 +222,7 @@ class RewardClient:
         if len(body.scores) != len(chunk):
             raise RewardServiceError(
                 f"the service returned {len(body.scores)} scores for {len(chunk)} items ({reply.where})",
-                urls=[reply.url],
+                urls=[reply.endpoint.url],
                 status=reply.status,
                 error_type="bad_response",
             )
@@ -214,25 +233,29 @@ class RewardClient:
         return (await self._request("GET", "/info", None)).data
 
     async def wait_ready(self, deadline_s: float | None = None, interval_s: float = 0.5) -> None:
-        """Block until every URL answers 200 on its readiness route (`/ready`, or `/models/{model}/ready`)."""
+        """Block until every endpoint answers 200 on its readiness route (`/ready`, or `/models/{model}/ready`):
+        every URL, and every address of a URL's host name (resolved again while waiting)."""
         start = self._clock()
         budget = self.deadline_s if deadline_s is None else deadline_s
-        pending = list(self.urls)
+        ready: set[str] = set()
         causes: dict[str, str] = {}
         while True:
-            for url in list(pending):
-                cause = await self._ready_cause(url)
+            await self._replicas.refresh()
+            pending = [ep for ep in self.endpoints if ep.url not in ready]
+            for ep in pending:
+                cause = await self._ready_cause(ep)
                 if cause is None:
-                    pending.remove(url)
+                    ready.add(ep.url)
                 else:
-                    causes[url] = cause
+                    causes[ep.url] = cause
+            pending = [ep for ep in pending if ep.url not in ready]
             if not pending:
                 return
-            detail = "; ".join(f"{u}: {causes.get(u, 'no answer')}" for u in pending)
+            detail = "; ".join(f"{ep.label}: {causes.get(ep.url, 'no answer')}" for ep in pending)
             elapsed = self._clock() - start
             if elapsed + interval_s > budget:
                 raise RewardServiceError(
-                    f"reward service not ready before the deadline: {detail}", urls=pending
+                    f"reward service not ready before the deadline: {detail}", urls=[ep.url for ep in pending]
                 )
             self._log_rate_limited(
                 "waiting for the reward service to be ready (%.1fs elapsed, deadline %.0fs): %s",
@@ -242,68 +265,52 @@ class RewardClient:
             )
             await self._sleep(interval_s)
 
-    async def _ready_cause(self, url: str) -> str | None:
-        """None when `url` is ready, else why not; a 404 (unknown model) raises."""
+    async def _ready_cause(self, ep: Endpoint) -> str | None:
+        """None when `ep` is ready, else why not; a 404 (unknown model) raises."""
         try:
-            resp = await self._http.get(f"{url}{self._prefix}/ready", timeout=min(self.timeout, 10.0))
+            resp = await self._http.get(
+                f"{ep.url}{self._prefix}/ready",
+                headers=ep.headers,
+                extensions=ep.extensions,
+                timeout=min(self.timeout, 10.0),
+            )
         except httpx.TransportError as exc:
             return f"{type(exc).__name__}: {exc}"
         if resp.status_code == 200:
             return None
         if resp.status_code == 404:
             raise RewardServiceError(
-                f"{url}: {_error_text(resp)}", urls=[url], status=404, error_type="not_found"
+                f"{ep.label}: {_error_text(resp)}", urls=[ep.url], status=404, error_type="not_found"
             )
         return f"HTTP {resp.status_code}: {_error_text(resp)}"
 
-    # -------------------------------------------------------------------------------- replicas
-    def _is_up(self, url: str, now: float) -> bool:
-        return self._down_until.get(url, 0.0) <= now
-
-    def _pick(self) -> str:
-        """The next replica round-robin that is not marked down; if all are, the one back soonest."""
-        now = self._clock()
-        n = len(self.urls)
-        for k in range(n):
-            url = self.urls[(self._next + k) % n]
-            if self._is_up(url, now):
-                self._next = (self._next + k + 1) % n
-                return url
-        return min(self.urls, key=lambda u: self._down_until[u])
-
-    def _mark_down(self, url: str, attempt: int, retry_after: float | None) -> None:
-        pause = retry_after if retry_after else self._backoff_cap(attempt)  # None or 0: no hint
-        self._down_until[url] = self._clock() + pause
-
-    def _backoff_cap(self, attempt: int) -> float:
-        return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-
+    # -------------------------------------------------------------------------------- transport
     def _wait_before_retry(self, attempt: int, retry_after: float | None) -> float:
-        """0 while another replica is up (fail over at once); else full-jitter backoff or Retry-After + jitter."""
-        now = self._clock()
-        if any(self._is_up(u, now) for u in self.urls):
+        """0 while another endpoint is in rotation (fail over at once); else full-jitter backoff or
+        Retry-After + jitter."""
+        if self._replicas.any_up():
             return 0.0
         if retry_after is not None:
             return retry_after + random.uniform(0, self.backoff_s)
-        return random.uniform(0, self._backoff_cap(attempt))
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
 
-    # -------------------------------------------------------------------------------- transport
     async def _request(self, method: str, path: str, payload: Any) -> _Reply:
-        """Send to replicas until one answers 2xx with JSON, or retries / the deadline run out."""
+        """Send to endpoints until one answers 2xx with JSON, or retries / the deadline run out."""
         start = self._clock()
         deadline = start + self.deadline_s
         attempt, tried = 0, []
         failure = _Failure("no attempt made", None, None)
         while True:
-            url = self._pick()
-            tried.append(url)
-            outcome = await self._attempt(method, url, path, payload, deadline)
+            await self._replicas.refresh()  # cheap unless a resolution is due
+            ep = self._replicas.pick()
+            tried.append(ep)
+            outcome = await self._attempt(method, ep, path, payload, deadline)
             if isinstance(outcome, _Reply):
-                self._down_until.pop(url, None)
+                self._replicas.succeeded(ep)
                 return outcome
             failure = outcome
             attempt += 1
-            self._mark_down(url, attempt, failure.retry_after)
+            self._replicas.failed(ep, failure.retry_after, connect=failure.connect)
             wait = self._wait_before_retry(attempt, failure.retry_after)
             elapsed = self._clock() - start
             if attempt > self.max_retries or elapsed + wait >= self.deadline_s:
@@ -319,36 +326,47 @@ class RewardClient:
                 self.deadline_s,
             )
             await self._sleep(wait)
-        urls = list(dict.fromkeys(tried))
+        tried = list(dict.fromkeys(tried))
         raise RewardServiceError(
             f"reward service failed after {attempt} attempt(s) in {self._clock() - start:.1f}s "
-            f"({', '.join(urls)}); last error: {failure.cause}",
-            urls=urls,
+            f"({', '.join(ep.label for ep in tried)}); last error: {failure.cause}",
+            urls=[ep.url for ep in tried],
             cause=failure.exc or failure.cause,
         )
 
     async def _attempt(
-        self, method: str, url: str, path: str, payload: Any, deadline: float
+        self, method: str, ep: Endpoint, path: str, payload: Any, deadline: float
     ) -> _Reply | _Failure:
-        """One request to one replica: the reply, a retryable failure, or a `RewardServiceError` for the rest."""
-        where = f"{method} {url}{path}"
+        """One request to one endpoint: the reply, a retryable failure, or a `RewardServiceError` for the rest."""
+        where = ep.where(method, path)
         timeout = max(min(self.timeout, deadline - self._clock()), 0.001)
         try:
-            resp = await self._http.request(method, url + path, json=payload, timeout=httpx.Timeout(timeout))
+            resp = await self._http.request(
+                method,
+                ep.url + path,
+                json=payload,
+                headers=ep.headers,
+                extensions=ep.extensions,
+                timeout=httpx.Timeout(timeout),
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return _Failure(f"{ep.label}: {type(exc).__name__}: {exc}", exc, None, connect=True)
         except _RETRYABLE_TRANSPORT as exc:
-            return _Failure(f"{url}: {type(exc).__name__}: {exc}", exc, None)
+            return _Failure(f"{ep.label}: {type(exc).__name__}: {exc}", exc, None)
         except httpx.TimeoutException as exc:
             raise RewardServiceError(
                 f"{where} timed out after {timeout:.1f}s ({type(exc).__name__}); not retried",
-                urls=[url],
+                urls=[ep.url],
                 cause=exc,
             ) from exc
         if resp.status_code == 429 or resp.status_code >= 500:
-            return _Failure(f"{url}: HTTP {resp.status_code}: {_error_text(resp)}", None, _retry_after(resp))
+            return _Failure(
+                f"{ep.label}: HTTP {resp.status_code}: {_error_text(resp)}", None, _retry_after(resp)
+            )
         if resp.status_code >= 400:
             raise RewardServiceError(
                 f"{where} answered {resp.status_code}: {_error_text(resp)}",
-                urls=[url],
+                urls=[ep.url],
                 status=resp.status_code,
                 error_type=_error_type(resp),
             )
@@ -357,12 +375,12 @@ class RewardClient:
         except ValueError as exc:  # JSONDecodeError, or bytes that are not text
             raise RewardServiceError(
                 f"{where} answered {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}",
-                urls=[url],
+                urls=[ep.url],
                 status=resp.status_code,
                 error_type="bad_response",
                 cause=exc,
             ) from exc
-        return _Reply(url, where, resp.status_code, data)
+        return _Reply(ep, where, resp.status_code, data)
 
     def _log_rate_limited(self, msg: str, *args: Any) -> None:
         now = self._clock()
@@ -409,7 +427,7 @@ def _score_response(reply: _Reply) -> ScoreResponse:
             )
     raise RewardServiceError(
         f"{reply.where} answered {reply.status} with {problem}",
-        urls=[reply.url],
+        urls=[reply.endpoint.url],
         status=reply.status,
         error_type="bad_response",
     )

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Smoke test of docker-compose.yml on this machine, end to end, on the CPU profile:
 #   engine (started if none runs) -> base image (scripts/build-base-image.sh, cached) -> images
-#   -> prepare (a Pushshift sample) -> train-rm (a few steps) -> reward-api healthy + answers /v1/score
-#   -> trainer completes a PPO step against it over HTTP -> down; stops what it started.
+#   -> prepare (a Pushshift sample) -> train-rm (a few steps) -> reward-api scaled to 2 replicas, both
+#   healthy, each answering /v1/score on its own published port -> trainer completes a PPO step against
+#   them over HTTP (KARMA_REWARD_URL = the service name, resolved to both; each replica answers some of its
+#   requests) -> down; stops what it started.
 # Prints "compose-smoke: PASS" and the time of each phase; exits non-zero on the first failure.
 #
 # Environment (all optional):
@@ -16,6 +18,7 @@
 #   KARMA_DOCKER_RUN    its sockets, pid file and log (default /run/karma-docker)
 #   KARMA_SMOKE_DIR     bind-mounted data/models/runs/cache/config (default $KARMA_DOCKER_ROOT-smoke)
 #   KARMA_SHARED_DATA   the shared data folder (default ../shared/data beside the repository)
+#   KARMA_SMOKE_REPLICAS  reward-api replicas (`--scale reward-api=N`, default 2)
 #   KARMA_SMOKE_KEEP=1  leave the services up and the engine running (debugging)
 set -euo pipefail
 
@@ -29,6 +32,7 @@ BASE_IMAGE=${BASE_IMAGE:-local/python:3.11-bookworm}
 WHEELS=${KARMA_WHEELS:-/opt/wheels}
 WHEEL_PORT=${KARMA_WHEEL_PORT:-8765}
 KEEP=${KARMA_SMOKE_KEEP:-0}
+REPLICAS=${KARMA_SMOKE_REPLICAS:-2}
 UID_IN_IMAGE=${KARMA_UID:-1000}
 PROJECT=karma-smoke
 RAW=$SHARED_DATA/reddit/college_2011_2022
@@ -154,7 +158,6 @@ fi
 
 # --------------------------------------------------------------------------------- the run's settings
 [[ -f $RAW/RC_college.zst && -f $RAW/RS_college.zst ]] || die "shared data not found: $RAW (set KARMA_SHARED_DATA)"
-reward_port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 rm -rf "$SMOKE_DIR/data" "$SMOKE_DIR/models" "$SMOKE_DIR/runs" "$SMOKE_DIR/config"
 mkdir -p "$SMOKE_DIR"/{data,models,runs,cache,config}
 cat >"$SMOKE_DIR/config/smoke.yaml" <<'YAML'
@@ -185,7 +188,8 @@ KARMA_CONFIG_DIR=$SMOKE_DIR/config
 KARMA_TRAIN_CONFIG=smoke.yaml
 KARMA_PREPARE_ARGS=--comments /raw/RC_college.zst --submissions /raw/RS_college.zst --limit 6000 --workers 1
 KARMA_RM_TRAIN_ARGS=--max-steps 4 --max-train 64 --batch-size 8 --max-length 64 --eval-steps 4 --threads 2
-KARMA_REWARD_PUBLISH=127.0.0.1:$reward_port
+KARMA_REWARD_PUBLISH=127.0.0.1:
+KARMA_LOG_LEVEL=debug
 KARMA_TRAIN_ARGS=--max-prompts 8
 EOF
 compose_used=1
@@ -207,40 +211,63 @@ compose --profile pipeline run --rm -T train-rm || die "train-rm failed"
 [[ -f $SMOKE_DIR/models/karma-rm/karma_rm.json ]] || die "train-rm wrote no RM folder (karma_rm.json)"
 took train-rm
 
-phase "reward-api healthy"
-compose --profile cpu up -d reward-api
-container=$(compose --profile cpu ps -q reward-api)
-status=starting
-for _ in $(seq 300); do
-    status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
-    [[ $status == healthy || $status == unhealthy ]] && break
-    [[ $(docker inspect -f '{{.State.Running}}' "$container") == true ]] || die "reward-api exited"
-    sleep 1
+phase "reward-api x$REPLICAS healthy"
+# --scale: replicas of one service, no container_name, each published on its own free loopback port
+compose --profile cpu up -d --no-build --scale reward-api="$REPLICAS" reward-api
+mapfile -t containers < <(compose --profile cpu ps -q reward-api)
+((${#containers[@]} == REPLICAS)) || die "expected $REPLICAS reward-api containers, found ${#containers[@]}"
+for container in "${containers[@]}"; do
+    status=starting
+    for _ in $(seq 300); do
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$container")
+        [[ $status == healthy || $status == unhealthy ]] && break
+        [[ $(docker inspect -f '{{.State.Running}}' "$container") == true ]] || die "reward-api $container exited"
+        sleep 1
+    done
+    [[ $status == healthy ]] || die "reward-api $container is $status, not healthy"
 done
-[[ $status == healthy ]] || die "reward-api is $status, not healthy"
-took "reward-api healthy"
+took "reward-api x$REPLICAS healthy"
 
 phase "score over HTTP"
-python3 - "http://127.0.0.1:$reward_port" <<'PY' || die "/v1/score did not answer as expected"
+# every replica on its own published port; the same model answers the same scores
+replica_urls=()
+for i in $(seq "$REPLICAS"); do
+    published=$(compose --profile cpu port --index "$i" reward-api 8000) || die "no published port for replica $i"
+    replica_urls+=("http://${published/0.0.0.0/127.0.0.1}")
+done
+python3 - "${replica_urls[@]}" <<'PY' || die "/v1/score did not answer as expected"
 import json, math, sys, urllib.request
 
-base = sys.argv[1]
 items = [
     {"context": "How do I pick a major?", "response": "Take intro classes in a few and see what you enjoy."},
     {"context": "How do I pick a major?", "response": "lol"},
 ]
-req = urllib.request.Request(base + "/v1/score", data=json.dumps({"items": items}).encode(),
-                             headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(req, timeout=60) as r:
-    body = json.load(r)
-scores = body["scores"]
-assert len(scores) == 2 and all(isinstance(s, float) and math.isfinite(s) for s in scores), body
-print(f"  /v1/score: model={body['model']} scores={[round(s, 4) for s in scores]}")
+answers = []
+for base in sys.argv[1:]:
+    req = urllib.request.Request(base + "/v1/score", data=json.dumps({"items": items}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        body = json.load(r)
+    scores = body["scores"]
+    assert len(scores) == 2 and all(isinstance(s, float) and math.isfinite(s) for s in scores), body
+    print(f"  {base}/v1/score: model={body['model']} scores={[round(s, 4) for s in scores]}")
+    answers.append((body["version"], scores))
+(version, first), *rest = answers
+for v, scores in rest:
+    assert v == version and all(abs(a - b) <= 1e-5 for a, b in zip(first, scores)), answers
 PY
 took "score over HTTP"
 
+# scoring requests each replica answered so far (uvicorn's access log, on at KARMA_LOG_LEVEL=debug)
+scored() { docker logs "$1" 2>&1 | grep -c 'POST /v1/score' || true; }
+declare -A before=()
+for container in "${containers[@]}"; do before[$container]=$(scored "$container"); done
+
 phase "trainer step"
-compose --profile cpu up --no-build --exit-code-from trainer trainer >"$SMOKE_DIR/trainer.log" 2>&1 \
+# the trainer's KARMA_REWARD_URL is the service name: it resolves to every replica (--scale again, or
+# compose would scale reward-api back to 1 when it starts the trainer's dependencies)
+compose --profile cpu up --no-build --scale reward-api="$REPLICAS" --exit-code-from trainer trainer \
+    >"$SMOKE_DIR/trainer.log" 2>&1 \
     || { tail -40 "$SMOKE_DIR/trainer.log" >&2; die "trainer failed (log: $SMOKE_DIR/trainer.log)"; }
 grep -E "at step 1\b" "$SMOKE_DIR/trainer.log" | tail -1
 grep -qE "at step 1\b" "$SMOKE_DIR/trainer.log" || die "the trainer did not report step 1"
@@ -257,4 +284,11 @@ for key in ("reward/mean", "reward/std", "loss/policy", "policy/approx_kl"):
     assert isinstance(m.get(key), float) and math.isfinite(m[key]), (key, m)
 print("  step 1:", {k: round(m[k], 4) for k in ("reward/mean", "reward/std", "loss/policy", "speed/step_s")})
 PY
+# the trainer balanced over the replicas it discovered: each answered some of its scoring requests
+# (a step's rollouts and the held-out base and trained replies: at least 3 requests, round-robin)
+for container in "${containers[@]}"; do
+    n=$(($(scored "$container") - before[$container]))
+    log "  replica ${container:0:12}: $n scoring request(s) from the trainer"
+    ((n > 0)) || die "replica ${container:0:12} got no scoring request from the trainer (discovery over DNS?)"
+done
 took "trainer step"

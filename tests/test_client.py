@@ -7,8 +7,10 @@ The client against a real server is tested in test_reward_api_server.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
+import socket
 
 import httpx
 import pytest
@@ -69,10 +71,34 @@ class FakeClock:
         return self.now
 
 
+class FakeDNS:
+    """A resolver (`karma.discovery.Resolver`): host -> addresses, editable between calls; other names do not
+    resolve. Records each lookup."""
+
+    def __init__(self, **names: list[str]):
+        self.names = {host.replace("_", "-"): list(addrs) for host, addrs in names.items()}
+        self.lookups: list[tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append((host, port))
+        if host not in self.names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return self.names[host]
+
+
 def make_client(
-    service, urls="http://rm1:8000", *, clock: FakeClock | None = None, **kwargs
+    service,
+    urls="http://rm1:8000",
+    *,
+    clock: FakeClock | None = None,
+    resolver=None,
+    **kwargs,
 ) -> tuple[RewardClient, list[float]]:
-    client = RewardClient(urls, transport=httpx.MockTransport(service), **kwargs)
+    """A client on `service` (a MockTransport handler); names resolve through `resolver` (default: none
+    resolves, so the URLs are used as given, without a real DNS lookup)."""
+    client = RewardClient(
+        urls, transport=httpx.MockTransport(service), resolver=resolver or FakeDNS(), **kwargs
+    )
     sleeps: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
@@ -396,7 +422,7 @@ def test_a_dead_service_is_retried_until_the_deadline_and_logged_at_info_at_a_sa
     with caplog.at_level("INFO", logger="karma.client"), pytest.raises(RewardServiceError, match=final):
         run(client.score([{"response": "x"}]))
     assert clock.now - start <= 60 and len(replicas.calls) > 40
-    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and r.name == "karma.client"]
     assert 10 <= len(info) <= 13  # one line per log_interval_s (5 s) of fake time, not one per attempt
     assert "POST /v1/score attempt 1 failed (http://rm1:8000: ConnectError: refused)" in info[0]
     assert re.search(
@@ -412,8 +438,8 @@ def test_wait_ready_logs_while_it_waits(caplog):
     client, _ = make_client(service, clock=clock)
     with caplog.at_level("INFO", logger="karma.client"):
         run(client.wait_ready(60, interval_s=1.0))
-    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
-    assert len(info) == 6  # 30 s of waiting, a line every 5 s
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and r.name == "karma.client"]
+    assert len(info) == 6  # 30 s of waiting, a line every 5 s (httpx logs its own requests at INFO too)
     assert info[0] == (
         "waiting for the reward service to be ready (0.0s elapsed, deadline 60s): "
         "http://rm1:8000: ConnectError: refused"
@@ -432,6 +458,226 @@ def test_trl_reward_func_fails_over_between_replicas():
 
     assert run(go()) == [[4.0]] * 3
     assert "rm2" in replicas.calls
+
+
+# ------------------------------------------------------------------------------- discovery (karma.discovery)
+def score_n(client: RewardClient, n: int, clock: FakeClock | None = None, step_s: float = 0.0) -> None:
+    for _ in range(n):
+        if clock is not None:
+            clock.now += step_s
+        assert run(client.score([{"response": "abc"}])).scores == [3.0]
+
+
+def test_a_name_expands_into_one_endpoint_per_address_and_keeps_its_host_header():
+    replicas = Replicas()
+    dns = FakeDNS(reward_api=["172.18.0.3", "172.18.0.4"])
+    client, _ = make_client(replicas, urls="http://reward-api:8000", resolver=dns, model="karma")
+    score_n(client, 4)
+    assert replicas.calls == ["172.18.0.3", "172.18.0.4"] * 2
+    assert dns.lookups == [("reward-api", 8000)]  # once: the next one is due in 30 s
+    for service in replicas.services.values():
+        for request in service.calls:
+            assert request.headers["host"] == "reward-api:8000"
+            assert request.url.path == "/models/karma/v1/score"
+    assert [ep.label for ep in client.endpoints] == [
+        "http://reward-api:8000 at 172.18.0.3",
+        "http://reward-api:8000 at 172.18.0.4",
+    ]
+    assert client.urls == ["http://reward-api:8000"]
+
+
+def test_ip_addresses_are_not_resolved_and_https_keeps_the_tls_server_name():
+    replicas = Replicas()
+    dns = FakeDNS(rm_tls=["10.0.0.7"])
+    client, _ = make_client(
+        replicas, urls=["http://127.0.0.1:8001", "https://rm-tls:8443", "http://[::1]:8002"], resolver=dns
+    )
+    score_n(client, 3)
+    assert replicas.calls == ["127.0.0.1", "10.0.0.7", "::1"]
+    assert dns.lookups == [("rm-tls", 8443)]
+    (tls,) = replicas.services["10.0.0.7"].calls
+    assert str(tls.url) == "https://10.0.0.7:8443/v1/score"
+    assert tls.headers["host"] == "rm-tls:8443" and tls.extensions["sni_hostname"] == "rm-tls"
+    (plain,) = replicas.services["127.0.0.1"].calls
+    assert "sni_hostname" not in plain.extensions and plain.headers["host"] == "127.0.0.1:8001"
+
+
+def test_names_are_resolved_again_so_replicas_join_and_leave(caplog):
+    """`--scale reward-api=3`, then `=1`: each change is seen at the next resolution (every 30 s)."""
+    replicas = Replicas()
+    dns = FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    clock = FakeClock()
+    client, _ = make_client(replicas, urls="http://reward-api:8000", resolver=dns, clock=clock)
+    with caplog.at_level("INFO", logger="karma.client"):
+        score_n(client, 4, clock, 1.0)
+        dns.names["reward-api"] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]  # scaled up
+        score_n(client, 20, clock, 1.0)  # 24 s: not yet resolved again
+        assert set(replicas.calls) == {"10.0.0.1", "10.0.0.2"}
+        score_n(client, 9, clock, 1.0)  # past 30 s
+        assert set(replicas.calls[-6:]) == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+        dns.names["reward-api"] = ["10.0.0.2"]  # scaled down
+        score_n(client, 40, clock, 1.0)
+    assert set(replicas.calls[-5:]) == {"10.0.0.2"}
+    assert [ep.address for ep in client.endpoints] == ["10.0.0.2"]
+    assert len(dns.lookups) == 3  # at 1 s, 31 s, 61 s of fake time (73 s in all)
+    changes = [r.getMessage() for r in caplog.records if "endpoint(s)" in r.getMessage()]
+    assert changes == [
+        (
+            "reward service http://reward-api:8000: 2 endpoint(s); "
+            "joined: http://reward-api:8000 at 10.0.0.1, http://reward-api:8000 at 10.0.0.2"
+        ),
+        "reward service http://reward-api:8000: 3 endpoint(s); joined: http://reward-api:8000 at 10.0.0.3",
+        (
+            "reward service http://reward-api:8000: 1 endpoint(s); "
+            "left: http://reward-api:8000 at 10.0.0.1, http://reward-api:8000 at 10.0.0.3"
+        ),
+    ]
+
+
+def test_a_failing_replica_is_out_for_a_growing_backoff_then_retried_and_back_after_one_success():
+    """rm1 refuses 5 connections in a row: it is tried again after 0.25, 0.5, 1, 2, 2 s (backoff_s x 2^(n-1),
+    capped at 2 s), every request meanwhile answered by rm2 without waiting; then it answers and is back in
+    the rotation."""
+    replicas = Replicas(rm1=[httpx.ConnectError("refused")] * 5)
+    clock = FakeClock()
+    client, sleeps = make_client(
+        replicas, urls="http://rm1:8000,http://rm2:8000", clock=clock, backoff_s=0.25, max_backoff_s=2
+    )
+    tried_rm1: list[float] = []
+    for _ in range(120):
+        clock.now += 1 / 16  # exact in binary: no rounding at the edges of the back-off
+        before = len(replicas.calls)
+        assert run(client.score([{"response": "ab"}])).scores == [2.0]
+        if "rm1" in replicas.calls[before:]:
+            tried_rm1.append(clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(tried_rm1)]
+    assert gaps[:5] == [0.25, 0.5, 1.0, 2.0, 2.0]
+    assert set(gaps[5:]) == {0.125}  # back: every other request
+    assert set(sleeps) == {0.0}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("[Errno 104] Connection reset by peer"),
+        httpx.WriteError("[Errno 32] Broken pipe"),
+    ],
+    ids=["disconnected", "reset", "broken-pipe"],
+)
+def test_a_request_in_flight_on_a_replica_that_dies_is_answered_by_another(failure):
+    replicas = Replicas(**{"10.0.0.1": [failure]})
+    client, sleeps = make_client(
+        replicas, urls="http://reward-api:8000", resolver=FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    )
+    assert run(client.score([{"response": "abcd"}])).scores == [4.0]
+    assert replicas.calls == ["10.0.0.1", "10.0.0.2"] and sleeps == [0.0]
+
+
+def test_a_refused_connection_to_an_address_brings_the_next_resolution_forward():
+    """A replica that left (its container is gone): the first refused connection makes the name due for
+    resolution within a second instead of 30 s, and the address leaves the rotation."""
+    replicas = Replicas(**{"10.0.0.2": [httpx.ConnectError("no route to host")] * 100})
+    dns = FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    clock = FakeClock()
+    client, _ = make_client(replicas, urls="http://reward-api:8000", resolver=dns, clock=clock)
+    score_n(client, 2, clock, 0.1)
+    assert replicas.calls == ["10.0.0.1", "10.0.0.2", "10.0.0.1"]
+    dns.names["reward-api"] = ["10.0.0.1"]
+    score_n(client, 12, clock, 0.1)
+    assert len(dns.lookups) == 2  # the first, and one 1 s after the refusal
+    assert [ep.address for ep in client.endpoints] == ["10.0.0.1"]
+    assert replicas.calls.count("10.0.0.2") <= 4
+
+
+def test_a_name_that_does_not_resolve_is_used_as_given_and_later_keeps_its_last_addresses(caplog):
+    replicas = Replicas()
+    dns = FakeDNS()  # reward-api unknown at first (its containers are still starting)
+    clock = FakeClock()
+    client, _ = make_client(replicas, urls="http://reward-api:8000", resolver=dns, clock=clock)
+    score_n(client, 1, clock)
+    assert replicas.calls == ["reward-api"]  # as given: httpx resolves it when it connects
+    dns.names["reward-api"] = ["10.0.0.1", "10.0.0.2"]
+    score_n(client, 2, clock, 31.0)
+    assert replicas.calls[1:] == ["10.0.0.1", "10.0.0.2"]
+    del dns.names["reward-api"]  # the DNS server fails for a while
+    with caplog.at_level("INFO", logger="karma.client"):
+        score_n(client, 2, clock, 31.0)
+    assert replicas.calls[3:] == ["10.0.0.1", "10.0.0.2"]
+    assert any(
+        "reward service http://reward-api:8000 does not resolve ([Errno -2] Name or service not known); "
+        "keeping its last addresses" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_wait_ready_waits_for_every_address_of_a_name():
+    replicas = Replicas(**{"10.0.0.2": [error(503, "model 'a' is still loading", "not_ready")] * 2})
+    dns = FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    client, sleeps = make_client(replicas, urls="http://reward-api:8000", resolver=dns)
+    run(client.wait_ready(60, interval_s=0.1))
+    assert replicas.calls == ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.2"] and sleeps == [0.1, 0.1]
+
+    stuck = Replicas(**{"10.0.0.2": [error(503, "model 'a' is still loading", "not_ready")] * 5})
+    client, _ = make_client(stuck, urls="http://reward-api:8000", resolver=dns)
+    with pytest.raises(
+        RewardServiceError,
+        match=r"not ready before the deadline: http://reward-api:8000 at 10\.0\.0\.2: HTTP 503: "
+        r"model 'a' is still loading$",
+    ) as info:
+        run(client.wait_ready(0.01, interval_s=0.1))
+    assert info.value.urls == ["http://10.0.0.2:8000"]
+
+
+def test_errors_name_the_replica_by_its_url_and_address():
+    replicas = Replicas(
+        **{"10.0.0.1": [error(503, "busy", "overloaded")], "10.0.0.2": [error(422, "bad item", "validation")]}
+    )
+    client, _ = make_client(
+        replicas, urls="http://reward-api:8000", resolver=FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    )
+    with pytest.raises(
+        RewardServiceError,
+        match=r"^POST http://reward-api:8000/v1/score at 10\.0\.0\.2 answered 422: bad item$",
+    ) as info:
+        run(client.score([{"response": "x"}]))
+    assert info.value.urls == ["http://10.0.0.2:8000"]
+    dead = Replicas(**{"10.0.0.1": [httpx.ConnectError("refused")] * 9})
+    client, _ = make_client(
+        dead, urls="http://reward-api:8000", resolver=FakeDNS(reward_api=["10.0.0.1"]), max_retries=1
+    )
+    with pytest.raises(
+        RewardServiceError,
+        match=r"failed after 2 attempt\(s\) in .*s \(http://reward-api:8000 at 10\.0\.0\.1\); "
+        r"last error: http://reward-api:8000 at 10\.0\.0\.1: ConnectError: refused",
+    ):
+        run(client.score([{"response": "x"}]))
+
+
+def test_resolve_addresses_prefers_ipv4_dedupes_and_sorts(monkeypatch):
+    from karma import discovery
+
+    def fake_getaddrinfo(host, port, type=0):
+        v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("10.0.0.10", "10.0.0.9")]
+        v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fe80::1%eth0", port, 0, 2))]
+        return {"both": v4 + v6 + v4[:1], "v6": v6}[host]
+
+    monkeypatch.setattr(discovery.socket, "getaddrinfo", fake_getaddrinfo)
+    assert discovery.resolve_addresses("both", 8000) == ["10.0.0.9", "10.0.0.10"]
+    assert discovery.resolve_addresses("v6", 8000) == ["fe80::1"]
+
+
+def test_localhost_resolves_for_real_to_loopback_and_discovery_can_be_off():
+    from karma.discovery import resolve_addresses
+
+    assert resolve_addresses("localhost", 8000) == ["127.0.0.1"]
+    replicas = Replicas()
+    dns = FakeDNS(reward_api=["10.0.0.1", "10.0.0.2"])
+    client, _ = make_client(replicas, urls="http://reward-api:8000", resolver=dns, resolve_interval_s=None)
+    score_n(client, 2)
+    assert replicas.calls == ["reward-api", "reward-api"] and dns.lookups == []
+    with pytest.raises(ValueError, match=r"resolve_interval_s must be > 0 \(or None: no discovery\), got 0"):
+        RewardClient("http://rm1:8000", resolve_interval_s=0)
 
 
 class LoopbackReplica:

@@ -135,6 +135,20 @@ def test_reward_endpoint_is_one_variable(services):
     assert services["reward-api-gpu"]["networks"]["default"]["aliases"] == ["reward-api"]
 
 
+def test_reward_services_scale_without_clashes(services):
+    """`up --scale reward-api=N`: no container_name, no fixed host port (each replica publishes on a free
+    loopback port), and the trainers' default reward URL is the service name, which compose's DNS resolves
+    to every replica (the client expands it, karma.discovery)."""
+    resolved = interpolate(services, {})
+    for name in ("reward-api", "reward-api-gpu"):
+        assert "container_name" not in services[name]
+        assert resolved[name]["ports"] == ["127.0.0.1::8000"]  # HOST_IP::CONTAINER_PORT: any free host port
+    pinned = interpolate(services, {"KARMA_REWARD_PUBLISH": "127.0.0.1:8000-8009"})
+    assert pinned["reward-api"]["ports"] == ["127.0.0.1:8000-8009:8000"]  # or a range, a port per replica
+    for name in ("trainer", "trainer-gpu"):
+        assert flag(resolved[name]["command"], "--reward-url") == "http://reward-api:8000"
+
+
 def test_gpu_profile_reserves_nvidia_devices_and_uses_vllm_bf16(services):
     for name in ("reward-api-gpu", "trainer-gpu"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -328,6 +342,20 @@ def test_compose_swaps_the_reward_model_by_endpoint(tmp_path):
         command = services[name]["command"]
         command = " ".join(command) if isinstance(command, list) else command
         assert "--reward-url http://rm-a:8000,http://rm-b:9000/models/full" in command
+
+
+@requires_compose
+def test_compose_publishes_each_reward_replica_on_a_free_loopback_port():
+    out = run_compose("--profile", "cpu", "--profile", "gpu", "config")
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    for name in ("reward-api", "reward-api-gpu"):
+        (port,) = services[name]["ports"]
+        if isinstance(port, str):  # compose v1
+            assert port == "127.0.0.1::8000/tcp"
+        else:  # compose v2: the long syntax
+            assert port["host_ip"] == "127.0.0.1" and int(port["target"]) == 8000
+            assert not port.get("published")
 
 
 @requires_compose
