@@ -161,7 +161,7 @@ def test_a_hacked_rule_reward_trips_the_distinct2_alarm():
     reward = RuleSpec.parse({"rules": [{"kind": "marker"}]})
     hacked = "thank you please thank you please"
     rng = random.Random(0)
-    monitor = HackingMonitor(Alarm(distinct2_drop=0.5, baseline_steps=3, max_abs_length_corr=None))
+    monitor = HackingMonitor(Alarm(alarm_distinct2_drop=0.5, alarm_baseline_steps=3, alarm_length_corr=None))
     fired: dict[int, list[str]] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -183,7 +183,7 @@ def test_a_hacked_rule_reward_trips_the_distinct2_alarm():
 
 
 def test_the_length_correlation_alarm_needs_k_steps_and_can_stop_the_run():
-    alarm = Alarm(max_abs_length_corr=0.9, corr_steps=3, distinct2_drop=None, stop=True)
+    alarm = Alarm(alarm_length_corr=0.9, alarm_corr_steps=3, alarm_distinct2_drop=None, alarm_stop=True)
     monitor = HackingMonitor(alarm)
     rng = random.Random(1)
     long_is_good = [" ".join(["word"] * n) + f" {i}" for i, n in enumerate(range(1, 17))]
@@ -200,14 +200,14 @@ def test_the_length_correlation_alarm_needs_k_steps_and_can_stop_the_run():
     ) as err:
         monitor.update(5, batch_stats(rewards, long_is_good))
     assert err.value.step == 5 and err.value.alarms == [LENGTH_CORRELATION]
-    warn_only = HackingMonitor(alarm.model_copy(update={"stop": False, "corr_steps": 1}))
+    warn_only = HackingMonitor(alarm.model_copy(update={"alarm_stop": False, "alarm_corr_steps": 1}))
     with pytest.warns(RewardHackingWarning, match="length_correlation"):
         tripped = warn_only.update(0, batch_stats(rewards, long_is_good))
     assert tripped == [LENGTH_CORRELATION]
 
 
 def test_alarm_config_is_validated():
-    with pytest.raises(ValueError, match="distinct2_drop"):
-        Alarm(distinct2_drop=1.5)
-    with pytest.raises(ValueError, match="corr_steps"):
-        Alarm(corr_steps=0)
+    with pytest.raises(ValueError, match="alarm_distinct2_drop"):
+        Alarm(alarm_distinct2_drop=1.5)
+    with pytest.raises(ValueError, match="alarm_corr_steps"):
+        Alarm(alarm_corr_steps=0)

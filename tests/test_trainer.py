@@ -1290,3 +1290,46 @@ def test_heldout_reward_can_be_turned_off(assets, tmp_path):
         tiny_config(assets, tmp_path / "out", run={"steps": 1, "save_every": 0}, eval={"heldout_prompts": 0})
     )
     assert "heldout" not in result and not (tmp_path / "out" / "heldout_reward.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- reward hacking
+def test_the_monitor_alarm_fires_when_a_rule_reward_is_hacked(assets, tmp_path):
+    """A reward that pays for length alone (a length window far above what 10 tokens reach): its reward is a
+    linear function of the reply's words, so |corr(reward, length)| = 1 every step. The length-correlation
+    alarm warns after `alarm_corr_steps` steps, and with `alarm_stop` stops the run with a checkpoint."""
+    from karma.rm.rule import RuleSpec, write_rule_folder
+    from services.policy_trainer.monitor import RewardHackingError, RewardHackingWarning
+
+    rule = write_rule_folder(
+        RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 500, "max_words": 600}]}),
+        tmp_path / "longer_is_better",
+    )
+    alarm = {"alarm_length_corr": 0.95, "alarm_corr_steps": 2, "alarm_distinct2_drop": None}
+    cfg = tiny_config(
+        assets,
+        tmp_path / "warn",
+        reward={"reward_model": str(rule), "reward_normalize": False},
+        run={"steps": 3, "save_every": 0},
+        eval={"heldout_prompts": 0},
+        monitor=alarm,
+    )
+    with pytest.warns(RewardHackingWarning, match="length_correlation"):
+        _, result = run(cfg)
+    rows = read_metrics(tmp_path / "warn")
+    assert result["status"] == "completed"
+    assert [r["monitor/reward_length_corr"] for r in rows] == pytest.approx([1.0, 1.0, 1.0])
+    assert [r["monitor/alarms"] for r in rows] == [0.0, 1.0, 1.0]
+
+    cfg = tiny_config(
+        assets,
+        tmp_path / "stop",
+        reward={"reward_model": str(rule), "reward_normalize": False},
+        run={"steps": 3, "save_every": 0},
+        eval={"heldout_prompts": 0},
+        monitor=alarm | {"alarm_stop": True},
+    )
+    with pytest.raises(RewardHackingError, match="training stopped before step 2; checkpoint saved to"):
+        run(cfg)
+    result = json.loads((tmp_path / "stop" / "trainer_result.json").read_text())
+    assert result["status"] == "failed" and result["error_type"] == "RewardHackingError"
+    assert result["checkpoint"] and result["step"] == 1

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 def run_training(cfg: TrainConfig) -> None:
     """PPO / RLOO / GRPO a policy against the reward service (or an in-process reward model)."""
+    from services.policy_trainer.distributed import RankFailedError
+    from services.policy_trainer.monitor import RewardHackingError
     from services.policy_trainer.prompts import PromptSourceError
     from services.policy_trainer.rewards import RewardUnavailableError
     from services.policy_trainer.trainer import Trainer, TrainingDivergedError
@@ -33,6 +35,8 @@ def run_training(cfg: TrainConfig) -> None:
     except (
         RewardUnavailableError,
         TrainingDivergedError,
+        RewardHackingError,
+        RankFailedError,
         PromptSourceError,
         FileNotFoundError,
         FileExistsError,
@@ -44,6 +48,8 @@ def run_training(cfg: TrainConfig) -> None:
         raise typer.Exit(1) from None
     finally:
         trainer.close()
+    if not trainer.dist.is_main:  # one report per run, not per rank
+        return
     typer.echo(f"{result['status']} at step {result['step']}: {result['output_dir']}")
     if "heldout" in result:
         h = result["heldout"]

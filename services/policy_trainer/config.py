@@ -1,6 +1,6 @@
 """Typed configuration of `karma train`: one pydantic model per concern, validated before any model loads.
 
-A run is described by `TrainConfig` = model + data + rollout + reward + ppo + run + eval. `karma train`'s flags
+A run is described by `TrainConfig` = model + data + rollout + reward + ppo + run + eval + monitor. `karma train`'s flags
 are generated from these fields (`karma.config.command`: `kl_coef` -> `--kl-coef`, flat because names are
 unique across sections); a YAML file holds one mapping per section (see `configs/ppo_smollm2.yaml`); every field
 is also an environment variable `KARMA_TRAIN_<FIELD>`. Precedence: defaults < file < environment < flags.
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from karma.config import Cli, load, to_yaml
+from services.policy_trainer.monitor import Alarm
 
 ENV_PREFIX = "KARMA_TRAIN_"
 
@@ -94,6 +95,11 @@ class RolloutConfig(_Section):
     )
     vllm_enforce_eager: bool = Field(
         False, description="vllm: skip torch.compile / graphs (faster start, slower decode)"
+    )
+    row_seeded: bool = Field(
+        False,
+        description="hf: sample each response from its own seed, as data-parallel runs do, so a 1-process run "
+        "equals an N-rank run over the same global batch",
     )
 
 
@@ -228,6 +234,16 @@ class RunConfig(_Section):
         default_factory=lambda: ["jsonl", "tensorboard"], description="metric sinks"
     )
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (unset: torch's)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the policy trains: auto = the rank's GPU when CUDA is available (and accelerate was "
+        "not told --cpu), else the CPU",
+    )
+    dist_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="seconds a data-parallel collective waits for the other ranks before RankFailedError",
+    )
 
 
 class EvalConfig(_Section):
@@ -261,6 +277,11 @@ class TrainSections(_Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    monitor: Alarm = Field(
+        default_factory=Alarm,
+        description="reward-hacking alarms over each step's batch (monitor/* metrics; "
+        "services/policy_trainer/monitor.py)",
+    )
 
 
 class TrainConfig(TrainSections):
@@ -312,7 +333,11 @@ class TrainConfig(TrainSections):
         """Defaults < YAML file < environment (`KARMA_TRAIN_<FIELD>`, only when `environ` is given) < flat
         overrides ({field name: value}, None values ignored)."""
         return load(
-            cls, file=yaml_path, flags=overrides, prefix=None if environ is None else ENV_PREFIX, environ=environ
+            cls,
+            file=yaml_path,
+            flags=overrides,
+            prefix=None if environ is None else ENV_PREFIX,
+            environ=environ,
         )
 
     def to_dict(self) -> dict[str, Any]:

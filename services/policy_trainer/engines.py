@@ -11,6 +11,13 @@ the engine: the trainer recomputes them with its own policy, so PPO's ratio is e
   engine's `step()` loop so every finished request is reported at once. After each update the trainer's
   full weights are loaded with the worker's `reload_weights` (LoRA is merged on the fly, so generation runs
   at base-model speed); the tied `lm_head` is re-packed and the prefix cache reset — see ../shared/VLLM.md.
+
+`row_ids` (the data-parallel layout, see `distributed`): each prompt's global index in the step's batch.
+With them every row is sampled from its own seed (seed, row id) alone, whichever other prompts share the
+call — the union of the ranks' shares is then the batch one process samples. vLLM seeds each request that
+way anyway (the row id replaces the position in the call); `hf` then samples by Gumbel-max with one
+generator per row (`RowSeededSampling`, an exact sample of softmax(logits / T)) instead of `generate`'s one
+stream for the whole batch. `prompt_width` left-pads the prompts to the step's widest prompt.
 """
 
 from __future__ import annotations
@@ -46,11 +53,37 @@ class RolloutEngine(Protocol):
         max_new_tokens: int,
         temperature: float,
         on_finished: OnFinished | None = None,
+        row_ids: list[int] | None = None,
+        prompt_width: int | None = None,
     ) -> list[Generation]: ...
 
     def sync_weights(self, policy) -> None: ...
 
     def close(self) -> None: ...
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of row `row` of a step whose seed is `seed` (both engines)."""
+    return (seed * 7919 + row) % 2**31
+
+
+class RowSeededSampling:
+    """A transformers logits processor for greedy `generate`: adds Gumbel noise drawn from one generator per
+    row (seeded with `row_seed(seed, row)`) to logits / T, so argmax is a sample of softmax(logits / T) that
+    depends on the row's own seed and logits only, not on the other rows of the call."""
+
+    def __init__(self, seed: int, row_ids: list[int], temperature: float):
+        import torch
+
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(row_seed(seed, r)) for r in row_ids]
+
+    def __call__(self, input_ids, scores):  # scores (B, V) -> (B, V)
+        import torch
+
+        u = torch.stack([torch.rand(scores.shape[1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen
+        return scores.float() / self.temperature + gumbel.to(scores.device)
 
 
 def _cut(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -78,16 +111,21 @@ class HFEngine:
         max_new_tokens: int,
         temperature: float,
         on_finished: OnFinished | None = None,
+        row_ids: list[int] | None = None,
+        prompt_width: int | None = None,
     ) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         from karma.tensors import left_pad
 
-        ids, mask = left_pad(prompts, self.pad_id)
+        lm = self.policy.lm
+        device = next(lm.parameters()).device
+        ids, mask = left_pad(prompts, self.pad_id, width=prompt_width)
+        ids, mask = ids.to(device), mask.to(device)
         P = ids.shape[1]
         reported: set[int] = set()
-        eos = torch.tensor(sorted(self.eos_ids))
+        eos = torch.tensor(sorted(self.eos_ids), device=device)
         engine = self
 
         class ReportFinished(StoppingCriteria):
@@ -102,18 +140,24 @@ class HFEngine:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         sample = temperature > 0
+        processors = LogitsProcessorList()
+        if sample and row_ids is not None:  # greedy over Gumbel-perturbed logits: a per-row seeded sample
+            processors.append(RowSeededSampling(seed, row_ids, temperature))
+            knobs: dict = {"do_sample": False}
+        else:  # explicit top_k 0 / top_p 1.0: left unset, transformers fills in top_k=50 and the samples are
+            # no longer drawn from the policy whose log-probs PPO uses
+            knobs = {
+                "do_sample": sample,
+                "temperature": temperature if sample else None,
+                "top_k": 0,
+                "top_p": 1.0,
+            }
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            # explicit 0 / 1.0: left unset, transformers fills in top_k=50 and the samples are no longer
-            # drawn from the policy whose log-probs PPO uses
-            top_k=0,
-            top_p=1.0,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
+            **knobs,
         )
-        lm = self.policy.lm
         was_training = lm.training
         lm.eval()
         torch.manual_seed(seed)
@@ -122,6 +166,7 @@ class HFEngine:
                 input_ids=ids,
                 attention_mask=mask,
                 generation_config=gen_cfg,
+                logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([ReportFinished()]),
             )
         lm.train(was_training)
@@ -195,12 +240,15 @@ class VLLMEngine:
         max_new_tokens: int,
         temperature: float,
         on_finished: OnFinished | None = None,
+        row_ids: list[int] | None = None,
+        prompt_width: int | None = None,  # vLLM does not pad
     ) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         engine = self.llm.llm_engine
         call = next(self._ids)
+        rows = row_ids if row_ids is not None else list(range(len(prompts)))
         for i, p in enumerate(prompts):
             params = SamplingParams(
                 n=1,
@@ -209,7 +257,7 @@ class VLLMEngine:
                 top_k=0,
                 max_tokens=max_new_tokens,
                 stop_token_ids=sorted(self.eos_ids),
-                seed=(seed * 7919 + i) % 2**31 if temperature > 0 else None,
+                seed=row_seed(seed, rows[i]) if temperature > 0 else None,
                 detokenize=False,
             )
             engine.add_request(f"{call}-{i}", TokensPrompt(prompt_token_ids=list(p)), params)

@@ -148,7 +148,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
             args = (packed.input_ids, packed.attention_mask, packed.prompt_len, kl_temp)
             new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
             ref = policy.forward_responses(*args, reference=True).logprobs
-            kls += ((new - ref) * packed.response_mask).sum(1).tolist()
+            kls += ((new - ref) * packed.response_mask.to(new.device)).sum(1).tolist()
     seconds["kl"] = time.perf_counter() - t
 
     texts = {

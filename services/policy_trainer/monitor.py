@@ -5,14 +5,14 @@ trainer just scored: `batch_stats(rewards, responses, kl)` → `BatchStats` (rew
 whitespace words, Pearson corr(reward, length), corpus-level distinct-1 / distinct-2, duplicate rate, KL).
 
 `HackingMonitor(Alarm(...)).update(step, stats)` returns the names of the alarms that trip at this step and,
-at each alarm's onset (not tripped at the previous step), warns `RewardHackingWarning`; with `Alarm.stop` it
+at each alarm's onset (not tripped at the previous step), warns `RewardHackingWarning`; with `Alarm.alarm_stop` it
 raises `RewardHackingError` instead, for the trainer to checkpoint and stop. The alarms:
 
-* `length_correlation` — |corr(reward, length)| above `max_abs_length_corr` for `corr_steps` steps in a row
+* `length_correlation` — |corr(reward, length)| above `alarm_length_corr` for `alarm_corr_steps` steps in a row
   (the policy is buying reward with length);
-* `distinct2_collapse` — the mean reward is above its baseline (the mean over the first `baseline_steps`
-  steps) by more than `min_reward_rise` while distinct-2 has fallen below the baseline's distinct-2 by more
-  than the fraction `distinct2_drop` (reward up while the responses collapse onto a few strings).
+* `distinct2_collapse` — the mean reward is above its baseline (the mean over the first `alarm_baseline_steps`
+  steps) by more than `alarm_min_reward_rise` while distinct-2 has fallen below the baseline's distinct-2 by more
+  than the fraction `alarm_distinct2_drop` (reward up while the responses collapse onto a few strings).
 
 Pure: no torch, no I/O. The trainer wiring (config section, logging `stats.metrics()`, the checkpoint on
 `RewardHackingError`) lives in the trainer.
@@ -38,7 +38,7 @@ class RewardHackingWarning(UserWarning):
 
 
 class RewardHackingError(RuntimeError):
-    """An alarm tripped with `Alarm.stop`: the trainer should checkpoint and stop."""
+    """An alarm tripped with `Alarm.alarm_stop`: the trainer should checkpoint and stop."""
 
     def __init__(self, step: int, alarms: Sequence[str], message: str):
         super().__init__(message)
@@ -93,23 +93,25 @@ class Alarm(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_abs_length_corr: float | None = Field(
+    alarm_length_corr: float | None = Field(
         0.8, gt=0, le=1, description="length_correlation: |corr(reward, length)| above this ..."
     )
-    corr_steps: int = Field(5, ge=1, description="... for this many steps in a row trips it")
-    distinct2_drop: float | None = Field(
+    alarm_corr_steps: int = Field(5, ge=1, description="... for this many steps in a row trips it")
+    alarm_distinct2_drop: float | None = Field(
         0.3,
         gt=0,
         lt=1,
         description="distinct2_collapse: distinct-2 below (1 - this) x its baseline while the reward rises",
     )
-    baseline_steps: int = Field(
+    alarm_baseline_steps: int = Field(
         5, ge=1, description="the first steps whose mean reward and distinct-2 are the baseline"
     )
-    min_reward_rise: float = Field(
+    alarm_min_reward_rise: float = Field(
         0.0, ge=0, description="the reward 'rises' when its mean exceeds the baseline by more than this"
     )
-    stop: bool = Field(False, description="raise RewardHackingError (checkpoint and stop) instead of warning")
+    alarm_stop: bool = Field(
+        False, description="raise RewardHackingError (checkpoint and stop) instead of warning"
+    )
 
 
 class HackingMonitor:
@@ -126,7 +128,7 @@ class HackingMonitor:
     @property
     def baseline(self) -> tuple[float, float] | None:
         """(mean reward, mean distinct-2) of the baseline steps, once they are all in."""
-        if len(self._baseline_reward) < self.alarm.baseline_steps or not self._baseline_d2:
+        if len(self._baseline_reward) < self.alarm.alarm_baseline_steps or not self._baseline_d2:
             return None
         return (
             math.fsum(self._baseline_reward) / len(self._baseline_reward),
@@ -134,19 +136,19 @@ class HackingMonitor:
         )
 
     def update(self, step: int, stats: BatchStats) -> list[str]:
-        """The alarms tripping at `step` (warned at their onset; raised with `Alarm.stop`)."""
+        """The alarms tripping at `step` (warned at their onset; raised with `Alarm.alarm_stop`)."""
         a = self.alarm
         tripped: list[str] = []
         reasons: list[str] = []
         corr = stats.reward_length_corr
-        if a.max_abs_length_corr is not None:
+        if a.alarm_length_corr is not None:
             self._corr_streak = (
-                self._corr_streak + 1 if corr is not None and abs(corr) > a.max_abs_length_corr else 0
+                self._corr_streak + 1 if corr is not None and abs(corr) > a.alarm_length_corr else 0
             )
-            if self._corr_streak >= a.corr_steps:
+            if self._corr_streak >= a.alarm_corr_steps:
                 tripped.append(LENGTH_CORRELATION)
                 reasons.append(
-                    f"|corr(reward, length)| = {abs(corr or 0):.3f} > {a.max_abs_length_corr:g} for "
+                    f"|corr(reward, length)| = {abs(corr or 0):.3f} > {a.alarm_length_corr:g} for "
                     f"{self._corr_streak} steps"
                 )
         baseline = self.baseline
@@ -154,15 +156,15 @@ class HackingMonitor:
             self._baseline_reward.append(stats.reward_mean)
             if stats.distinct_2 is not None:
                 self._baseline_d2.append(stats.distinct_2)
-        elif a.distinct2_drop is not None and stats.distinct_2 is not None:
+        elif a.alarm_distinct2_drop is not None and stats.distinct_2 is not None:
             reward0, d2_0 = baseline
-            rising = stats.reward_mean > reward0 + a.min_reward_rise
-            collapsed = stats.distinct_2 < (1 - a.distinct2_drop) * d2_0
+            rising = stats.reward_mean > reward0 + a.alarm_min_reward_rise
+            collapsed = stats.distinct_2 < (1 - a.alarm_distinct2_drop) * d2_0
             if rising and collapsed:
                 tripped.append(DISTINCT2_COLLAPSE)
                 reasons.append(
                     f"reward {stats.reward_mean:.3f} > baseline {reward0:.3f} while distinct-2 "
-                    f"{stats.distinct_2:.3f} fell more than {a.distinct2_drop:.0%} below its baseline {d2_0:.3f}"
+                    f"{stats.distinct_2:.3f} fell more than {a.alarm_distinct2_drop:.0%} below its baseline {d2_0:.3f}"
                 )
         onset = [name for name in tripped if name not in self._tripped]
         self._tripped = set(tripped)
@@ -172,7 +174,7 @@ class HackingMonitor:
             message = f"reward hacking suspected at step {step}: " + "; ".join(
                 f"{name} ({why})" for name, why in zip(tripped, reasons, strict=True) if name in onset
             )
-            if a.stop:
+            if a.alarm_stop:
                 raise RewardHackingError(step, tripped, message)
             warnings.warn(RewardHackingWarning(message), stacklevel=2)
         return tripped

@@ -80,13 +80,19 @@ class Packed:
 
 
 def pack_sequences(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    prompt_width: int | None = None,
+    response_width: int | None = None,
 ) -> Packed:
-    """Token ids of prompts and their responses as one padded batch (the layout `forward_responses` reads)."""
+    """Token ids of prompts and their responses as one padded batch (the layout `forward_responses` reads);
+    P and T default to the longest prompt / response (T at least 1), or are the widths given."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    T = max(max((len(r) for r in responses), default=0), 1)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, width=prompt_width)
+    T = response_width or max(max((len(r) for r in responses), default=0), 1)
     response_ids, response_mask = right_pad(responses, pad_id, width=T)
     return Packed(
         torch.cat([prompt_ids, response_ids], 1),
@@ -158,7 +164,10 @@ class Policy(nn.Module):
         with_values: bool = True,
         with_entropy: bool = True,
     ) -> Forward:
-        """Log-probs (and values, entropies) of the response tokens `input_ids[:, P:]`."""
+        """Log-probs (and values, entropies) of the response tokens `input_ids[:, P:]` (on the policy's
+        device; the inputs are moved there)."""
+        device = self.lm.get_input_embeddings().weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         T = input_ids.shape[1] - prompt_len
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         kwargs = {
@@ -184,6 +193,10 @@ class Policy(nn.Module):
         logprobs = torch.gather(torch.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
         entropy = entropy_from_logits(logits) if (with_entropy and not reference) else None
         return Forward(logprobs, values, entropy)
+
+    def forward(self, *args, **kwargs) -> Forward:
+        """`forward_responses`: the call DistributedDataParallel wraps (its gradient hooks need `forward`)."""
+        return self.forward_responses(*args, **kwargs)
 
     @contextmanager
     def reference_lm(self) -> Iterator[nn.Module]:

@@ -1,6 +1,7 @@
 """Where the trainer's numbers go: `metrics.jsonl` (one row per step), TensorBoard, one log line per step,
 and `trainer_result.json` (every run, failed ones included). NaN / infinite floats are written as null. A row
-holds numbers, and one string: `reward/version` (the reward model's version; not a TensorBoard scalar)."""
+holds numbers, and one string: `reward/version` (the reward model's version; not a TensorBoard scalar). In a
+data-parallel run only rank 0 writes them (its rows are the whole step's: every rank holds the whole batch)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,34 @@ def json_safe(value: Any) -> Any:
 
 def write_result(out: Path, result: dict[str, Any]) -> None:
     (out / RESULT_FILE).write_text(json.dumps(json_safe(result), indent=2))
+
+
+def failed_result(
+    out: Path, step: int, exc: BaseException, checkpoint: Path | None, last_metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The trainer_result.json of a run that failed after set-up at `step` with `exc`."""
+    return {
+        "status": "failed",
+        "step": step,
+        "output_dir": str(out),
+        "error_type": type(exc).__name__,
+        "error": str(exc),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "last_metrics": last_metrics,
+    }
+
+
+def note_reward_version(logger: logging.Logger, previous: str | None, version: str | None, step: int) -> None:
+    """Log the reward model version of step `step`'s scores when it differs from `previous`: the first one
+    known at INFO, a change (the reward model was hot-swapped since the previous step) as a warning."""
+    if version == previous:
+        return
+    if previous is None:
+        logger.info("reward model version %s (step %d)", version, step)
+    else:
+        logger.warning(
+            "reward model version changed from %s to %s at step %d (hot swap)", previous, version, step
+        )
 
 
 class MetricSinks:

@@ -5,6 +5,7 @@
     rollout     generate the batch; rewards of finished responses are requested as they finish
     logprobs    old log-probs, values (policy) and reference log-probs — while the rewards are in flight
     reward_wait block until the last reward arrived
+    gather      (data-parallel only) join the ranks' shares: every rank then holds the step's whole batch
     advantages  KL penalty, GAE (ppo) or group baselines (rloo / grpo)
     update      epochs x minibatches x micro-batches (gradient accumulation), clipped losses
     sync        load the new weights into the rollout engine
@@ -19,14 +20,15 @@ heldout_reward.json); every run, failed ones included, writes trainer_result.jso
 
 The class holds the loop; its parts have their own homes: the batch and the per-algorithm advantage / loss
 assembly in `experience`, the math in `ppo_math`, checkpoints (state, RNG, resume) in `checkpoint`, metric
-sinks and trainer_result.json in `sinks`, SIGINT / SIGTERM in `signals`. The LR schedule is transformers'
-`get_scheduler` (its state is checkpointed), seeding `transformers.set_seed`.
+sinks and trainer_result.json in `sinks`, SIGINT / SIGTERM in `signals`, data-parallel ranks in
+`distributed` (under `accelerate launch` / `torchrun`: each rank rolls out its share of the step's prompts,
+DDP averages the gradients, rank 0 writes; a dead peer is `RankFailedError`). The LR schedule is
+transformers' `get_scheduler` (its state is checkpointed), seeding `transformers.set_seed`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -52,29 +54,38 @@ from services.policy_trainer.checkpoint import (
     Checkpoints,
     get_rng_state,
     load_trainer_state,
+    restore_trainer_state,
+    save_step_start,
+    save_trainer_checkpoint,
     set_rng_state,
 )
 from services.policy_trainer.config import TrainConfig
+from services.policy_trainer.distributed import Distributed, RankFailedError, check_batch_sizes
 from services.policy_trainer.engines import HFEngine, RolloutEngine
 from services.policy_trainer.experience import (
     RolloutBatch,
-    collect_scores,
+    TrainingDivergedError,
+    check_finite,
     compute_advantages,
+    gather_batch,
     generate_batch,
-    micro_batch_loss,
     score_logprobs,
+    update_policy,
+    wait_for_scores,
 )
+from services.policy_trainer.monitor import HackingMonitor, RewardHackingError, batch_stats
 from services.policy_trainer.policy import Policy, check_policy_path
 from services.policy_trainer.prompts import PromptSampler
 from services.policy_trainer.rewards import RewardDispatcher, RewardSource, RewardUnavailableError
 from services.policy_trainer.signals import StopRequested, StopSignals
-from services.policy_trainer.sinks import MetricSinks, write_result
+from services.policy_trainer.sinks import MetricSinks, failed_result, note_reward_version, write_result
 
 __all__ = [
     "CHECKPOINT_DIR",
     "STATE_FILE",
     "CheckpointLoadError",
     "PhaseTimer",
+    "RankFailedError",
     "RolloutBatch",
     "Trainer",
     "TrainingDivergedError",
@@ -105,32 +116,24 @@ class PhaseTimer:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
 
 
-class TrainingDivergedError(RuntimeError):
-    """A loss, PPO statistic or the gradient norm of an update was NaN or infinite: the run stops before that
-    gradient is applied. `values` maps each non-finite quantity to its value; `step` is the failing step."""
-
-    def __init__(self, message: str, *, step: int, values: dict[str, float]):
-        super().__init__(message)
-        self.step = step
-        self.values = values
-
-
-def check_finite(values: dict[str, float], step: int, where: str) -> None:
-    """Raise `TrainingDivergedError` naming every NaN / infinite value (before its gradient is applied)."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        named = ", ".join(f"{k} = {v}" for k, v in bad.items())
-        raise TrainingDivergedError(
-            f"non-finite {named} in the update of step {step} ({where})", step=step, values=bad
-        )
-
-
 class Trainer:
     """Build with a validated `TrainConfig`; `fit()` runs it. A `reward_source` may be injected (tests,
-    benchmarks); otherwise it is built from the config's reward section."""
+    benchmarks); otherwise it is built from the config's reward section. `dist` (default: from the launcher's
+    environment, one process without one) places this process in a data-parallel run."""
 
-    def __init__(self, config: TrainConfig, *, reward_source: RewardSource | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        reward_source: RewardSource | None = None,
+        dist: Distributed | None = None,
+    ):
         self.cfg = config
+        run = config.run
+        self.dist = dist or Distributed.from_env(
+            run.dist_timeout_s, device=run.device, row_seeded=config.rollout.row_seeded
+        )
+        self.monitor = HackingMonitor(config.monitor)
         self.out = Path(config.run.output_dir)
         self.checkpoints = Checkpoints(self.out / CHECKPOINT_DIR, config.run.keep_checkpoints)
         self._reward_source = reward_source
@@ -141,7 +144,6 @@ class Trainer:
         self.samples_seen = 0
         self.last_metrics: dict[str, Any] = {}
         self.reward_version: str | None = None  # the reward model's version in the latest step's row
-        self._optimizer_steps_in_step = 0  # optimizer steps already taken by the step in progress
 
     # ================================================================================ set-up
     def setup(self) -> None:
@@ -152,7 +154,9 @@ class Trainer:
 
         from karma.models import resolve_policy
 
-        cfg, p = self.cfg, self.cfg.ppo
+        cfg, p, d = self.cfg, self.cfg.ppo, self.dist
+        check_batch_sizes(p.batch_size, p.mini_batch_size, p.micro_batch_size, d.world_size)
+        d.start()  # the process group (several ranks)
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
         self.policy_path = resolve_policy(cfg.model.policy)
@@ -164,20 +168,14 @@ class Trainer:
             cfg, self.tokenizer
         )  # rendered when drawn
         self.eos_ids = policy_eos_ids(self.tokenizer, self.policy_path)
-        if cfg.run.resume and self.checkpoints.latest() is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoints.root}")
-        if not cfg.run.resume and self.checkpoints.latest() is not None:
-            raise FileExistsError(
-                f"{self.out} already holds checkpoints of another run: pass --resume to continue "
-                "it, or choose another output_dir"
-            )
+        self.checkpoints.check_run_folder(cfg.run.resume)
         self.out.mkdir(parents=True, exist_ok=True)
 
         self.engine: RolloutEngine | None = None
         if cfg.engine == "vllm":  # vLLM seeds the global RNGs when it starts: start it first, seed after
             self.engine = start_vllm(cfg, self.policy_path, self.eos_ids)
         set_seed(cfg.run.seed % 2**32)  # Python, NumPy (needs 0 <= seed < 2**32) and torch
-        self.policy = Policy.load(cfg.model, self.policy_path, with_value_head=p.algo == "ppo")
+        self.policy = Policy.load(cfg.model, self.policy_path, with_value_head=p.algo == "ppo").to(d.device)
         if self.engine is None:
             self.engine = HFEngine(self.policy, self.tokenizer, self.eos_ids)
         self.optimizer, self.scheduler = optimizer_and_schedule(
@@ -187,38 +185,35 @@ class Trainer:
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
         if cfg.run.resume:
             self._resume()
-        self.sinks = MetricSinks(self.out, cfg.run.report_to, resume=cfg.run.resume, step=self.step)
-        (self.out / "train_config.yaml").write_text(cfg.to_yaml())
+        self.model = d.wrap(self.policy)  # DDP with several ranks: the update's forward goes through it
+        if d.is_main:
+            self.sinks = MetricSinks(self.out, cfg.run.report_to, resume=cfg.run.resume, step=self.step)
+            (self.out / "train_config.yaml").write_text(cfg.to_yaml())
+        d.barrier("set-up (every rank loaded its models)")
         self._ready = True
 
     # ================================================================================ the loop
     def fit(self) -> dict[str, Any]:
         """Train until `steps` or a stop signal (checkpoint, then return); a completed run then measures its
-        held-out reward. A failure after set-up — `RewardUnavailableError` or `TrainingDivergedError` (both
-        checkpoint first when the state is exactly that of a step's start), or anything else — writes
-        trainer_result.json with status "failed", then re-raises. Returns {'status', 'step', 'output_dir',
-        'last_metrics'} (+ 'heldout', the content of heldout_reward.json)."""
+        held-out reward. A failure after set-up — `RewardUnavailableError`, `TrainingDivergedError` or
+        `RankFailedError` (each checkpoints first when the state is exactly that of a step's start), or
+        anything else — writes trainer_result.json with status "failed", then re-raises. Returns {'status',
+        'step', 'output_dir', 'last_metrics'} (+ 'heldout', the content of heldout_reward.json). With several
+        ranks only rank 0 writes files and measures the held-out reward."""
         self.setup()
+        main = self.dist.is_main
         try:
             status = self._run_steps()
             if status == "completed":
-                if self.cfg.run.save_every and not self.checkpoints.exists(self.step):
+                saved = self.dist.gather_objects(self.checkpoints.exists(self.step), "the final checkpoint")
+                if self.cfg.run.save_every and not saved[0]:  # rank 0's view decides, on every rank
                     self.save_checkpoint()
-                self.policy.save_pretrained(self.out, self.tokenizer)
+                if main:
+                    self.policy.save_pretrained(self.out, self.tokenizer)
         except (Exception, KeyboardInterrupt) as exc:
-            newest = self.checkpoints.latest()
-            write_result(
-                self.out,
-                {
-                    "status": "failed",
-                    "step": self.step,
-                    "output_dir": str(self.out),
-                    "error_type": type(exc).__name__,
-                    "error": str(exc),
-                    "checkpoint": str(newest) if newest else None,
-                    "last_metrics": self.last_metrics,
-                },
-            )
+            if main:
+                latest = self.checkpoints.latest()
+                write_result(self.out, failed_result(self.out, self.step, exc, latest, self.last_metrics))
             raise
         result = {
             "status": status,
@@ -226,8 +221,9 @@ class Trainer:
             "output_dir": str(self.out),
             "last_metrics": self.last_metrics,
         }
-        write_result(self.out, result)
-        if status == "completed" and len(self.heldout):
+        if main:
+            write_result(self.out, result)
+        if main and status == "completed" and len(self.heldout):
             from services.policy_trainer.heldout import evaluate_heldout
 
             result["heldout"] = evaluate_heldout(self)
@@ -238,47 +234,72 @@ class Trainer:
         with self._stop.installed():
             try:
                 while self.step < self.cfg.run.steps:
-                    self._stop.check()
+                    self._check_stop()
                     self.train_step()
-                    self._stop.check()
+                    self._check_stop()
             except StopRequested:
                 path = self.save_checkpoint()
+                name = self._stop.name or "a signal to another rank"
                 log.warning(
-                    "stopped by %s at step %d; checkpoint %s (continue with --resume)",
-                    self._stop.name,
-                    self.step,
-                    path,
+                    "stopped by %s at step %d; checkpoint %s (continue with --resume)", name, self.step, path
                 )
-                return f"stopped ({self._stop.name})"
+                return f"stopped ({name})"
         return "completed"
+
+    def _check_stop(self) -> None:
+        """`StopRequested` when a signal reached this process or (data-parallel) any rank; a dead peer here,
+        between steps, is a `RankFailedError` after rank 0 saved the step's state (unless already saved)."""
+        try:
+            stop = self.dist.any(self._stop.name is not None, "agreeing on a stop signal")
+        except RankFailedError as exc:
+            if self.step and not self.checkpoints.exists(self.step):
+                self.save_checkpoint(gather=False)
+            raise RankFailedError(f"{exc} -- newest checkpoint: {self.checkpoints.latest()}") from exc
+        if stop:
+            raise StopRequested
 
     def train_step(self) -> dict[str, Any]:
         """One rollout + update; logs the step's metrics, then checkpoints (every `save_every` steps)."""
         timer = PhaseTimer()
         start = time.perf_counter()
-        at_start = {"sampler": self.sampler.state_dict(), "kl_controller": self.kl_ctl.state_dict()}
-        self._optimizer_steps_in_step = 0
-        with timer("rollout"):
-            batch = self.rollout()
-        with timer("logprobs"):
-            self.score_logprobs(batch)
+        at_start = {
+            "sampler": self.sampler.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "optimizer_steps": self.scheduler.last_epoch,  # the scheduler steps with every optimizer step
+        }
         try:
+            with timer("rollout"):
+                batch = self.rollout()
+            with timer("logprobs"):
+                self.score_logprobs(batch)
             with timer("reward_wait"):
                 r = self.cfg.reward
-                batch.scores = collect_scores(
-                    batch.pending, batch.size, r.reward_deadline_s + r.reward_timeout_s + 30
+                failure = wait_for_scores(
+                    batch, r.reward_deadline_s + r.reward_timeout_s + 30, defer=self.dist.enabled
                 )
-            version = self._note_reward_version()
+            if self.dist.parallel_layout:
+                with timer("gather"):
+                    batch = gather_batch(batch, self.dist, failure)
+            version = self.rewards.source.version  # of this step's scores: all arrived
+            note_reward_version(log, self.reward_version, version, self.step + 1)
+            self.reward_version = version
             with timer("advantages"):
                 metrics = self.compute_advantages(batch)
+                metrics |= self.watch(batch, metrics["objective/kl"])
             with timer("update"):
                 metrics |= self.update(batch)
         except RewardUnavailableError as exc:
-            raise RewardUnavailableError(f"{exc} -- {self._stop_in_step(at_start)}") from exc
+            raise RewardUnavailableError(f"{exc} -- {save_step_start(self, at_start)}") from exc
         except TrainingDivergedError as exc:
             raise TrainingDivergedError(
-                f"{exc} -- {self._stop_in_step(at_start)}", step=exc.step, values=exc.values
+                f"{exc} -- {save_step_start(self, at_start)}", step=exc.step, values=exc.values
             ) from exc
+        except RewardHackingError as exc:  # before the update: the step's start is saved, --resume redoes it
+            raise RewardHackingError(
+                exc.step, exc.alarms, f"{exc} -- {save_step_start(self, at_start)}"
+            ) from exc
+        except RankFailedError as exc:  # no collective can run now: rank 0 saves without the others
+            raise RankFailedError(f"{exc} -- {save_step_start(self, at_start, gather=False)}") from exc
         with timer("sync"):
             self.engine.sync_weights(self.policy)
         self.step += 1
@@ -294,7 +315,8 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "reward/version": version,
         }
-        self.sinks.write(self.step, metrics)  # before the checkpoint: resume drops rows after its step
+        if self.sinks is not None:  # before the checkpoint: resume drops rows after its step
+            self.sinks.write(self.step, metrics)
         self.last_metrics = metrics
         if self.cfg.run.save_every and self.step % self.cfg.run.save_every == 0:
             t0 = time.perf_counter()
@@ -302,55 +324,21 @@ class Trainer:
             log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
         return metrics
 
-    def _note_reward_version(self) -> str | None:
-        """The reward model version of this step's scores (all arrived: none in flight); a change is logged
-        (the reward model was hot-swapped since the previous step, or the first version is known)."""
-        version = self.rewards.source.version
-        if version != self.reward_version:
-            if self.reward_version is None:
-                log.info("reward model version %s (step %d)", version, self.step + 1)
-            else:
-                log.warning(
-                    "reward model version changed from %s to %s at step %d (hot swap)",
-                    self.reward_version,
-                    version,
-                    self.step + 1,
-                )
-            self.reward_version = version
-        return version
-
-    def _stop_in_step(self, at_start: dict[str, Any]) -> str:
-        """The failed step's state for the error message. Before its first optimizer step the state is exactly
-        that of the step's start once the prompt position and KL controller are rewound: saved as a checkpoint,
-        so --resume redoes the step. After one, the weights are part-updated and not saved."""
-        failed = self.step + 1
-        if self._optimizer_steps_in_step:
-            return (
-                f"training stopped in step {failed} after {self._optimizer_steps_in_step} optimizer step(s) of "
-                f"it; that state is not saved; newest checkpoint: {self.checkpoints.latest() or 'none'}"
-            )
-        self.sampler.load_state_dict(at_start["sampler"])
-        self.kl_ctl.load_state_dict(at_start["kl_controller"])
-        path = self.save_checkpoint()
-        return f"training stopped before step {failed}; checkpoint saved to {path} (continue with --resume)"
-
     # ================================================================================ phases
     def rollout(self) -> RolloutBatch:
-        """Sample `prompts_per_step` prompts x `samples_per_prompt` responses; request rewards as they finish."""
+        """Sample `prompts_per_step` prompts x `samples_per_prompt` responses (this rank's share of them);
+        request rewards as they finish."""
         p, r = self.cfg.ppo, self.cfg.rollout
         rows = [
             i for i in self.sampler.take(p.prompts_per_step) for _ in range(p.samples_per_prompt)
         ]  # grouped
         return generate_batch(
-            self.engine,
-            self.tokenizer,
-            self.prompts,
-            rows,
-            self.rewards,
+            *(self.engine, self.tokenizer, self.prompts, rows, self.rewards),
             seed=self._seed_for("generate"),
             max_new_tokens=r.max_new_tokens,
             temperature=r.temperature,
-        )
+            dist=self.dist,
+        ).to(self.dist.device)
 
     def score_logprobs(self, batch: RolloutBatch) -> None:
         """Old log-probs and values of the current policy, and the reference log-probs (micro-batched)."""
@@ -362,51 +350,25 @@ class Trainer:
         self.kl_ctl.update(metrics["objective/kl"], batch.size)
         return metrics
 
+    def watch(self, batch: RolloutBatch, kl: float) -> dict[str, float]:
+        """The reward-hacking monitor's figures of the step's batch (`monitor/*`); an alarm warns
+        `RewardHackingWarning`, or with `monitor.alarm_stop` raises `RewardHackingError` (every rank holds the
+        whole batch here, so every rank trips alike)."""
+        stats = batch_stats(batch.scores.tolist(), batch.responses, kl)
+        tripped = self.monitor.update(self.step + 1, stats)
+        return stats.metrics() | {"monitor/alarms": float(len(tripped))}
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """`epochs` passes of shuffled minibatches; each minibatch is one optimizer step over micro-batches."""
-        p = self.cfg.ppo
-        sums: dict[str, float] = defaultdict(float)
-        n_micro, grad_norms = 0, []
-        gen = torch.Generator().manual_seed(self._seed_for("minibatch"))
-        self.policy.train()
-        try:
-            for epoch in range(p.epochs):
-                perm = torch.randperm(batch.size, generator=gen)
-                for n_mb, start in enumerate(range(0, batch.size, p.mini_batch_size)):
-                    where = f"epoch {epoch + 1}, minibatch {n_mb + 1}"
-                    mb = perm[start : start + p.mini_batch_size]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    for m0 in range(0, len(mb), p.micro_batch_size):
-                        idx = mb[m0 : m0 + p.micro_batch_size]
-                        f = self.policy.forward_responses(
-                            batch.input_ids[idx],
-                            batch.attention_mask[idx],
-                            batch.prompt_len,
-                            self.cfg.rollout.temperature,
-                            with_values=p.algo == "ppo",
-                        )
-                        loss, stats = micro_batch_loss(f, batch, idx, p, self.kl_ctl.value)
-                        (loss / p.grad_accum_steps).backward()
-                        stats["loss/total"] = loss.item()
-                        self._check_finite(stats, where)
-                        for k, v in stats.items():
-                            sums[k] += v
-                        n_micro += 1
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(
-                            [q for _, q in self.policy.trainable_named_parameters()], p.max_grad_norm
-                        )
-                    )
-                    self._check_finite({"policy/grad_norm": grad_norm}, where)
-                    grad_norms.append(grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self._optimizer_steps_in_step += 1
-        finally:
-            self.policy.eval()
-        return {k: v / n_micro for k, v in sums.items()} | {
-            "policy/grad_norm": sum(grad_norms) / len(grad_norms)
-        }
+        """`epochs` passes of shuffled minibatches, one optimizer step each (`experience.update_policy`; with
+        several ranks each trains on its share of every minibatch and DDP averages the gradients)."""
+        return update_policy(
+            *(self.model, self.policy, self.optimizer, self.scheduler, batch, self.cfg.ppo),
+            kl_coef=self.kl_ctl.value,
+            temperature=self.cfg.rollout.temperature,
+            seed=self._seed_for("minibatch"),
+            step=self.step + 1,
+            dist=self.dist,
+        )
 
     def _check_finite(self, values: dict[str, float], where: str) -> None:
         check_finite(values, self.step + 1, where)
@@ -417,36 +379,14 @@ class Trainer:
         return (self.cfg.run.seed * 1_000_003 + self.step * 7_919 + salt) % 2**31
 
     # ================================================================================ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Trainable weights (policy or adapters, value head), optimizer, LR scheduler, KL controller, RNGs,
-        prompt position, step and config (see `checkpoint`); older ones beyond `keep_checkpoints` removed."""
-        return self.checkpoints.save(
-            self.step,
-            {
-                "step": self.step,
-                "samples_seen": self.samples_seen,
-                "trainable": self.policy.trainable_state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "kl_controller": self.kl_ctl.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "rng": get_rng_state(),
-                "config": self.cfg.to_dict(),
-            },
-        )
-
-    def latest_checkpoint(self) -> Path | None:
-        return self.checkpoints.latest()
+    def save_checkpoint(self, *, gather: bool = True) -> Path | None:
+        """Weights, optimizer, LR scheduler, KL controller, RNGs, prompt position, step and config
+        (`checkpoint.save_trainer_checkpoint`); older ones beyond `keep_checkpoints` removed."""
+        return save_trainer_checkpoint(self, gather=gather)
 
     def _resume(self) -> None:
         path, state = self.checkpoints.load_latest()
-        self.policy.load_trainable_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        restore_trainer_state(self, state)
         self.engine.sync_weights(self.policy)
         log.info("resumed from %s (step %d)", path, self.step)
 
@@ -458,6 +398,7 @@ class Trainer:
         if getattr(self, "engine", None) is not None:
             self.engine.close()
             self.engine = None
+        self.dist.close()
 
 
 def train(config: TrainConfig | dict | str | Path, *, reward_source: RewardSource | None = None) -> Path:
