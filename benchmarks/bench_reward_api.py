@@ -172,11 +172,9 @@ def start_server(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    from karma.net import stop_process
+
+    stop_process(proc)
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -43,3 +43,17 @@ def wait_http_ok(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g}s")
         time.sleep(interval_s)
+
+
+def stop_process(proc, grace_s: float = 30.0) -> int | None:
+    """SIGTERM a `subprocess.Popen` that is still running, SIGKILL it after `grace_s`; its exit code."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace_s)
+    return proc.returncode

@@ -306,13 +306,9 @@ class ServeChild:
         return wait_http_ok(self.url + "/ready", timeout_s, interval_s=0.2, check=alive)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        from karma.net import stop_process
+
+        stop_process(self.proc)
 
 
 def served_rm(server: ServeChild, args) -> dict[str, float]:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from karma.client import RewardClient, RewardServiceError
-from karma.net import free_port, wait_http_ok
+from karma.net import free_port, stop_process, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +69,8 @@ class ServeProcess:
         self.proc.wait(30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 class RecordingTransport(httpx.AsyncHTTPTransport):

@@ -47,7 +47,7 @@ def reward_service(
 ) -> Iterator[str]:
     """Start `karma serve` as its own process on a free loopback port (or `port`) with extra `flags`; yield
     its base URL; stop it."""
-    from karma.net import free_port, wait_http_ok
+    from karma.net import free_port, stop_process, wait_http_ok
 
     port = int(port or free_port())
     cmd = [
@@ -86,12 +86,7 @@ def reward_service(
         log.info("reward service ready at %s (models: %s)", url, ", ".join(models))
         yield url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
 
 
 @dataclass

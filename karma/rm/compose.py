@@ -199,20 +199,13 @@ def write_compose_folder(spec: CompositionSpec, out: str | Path) -> Path:
     """Write `karma_compose.yaml` (the spec) and the `karma_rm.json` stub; returns the folder."""
     import yaml
 
-    from karma.rm.folder import CONFIG_NAME, KarmaRMConfig
+    from karma.rm.folder import write_manifest
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     body = spec.model_dump(mode="json", exclude_none=True)
     (out / COMPOSE_CONFIG_NAME).write_text(yaml.safe_dump(body, sort_keys=False))
-    stub = KarmaRMConfig(
-        variant="response",  # a placeholder: the service derives the variant from the components
-        backbone=f"compose:{spec.describe()}",
-        template=f"composed reward, spec in {COMPOSE_CONFIG_NAME} (served by `karma serve` only)",
-        max_length=8,
-        version=spec.version,
-        kind="compose",
-        compose_file=COMPOSE_CONFIG_NAME,
+    write_manifest(
+        out, kind="compose", spec_file=COMPOSE_CONFIG_NAME, describe=spec.describe(), version=spec.version
     )
-    (out / CONFIG_NAME).write_text(stub.model_dump_json(indent=2) + "\n")
     return out

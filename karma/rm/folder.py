@@ -56,3 +56,20 @@ def load_config(path: str | Path) -> KarmaRMConfig:
     if not p.exists():
         raise MissingRMConfigError(f"{path} is not a KARMA reward model: {CONFIG_NAME} is missing")
     return KarmaRMConfig.model_validate(json.loads(p.read_text()))
+
+
+def write_manifest(out: str | Path, *, kind: str, spec_file: str, describe: str, version: str) -> Path:
+    """The `karma_rm.json` of a folder without weights (a rule or a composition): it names its kind and its
+    spec file, so every tool reads one small file to tell the kinds apart. Returns the file."""
+    stub = KarmaRMConfig(
+        variant="response",  # a placeholder: such a folder has no input template of its own
+        backbone=f"{kind}:{describe}",
+        template=f"{kind} reward, spec in {spec_file} (served by `karma serve`)",
+        max_length=8,
+        version=version,
+        kind=kind,
+        **{f"{kind}_file": spec_file},
+    )
+    path = Path(out) / CONFIG_NAME
+    path.write_text(stub.model_dump_json(indent=2) + "\n")
+    return path

@@ -327,19 +327,12 @@ class RuleRewardModel:
 
 def write_rule_folder(spec: RuleSpec, out: str | Path) -> Path:
     """Write `karma_rule.json` (the spec) and the `karma_rm.json` stub; returns the folder."""
-    from karma.rm.folder import CONFIG_NAME, KarmaRMConfig
+    from karma.rm.folder import write_manifest
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RULE_CONFIG_NAME).write_text(spec.model_dump_json(indent=2) + "\n")
-    stub = KarmaRMConfig(
-        variant="response",
-        backbone=f"rule:{spec.describe()}",
-        template=f"rule reward, spec in {RULE_CONFIG_NAME}",
-        max_length=8,
-        version=spec.version,
-        kind="rule",
-        rule_file=RULE_CONFIG_NAME,
+    write_manifest(
+        out, kind="rule", spec_file=RULE_CONFIG_NAME, describe=spec.describe(), version=spec.version
     )
-    (out / CONFIG_NAME).write_text(stub.model_dump_json(indent=2) + "\n")
     return out
