@@ -328,6 +328,10 @@ def main() -> None:
         str(args.padding_tolerance),
         "--max-queue-items",
         "100000",
+        "--max-queue-wait-s",  # capacity, not admission: 64 clients queue ~5 s of work at ~13 items/s
+        "3600",
+        "--score-cache-items",  # every round re-sends the same items: measure forwards, not cache hits
+        "0",
         "--log-level",
         "warning",
         *threads,
