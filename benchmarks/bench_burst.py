@@ -191,7 +191,12 @@ def run(
         )
     items = [{"context": it.get("context", ""), "response": it["response"]} for it in reddit_items(n_items)]
     port = free_port()
-    env = {"KARMA_MAX_QUEUE_WAIT_S": str(max_queue_wait_s), "KARMA_LOG_LEVEL": "warning"}
+    # the cache off: the bench re-sends its 512 items, and each must cost a forward as a new item would
+    env = {
+        "KARMA_MAX_QUEUE_WAIT_S": str(max_queue_wait_s),
+        "KARMA_LOG_LEVEL": "warning",
+        "KARMA_SCORE_CACHE_ITEMS": "0",
+    }
     proc, to_health, to_ready = start_server(model, port, env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -178,10 +178,13 @@ class SlowForward:
 
 
 def slow_server(root: Path, seconds_per_item: float, **overrides):
-    """(app, registry, SlowForward) with model `a` loaded and its forward slowed."""
+    """(app, registry, SlowForward) with model `a` loaded and its forward slowed. The score cache is off:
+    these tests send the same items many times to load the queue, and each must cost a forward."""
     from services.reward_api.main import build_registry
 
-    settings = Settings(**{"models": {"a": str(root / "a")}, "max_wait_ms": 2, **overrides})
+    settings = Settings(
+        **{"models": {"a": str(root / "a")}, "max_wait_ms": 2, "score_cache_items": 0, **overrides}
+    )
     registry = build_registry(settings)
     registry.load("a", root / "a")
     handle = registry.get("a")
