@@ -541,7 +541,8 @@ def test_experiment_end_to_end_tiny(tmp_path):
     out = Path(cfg.out)
     assert "### 6. Composed reward `context_shaped` = 1*context+0.5*length_window+0.5*repetition" in text
     for cond in ("reddit", "nonreddit"):
-        assert f"{cond} prompts: pragmatics, `context_shaped-{cond}` − `context-{cond}`:" in text
+        # one pragmatics task (implicatures) makes no suite-mean row, so (b) has nothing to compare; TruthfulQA does
+        assert f"- {cond} prompts: truthfulqa_mc mc1, `context_shaped-{cond}` − `context-{cond}`:" in text
         assert (out / "compare" / f"context_shaped-{cond}_vs_context-{cond}" / "compare.json").exists()
     rows = [
         json.loads(line)

@@ -416,6 +416,8 @@ def _claim_composed(
                 else f"no significant loss in {len(prag_flags)} runs{_power_suffix(prag_cells, found=False)}"
             )
         )
+    else:
+        lines.append(f"(b) pragmatics against `{base}`: no pragmatics suite row to compare (needs 2+ tasks).")
     lines.append(
         "(c) "
         + (
