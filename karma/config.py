@@ -309,12 +309,13 @@ def _parameter(opt: Option, prefix: str | None) -> inspect.Parameter:
     kwargs: dict[str, Any] = {"help": help_text, "show_default": False, "hidden": opt.cli.hidden}
     if opt.section:
         kwargs["rich_help_panel"] = opt.section
-    return inspect.Parameter(
-        opt.name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[py_type | None, typer.Option(*decls, **kwargs)],
-    )
+    return parameter(opt.name, Annotated[py_type | None, typer.Option(*decls, **kwargs)])
+
+
+def parameter(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    """A keyword-only command parameter (`command`'s `extra`, e.g. `--force`): `annotation` is
+    `Annotated[type, typer.Option(...)]` (or `typer.Context`)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def command(
@@ -333,28 +334,18 @@ def command(
     `run(cfg, **extra_values)` gets the loaded config. `extra` are further typer parameters that are not
     config (e.g. `--force`); `build(cls, flags, extra_values)` may replace the default
     `load(cls, file=--config, prefix=prefix, flags=flags)` (the experiment's presets use it)."""
-    opts = [opt for opt in options(cls, sections=sections)]
+    opts = options(cls, sections=sections)
+    config_option = typer.Option(
+        "--config", "-c", help=config_help or "YAML file of these options (flags and environment override it)"
+    )
     params = [
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Path | None,
-                typer.Option(
-                    "--config",
-                    "-c",
-                    help=config_help or "YAML file of these options (flags and environment override it)",
-                ),
-            ],
-        ),
-        inspect.Parameter(
+        parameter("config", Annotated[Path | None, config_option]),
+        parameter(
             "print_config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
+            Annotated[
                 bool, typer.Option("--print-config", help="print the resolved config as YAML and exit")
             ],
+            default=False,
         ),
         *extra,
         *(_parameter(opt, prefix) for opt in opts),

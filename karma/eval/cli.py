@@ -6,14 +6,13 @@ karma eval compare runs/eval/base runs/eval/ppo_full runs/eval/ppo_context --out
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from karma.config import command
+from karma.config import command, parameter
 from karma.eval.run import PolicyEvalConfig
 
 ENV_PREFIX = "KARMA_EVAL_"
@@ -62,7 +61,7 @@ app.callback()(
         evaluate,
         prefix=ENV_PREFIX,
         help=evaluate.__doc__,
-        extra=[inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)],
+        extra=[parameter("ctx", typer.Context)],
     )
 )
 

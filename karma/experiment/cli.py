@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from karma.config import ConfigError, command
-from karma.experiment.config import ENV_PREFIX, PRESETS, ExperimentConfig, data_spec_from_path
+from karma.config import ConfigError, command, parameter
+from karma.experiment.config import ENV_PREFIX, PRESETS, ExperimentConfig, PreparedData, data_spec_from_path
 
 
 def _build(cls: type[ExperimentConfig], flags: dict[str, Any], extra: dict[str, Any]) -> ExperimentConfig:
@@ -21,9 +20,7 @@ def _build(cls: type[ExperimentConfig], flags: dict[str, Any], extra: dict[str, 
         if extra["data"] is not None:
             spec = data_spec_from_path(extra["data"])
             if "prepared" not in spec:  # keep the preset's other data options (limit, filters, ...)
-                kept = (
-                    cfg.data.model_dump(exclude_unset=True) if "prepared" not in cfg.data.model_fields else {}
-                )
+                kept = {} if isinstance(cfg.data, PreparedData) else cfg.data.model_dump(exclude_unset=True)
                 spec = {
                     **{k: v for k, v in kept.items() if k not in ("comments", "submissions", "shp")},
                     **spec,
@@ -43,10 +40,6 @@ def run(cfg: ExperimentConfig, *, quick: bool, data: Path | None, force: bool) -
     typer.echo(f"experiment report: {report}")
 
 
-def _option(name: str, annotation: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-
-
 experiment = command(
     ExperimentConfig,
     run,
@@ -56,15 +49,12 @@ experiment = command(
     build=_build,
     config_help=f"a YAML file, or a preset: {' | '.join(PRESETS)} (default: default)",
     extra=[
-        inspect.Parameter(
+        parameter(
             "quick",
-            inspect.Parameter.KEYWORD_ONLY,
+            Annotated[bool, typer.Option("--quick", help="the `quick` preset (~30 min on a 2-core CPU)")],
             default=False,
-            annotation=Annotated[
-                bool, typer.Option("--quick", help="the `quick` preset (~30 min on a 2-core CPU)")
-            ],
         ),
-        _option(
+        parameter(
             "data",
             Annotated[
                 Path | None,
@@ -73,11 +63,10 @@ experiment = command(
                 ),
             ],
         ),
-        inspect.Parameter(
+        parameter(
             "force",
-            inspect.Parameter.KEYWORD_ONLY,
+            Annotated[bool, typer.Option("--force", help="redo every stage instead of resuming")],
             default=False,
-            annotation=Annotated[bool, typer.Option("--force", help="redo every stage instead of resuming")],
         ),
     ],
 )

@@ -26,16 +26,10 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from karma.protocol import Metadata, ScoreItem
+from karma.rm.template import METADATA_KEYS
 
 FIELD_CANDIDATES = ("prompt", "context", "Request", "question", "text")
-METADATA_COLUMNS = (
-    "subreddit",
-    "depth",
-    "seconds_since_post",
-    "seconds_since_parent",
-    "created_utc",
-    "sibling_count",
-)
+METADATA_COLUMNS = METADATA_KEYS  # the columns of examples.parquet the `full` variant reads
 
 
 class PromptSourceError(ValueError):
