@@ -128,6 +128,7 @@ class RewardClient:
 
     _sleep = staticmethod(asyncio.sleep)  # tests replace it to record backoff without waiting
     _clock = staticmethod(time.monotonic)  # and this, to let fake time pass
+    _random = random.Random()  # the back-off jitter's draws; tests give an instance a seeded one
     #: while a call is retrying, an INFO line at most this often (per client); the other retries log at DEBUG
     log_interval_s: float = 5.0
 
@@ -291,8 +292,8 @@ class RewardClient:
         if self._replicas.any_up():
             return 0.0
         if retry_after is not None:
-            return retry_after + random.uniform(0, self.backoff_s)
-        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+            return retry_after + self._random.uniform(0, self.backoff_s)
+        return self._random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
 
     async def _request(self, method: str, path: str, payload: Any) -> _Reply:
         """Send to endpoints until one answers 2xx with JSON, or retries / the deadline run out."""

@@ -466,7 +466,12 @@ def test_response_logprobs_do_not_depend_on_padding(assets):
     from services.policy_trainer.config import ModelConfig
     from services.policy_trainer.policy import Policy
 
-    policy = Policy.load(ModelConfig(policy=str(assets.policy)), str(assets.policy), with_value_head=True)
+    # float64 (unit roundoff 1.1e-16): a padded row and the same row alone sum in other orders, which float32
+    # rounds differently (~1e-6 here, a figure of the CPU's kernels); in float64 the same orders differ by
+    # ~1e-14, so 1e-10 holds on any IEEE-754 CPU while wrong position ids or a leaking pad (what this test is
+    # about) change log-probs by ~1e-1.
+    cfg = ModelConfig(policy=str(assets.policy), dtype="float64")
+    policy = Policy.load(cfg, str(assets.policy), with_value_head=True)
     prompts, responses = [[1, 520, 9531], [1, 4093, 198, 6004, 2, 198, 1]], [[30, 31, 32, 2], [40, 41]]
     P, T = 7, 4
     ids = torch.full((2, P + T), 2)
@@ -478,8 +483,9 @@ def test_response_logprobs_do_not_depend_on_padding(assets):
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         single_ids = torch.tensor([p + r])
         alone = policy.forward_responses(single_ids, torch.ones_like(single_ids), len(p), 1.0)
-        torch.testing.assert_close(batched.logprobs[b, : len(r)], alone.logprobs[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched.values[b, : len(r)], alone.values[0], atol=1e-5, rtol=0)
+        assert batched.logprobs.dtype == torch.float64
+        torch.testing.assert_close(batched.logprobs[b, : len(r)], alone.logprobs[0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(batched.values[b, : len(r)], alone.values[0], atol=1e-10, rtol=0)
     ref = policy.forward_responses(ids, att, P, 1.0, reference=True)
     torch.testing.assert_close(ref.logprobs, batched.logprobs)  # nothing trained yet
 

@@ -119,6 +119,7 @@ class RewardModel:
             "float32": torch.float32,
             "bfloat16": torch.bfloat16,
             "float16": torch.float16,
+            "float64": torch.float64,
         }[dtype]
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -221,7 +222,8 @@ class RewardModel:
         inputs = {k: v.to(self.device) for k, v in self.collate(batch).items()}
         with torch.inference_mode():
             logits = self.model(**inputs).logits
-        return logits[:, 0].float().cpu().tolist()
+        scores = logits[:, 0]
+        return (scores if scores.dtype == torch.float64 else scores.float()).cpu().tolist()
 
     def score(
         self,

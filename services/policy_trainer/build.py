@@ -18,8 +18,9 @@ from services.policy_trainer.rewards import HTTPRewardSource, LocalRewardSource,
 log = logging.getLogger(__name__)
 
 
-def build_reward_source(r: RewardConfig) -> RewardSource:
-    """The reward service over HTTP when `reward_url` is set, else the reward model in process."""
+def build_reward_source(r: RewardConfig, dtype: str = "float32") -> RewardSource:
+    """The reward service over HTTP when `reward_url` is set, else the reward model in process (in float64
+    when the policy trains in float64, else float32)."""
     if r.reward_url:
         return HTTPRewardSource(
             r.reward_url,
@@ -29,7 +30,8 @@ def build_reward_source(r: RewardConfig) -> RewardSource:
             timeout_s=r.reward_timeout_s,
             deadline_s=r.reward_deadline_s,
         )
-    return LocalRewardSource.load(r.reward_model, normalize=r.reward_normalize)
+    rm_dtype = "float64" if dtype == "float64" else None
+    return LocalRewardSource.load(r.reward_model, normalize=r.reward_normalize, dtype=rm_dtype)
 
 
 def load_tokenizer(policy_path: str):

@@ -20,7 +20,7 @@ from services.policy_trainer.monitor import Alarm
 
 ENV_PREFIX = "KARMA_TRAIN_"
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 
 
 class _Section(BaseModel):
@@ -35,7 +35,11 @@ class ModelConfig(_Section):
         min_length=1,
         description="policy: 'smollm2' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id",
     )
-    dtype: Dtype = Field("float32", description="training and rollout dtype")
+    dtype: Dtype = Field(
+        "float32",
+        description="training and rollout dtype (float64: numerical checks on tiny models; the in-process reward "
+        "model then runs in float64 too)",
+    )
     use_lora: bool = Field(False, description="train LoRA adapters (PEFT) instead of all weights")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")

@@ -165,7 +165,7 @@ def score_logprobs(policy: Policy, batch: RolloutBatch, temperature: float, micr
 
 
 def collect_scores(pending: list[tuple[list[int], Any]], size: int, timeout_s: float) -> torch.Tensor:
-    """(size,) scores from the pending reward futures; `RewardUnavailableError` when one does not answer within
+    """(size,) float64 scores from the pending reward futures; `RewardUnavailableError` when one does not answer within
     `timeout_s` or a score is missing / non-finite."""
     scores = [math.nan] * size
     for idx, future in pending:
@@ -177,7 +177,7 @@ def collect_scores(pending: list[tuple[list[int], Any]], size: int, timeout_s: f
             scores[i] = s
     if any(math.isnan(s) or math.isinf(s) for s in scores):
         raise RewardUnavailableError(f"the reward source returned no/non-finite scores: {scores}")
-    return torch.tensor(scores, dtype=torch.float32)
+    return torch.tensor(scores, dtype=torch.float64)
 
 
 def gather_batch(batch: RolloutBatch, dist: Distributed, failure: str | None = None) -> RolloutBatch:
@@ -212,7 +212,10 @@ def wait_for_scores(batch: RolloutBatch, timeout_s: float, *, defer: bool = Fals
     `RewardUnavailableError` is returned as its message instead of raised, for `gather_batch` to raise on
     every rank."""
     try:
-        batch.scores = collect_scores(batch.pending, batch.size, timeout_s).to(batch.input_ids.device)
+        scores = collect_scores(batch.pending, batch.size, timeout_s)
+        # in the log-probs' dtype when that is float64 (numerical checks), else float32
+        dtype = torch.float64 if batch.old_logprobs.dtype == torch.float64 else torch.float32
+        batch.scores = scores.to(batch.input_ids.device, dtype)
     except RewardUnavailableError as exc:
         if not defer:
             raise

@@ -25,7 +25,12 @@ from services.policy_trainer.ppo_math import entropy_from_logits
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 class PolicyLoadError(ValueError):
@@ -188,7 +193,8 @@ class Policy(nn.Module):
             want_values = with_values and self.value_head is not None
             out = self.lm(**kwargs, output_hidden_states=want_values)
             values = self.value_head(out.hidden_states[-1][:, prompt_len - 1 : -1]) if want_values else None
-        logits = out.logits[:, :-1].float() / temperature  # (B, T, V): logits at position t predict token t+1
+        logits = out.logits[:, :-1]  # (B, T, V): logits at position t predict token t+1
+        logits = (logits if logits.dtype == torch.float64 else logits.float()) / temperature  # fp32 at least
         tokens = input_ids[:, prompt_len:]
         logprobs = torch.gather(torch.log_softmax(logits, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
         entropy = entropy_from_logits(logits) if (with_entropy and not reference) else None

@@ -111,10 +111,12 @@ class LocalRewardSource:
         self._lock = threading.Lock()  # one forward at a time on the shared model
 
     @classmethod
-    def load(cls, path: str | Path, *, normalize: bool = True, device: str = "cpu") -> LocalRewardSource:
+    def load(
+        cls, path: str | Path, *, normalize: bool = True, device: str = "cpu", dtype: str | None = None
+    ) -> LocalRewardSource:
         from karma.rm.model import RewardModel
 
-        return cls(RewardModel.load(path, device=device), normalize=normalize)
+        return cls(RewardModel.load(path, device=device, dtype=dtype), normalize=normalize)
 
     async def wait_ready(self, deadline_s: float) -> None:  # loaded already
         return None

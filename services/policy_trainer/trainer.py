@@ -161,7 +161,9 @@ class Trainer:
             torch.set_num_threads(cfg.run.torch_threads)
         self.policy_path = resolve_policy(cfg.model.policy)
         check_policy_path(self.policy_path)
-        self.rewards = RewardDispatcher(self._reward_source or build_reward_source(cfg.reward))
+        self.rewards = RewardDispatcher(
+            self._reward_source or build_reward_source(cfg.reward, cfg.model.dtype)
+        )
         self.rewards.wait_ready(cfg.reward.reward_ready_timeout_s)
         self.tokenizer = load_tokenizer(self.policy_path)
         self.prompts, self.heldout, self.heldout_source = load_prompts(
