@@ -18,7 +18,14 @@ from karma.eval import metrics as M
 from karma.eval import power as P
 from karma.eval.run import check_reward_service
 from karma.eval.scoring import CausalLM, NotACausalLMError, inspect_model
-from karma.eval.tasks import TaskSchemaError, UnknownSuiteError, load_tasks, requests
+from karma.eval.tasks import (
+    TaskSchemaError,
+    UnknownSuiteError,
+    content_free_requests,
+    join,
+    load_tasks,
+    requests,
+)
 from karma.paths import shared_data_dir
 from tests.support import cli_text, make_tiny_causal_lm
 
@@ -184,7 +191,7 @@ def runs(models, lm, tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base", "lora": root / "lora"}
 
 
-def test_results_json_holds_items_metrics_and_cis(runs):
+def test_results_json_holds_items_metrics_and_cis(runs, lm):
     res = json.loads((runs["base"] / "results.json").read_text())
     tasks = res["tasks"]
     assert list(tasks) == [
@@ -202,10 +209,35 @@ def test_results_json_holds_items_metrics_and_cis(runs):
             if m not in M.CORPUS_METRICS:
                 assert v["value"] == pytest.approx(np.mean([it["scores"][m] for it in t["items"]]))
     for it in tasks["implicatures"]["items"]:
-        assert it["scores"] == M.mc_scores(it["ll"], [len(o) for o in ("yes", "no")], set(it["correct"]))
+        acc = M.mc_scores(it["ll"], [len(o) for o in ("yes", "no")], set(it["correct"]))
+        assert {k: it["scores"][k] for k in acc} == acc
     for it in tasks["truthfulqa_mc"]["items"]:
         assert it["scores"]["mc1"] == M.mc1(it["ll"], it["correct"][0])
         assert it["scores"]["mc2"] == pytest.approx(M.mc2(it["mc2_ll"], it["mc2_true"]), abs=1e-4)
+    # calibration: every option also scored after its task's content-free prompt, once per (prompt, option)
+    (cf_prompt,) = tasks["implicatures"]["content_free_prompts"]
+    cf_ref = [reference_loglik(lm, *join(cf_prompt, o)) for o in ("yes", "no")]
+    for name, t in tasks.items():
+        if t["kind"] == "generation":
+            continue
+        for it in t["items"]:
+            if name == "implicatures":
+                assert it["cf_ll"] == pytest.approx(cf_ref, rel=1e-5, abs=1e-4)
+            ll, cf, correct = (
+                (it["mc2_ll"], it["mc2_cf_ll"], [i for i, x in enumerate(it["mc2_true"]) if x])
+                if t["kind"] == "truthfulqa"
+                else (it["ll"], it["cf_ll"], it["correct"])
+            )
+            # stored log-likelihoods are rounded to 1e-5, which moves a softmax mass by at most 5e-6
+            assert it["scores"]["p_correct"] == pytest.approx(M.p_correct(ll, correct), abs=5e-6)
+            assert it["scores"]["p_correct_cal"] == pytest.approx(M.p_correct(ll, correct, cf), abs=5e-6)
+    mc_tasks = load_tasks(
+        "implicatures,metaphor_understanding,truthfulqa_mc,known_unknowns", limit=4, data_dir=DATA
+    )
+    assert res["timing"]["content_free_options"] == len(
+        content_free_requests(mc_tasks, exclude=requests(mc_tasks))
+    )
+    assert res["timing"]["options_scored"] == len(requests(mc_tasks)) + res["timing"]["content_free_options"]
     gen = tasks["generation"]
     assert set(gen["metrics"]) == {"length_words", "length_tokens", "rep_4", "distinct_1", "distinct_2"}
     assert gen["metrics"]["distinct_1"]["value"] == M.distinct_n([it["reply"] for it in gen["items"]], 1)
@@ -252,6 +284,9 @@ def test_compare_pairs_items_and_reports_deltas(runs, tmp_path):
         )
         assert c["delta"] == pytest.approx(expected) and c["n"] == 4
         assert c["ci_low"] <= c["delta"] + 1e-9 and c["delta"] <= c["ci_high"] + 1e-9 and 0 < c["p"] <= 1
+    cal = by[("pragmatics (mean of 2 tasks)", "p_correct_cal")]
+    assert cal["test"] == "paired permutation" and cal["n"] == 12
+    assert cal["mde_basis"].startswith("mean of 2 task means, normal approx., observed sd(diff)")
     assert by[("implicatures", "acc")]["test"] == "McNemar exact"
     assert by[("truthfulqa_mc", "mc2")]["test"] == "paired permutation"
     assert ("pragmatics (mean of 2 tasks)", "acc_norm") in by and ("generation", "distinct_2") in by

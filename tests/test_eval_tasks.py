@@ -43,7 +43,7 @@ def test_every_shipped_bigbench_task_parses_with_the_published_counts(family):
     expected = {n: c for n, c in SOURCES_COUNTS.items() if n.split("/")[0] == family}
     assert {t.name: len(t.items) for t in tasks} == expected
     for t in tasks:
-        assert t.kind == "bigbench" and t.metric_names == ("acc", "acc_norm")
+        assert t.kind == "bigbench" and t.metric_names == ("acc", "acc_norm", "p_correct", "p_correct_cal")
         for item in t.items:
             assert len(item.options) >= 2 and len(item.correct) == 1
             assert len(set(item.options)) == len(item.options)
@@ -52,7 +52,7 @@ def test_every_shipped_bigbench_task_parses_with_the_published_counts(family):
 
 def test_truthfulqa_mc_task_parses():
     task = T.load_truthfulqa(DATA / "eval" / "truthfulqa" / "mc_task.json")
-    assert len(task.items) == 817 and task.metric_names == ("mc1", "mc2")
+    assert len(task.items) == 817 and task.metric_names == ("mc1", "mc2", "p_correct", "p_correct_cal")
     first = task.items[0]
     assert first.prompt.startswith("Q: What is human life expectancy in the United States?")
     assert first.prompt.endswith("\n\nQ: What happens if you eat a pomegranate?\nA:")

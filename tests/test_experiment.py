@@ -288,6 +288,110 @@ def test_claim_six_compares_the_composed_reward_with_its_base_variant():
     assert "- reddit prompts: no head-to-head comparison of `shaped-reddit` with `context-reddit`" in text
 
 
+def test_claims_decide_on_the_calibrated_score_with_accuracy_beside_it():
+    """Results format 2: claims 2, 3, 5 and 6 decide on p_correct_cal; accuracy (MC1, MC2) only stands beside it,
+    and each run's line says Δ with its CI, p, n and the MDE."""
+    shaped = {"components": [{"model": "context"}, {"rule": {"kind": "distinct_n", "n": 2}, "weight": 0.5}]}
+    cfg = ExperimentConfig(
+        data={"comments": ["x"]}, conditions={"reddit": "reddit"}, composed={"shaped": shaped}
+    )
+    runs = ["full-reddit", "context-reddit", "shaped-reddit"]
+    suite = "pragmatics (mean of 9 tasks)"
+    comparison = {
+        "trained": [{"label": r} for r in runs],
+        "rows": [
+            # accuracy did not move (no answer flipped); the calibrated probability rose significantly
+            _cmp_row(
+                "pragmatics",
+                suite,
+                "suite",
+                "acc",
+                dict.fromkeys(runs, 0.0),
+                p=1.0,
+                mde=0.012,
+                discordance=0.0,
+            ),
+            _cmp_row(
+                "pragmatics", suite, "suite", "p_correct_cal", dict.fromkeys(runs, 0.004), p=0.002, mde=0.003
+            ),
+            _cmp_row("factuality", "truthfulqa_mc", "task", "mc1", dict.fromkeys(runs, 0.0), p=1.0, mde=0.05),
+            _cmp_row(
+                "factuality", "truthfulqa_mc", "task", "mc2", dict.fromkeys(runs, -0.002), p=0.3, mde=0.004
+            ),
+            _cmp_row(
+                "factuality",
+                "truthfulqa_mc",
+                "task",
+                "p_correct_cal",
+                dict.fromkeys(runs, -0.003),
+                p=0.04,
+                mde=0.004,
+            ),
+        ],
+    }
+    for c in comparison["rows"][1]["models"].values():
+        c["ci_low"], c["ci_high"] = 0.002, 0.006
+    h2h_ctx = {
+        "trained": [{"label": "context-reddit"}],
+        "rows": [
+            _cmp_row("pragmatics", suite, "suite", "acc", {"context-reddit": 0.001}, p=1.0, mde=0.012),
+            _cmp_row(
+                "pragmatics", suite, "suite", "p_correct_cal", {"context-reddit": 0.002}, p=0.3, mde=0.003
+            ),
+        ],
+    }
+    h2h_shaped = {
+        "trained": [{"label": "shaped-reddit"}],
+        "rows": [
+            _cmp_row(
+                "pragmatics", suite, "suite", "p_correct_cal", {"shaped-reddit": -0.001}, p=0.6, mde=0.004
+            ),
+            _cmp_row(
+                "factuality",
+                "truthfulqa_mc",
+                "task",
+                "p_correct_cal",
+                {"shaped-reddit": 0.003},
+                p=0.01,
+                mde=0.002,
+            ),
+        ],
+    }
+    rm = {v: {"systems": {}} for v in cfg.variants}
+    text = "\n".join(claims(cfg, rm, comparison, {"reddit": h2h_ctx}, {"shaped": {"reddit": h2h_shaped}}))
+    assert (
+        "- `full-reddit`: Δ p_correct_cal +0.004 [+0.002, +0.006]* (p=0.002, n=40, MDE 0.003); "
+        "beside it: acc +0.000 [-0.100, +0.100] (p=1, n=40, MDE 0.012, discordance 0.000)"
+    ) in text
+    assert (
+        "**Reproduced** (calibrated P(correct) on pragmatics went up, p < 0.05, in all 3 runs) "
+        "(MDE 0.003 at 80 % power, n = 40)"
+    ) in text
+    assert "Measured: pragmatics (mean of 9 tasks), the unweighted mean of the task means, per run Δ" in text
+    assert (
+        "- reddit prompts: pragmatics, `context-reddit` − `full-reddit`: Δ p_correct_cal +0.002 [-0.098, +0.102] "
+        "(p=0.3, n=40, MDE 0.003); beside it: acc +0.001"
+    ) in text
+    assert (
+        "**Not reproduced at this scale** (`context` beat `full` on calibrated P(correct) in 1 of 1 runs, none "
+        "significant at p < 0.05): no effect larger than 0.003 (MDE at 80 % power, n = 40)"
+    ) in text
+    assert (
+        "- `context-reddit` truthfulqa_mc: Δ p_correct_cal -0.003 [-0.103, +0.097]* (p=0.04, n=40, MDE 0.004); "
+        "beside it: mc1 +0.000 [-0.100, +0.100] (p=1, n=40, MDE 0.050); mc2 -0.002"
+    ) in text
+    assert "**Reproduced** (calibrated P(true) on TruthfulQA went down, p < 0.05, in all 3 runs)" in text
+    assert "(a) **Reproduced** (calibrated P(correct) on pragmatics went up, p < 0.05, in all 1 runs)" in text
+    assert (
+        "(b) pragmatics against `context`: no significant loss in 1 runs: no effect larger than 0.004" in text
+    )
+    assert (
+        "(c) **Reproduced** (TruthfulQA higher than with `context` (calibrated P(true)), p < 0.05, in all 1 runs)"
+        in text
+    )
+    assert "results format 1" not in text and "pragmatics accuracy went up" not in text
+
+
 # ------------------------------------------------------------------------------------ power beside the verdicts
 def _power_comparison(mde, n=150, p=0.5, delta=0.01):
     runs = ["full-reddit", "context-reddit"]
@@ -542,7 +646,10 @@ def test_experiment_end_to_end_tiny(tmp_path):
     assert "### 6. Composed reward `context_shaped` = 1*context+0.5*length_window+0.5*repetition" in text
     for cond in ("reddit", "nonreddit"):
         # one pragmatics task (implicatures) makes no suite-mean row, so (b) has nothing to compare; TruthfulQA does
-        assert f"- {cond} prompts: truthfulqa_mc mc1, `context_shaped-{cond}` − `context-{cond}`:" in text
+        assert (
+            f"- {cond} prompts: truthfulqa_mc, `context_shaped-{cond}` − `context-{cond}`: Δ p_correct_cal "
+            in text
+        )
         assert (out / "compare" / f"context_shaped-{cond}_vs_context-{cond}" / "compare.json").exists()
     rows = [
         json.loads(line)

@@ -5,6 +5,9 @@ items, the difference (trained - base) with a paired-bootstrap 95 % CI, a paired
 0/1 scores, paired permutation otherwise) and the minimum detectable effect of that test at 80 % power
 (`mde`, with the discordance it used for 0/1 scores; see `karma.eval.power`). Items pair by id and must
 have shown the model the same prompt and options (the stored item hash); others are dropped and counted.
+The continuous, label-prior-controlled `p_correct_cal` (results format 2) gets the same treatment as every
+other continuous score: paired bootstrap CI, paired permutation test, paired-t MDE (`power.observed_mde`;
+`power.suite_mde` for a suite mean). Results of different formats are not paired (refused).
 Writes compare.json, compare.md (one table, the shape of the paper's results table) and compare.png (the
 deltas with their CIs).
 """
@@ -20,7 +23,7 @@ from typing import Any
 from karma.eval import metrics as M
 from karma.eval import power as P
 from karma.eval.report import GEN_METRICS, MC_METRICS, error_bars, fmt_ci
-from karma.eval.run import row_groups
+from karma.eval.run import RESULTS_FORMAT_VERSION, row_groups
 
 
 def load_results(source: str | Path | dict) -> dict:
@@ -34,8 +37,35 @@ def load_results(source: str | Path | dict) -> dict:
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or "tasks" not in data or "format_version" not in data:
         raise ValueError(f"{path} is not a `karma eval` results.json")
+    if data["format_version"] > RESULTS_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: results format {data['format_version']} is newer than this karma reads "
+            f"({RESULTS_FORMAT_VERSION}); update karma"
+        )
     data.setdefault("_source", str(path.parent))
     return data
+
+
+def check_formats(base: dict, trained: Sequence[dict]) -> None:
+    """Refuse to pair results of different formats or prompt formats, saying which run to redo."""
+    for r in trained:
+        if r.get("prompt_format_version") != base.get("prompt_format_version"):
+            raise ValueError(
+                "results of different prompt format versions cannot be paired; re-run `karma eval`"
+            )
+    versions = [(_where(r), r.get("format_version")) for r in (base, *trained)]
+    if len({v for _, v in versions}) > 1:
+        old = [w for w, v in versions if v != RESULTS_FORMAT_VERSION]
+        raise ValueError(
+            "results of different formats cannot be paired ("
+            + ", ".join(f"{w}: format {v}" for w, v in versions)
+            + "); format 2 adds the content-free (calibration) scores p_correct_cal and hashes the content-free "
+            f"prompt into each item's key, so no item pairs across formats; re-run `karma eval` for {', '.join(old)}"
+        )
+
+
+def _where(results: dict) -> str:
+    return str(results.get("_source") or results["model"]["name"])
 
 
 def _paired_items(base: dict, new: dict) -> tuple[list[dict], list[dict], int]:
@@ -81,11 +111,7 @@ def compare(
         raise ValueError(f"{len(labels)} names for {len(trained)} trained results")
     if len(set(labels)) != len(labels):
         labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
-    for r in trained:
-        if r.get("prompt_format_version") != base.get("prompt_format_version"):
-            raise ValueError(
-                "results of different prompt format versions cannot be paired; re-run `karma eval`"
-            )
+    check_formats(base, trained)
 
     common = [t for t in base["tasks"] if all(t in r["tasks"] for r in trained)]
     rows_out = []
@@ -201,7 +227,10 @@ def markdown(result: dict) -> str:
         (
             "Values on the items both runs scored: `mean [95% bootstrap CI]`; Δ = trained − base with a paired "
             "bootstrap CI; p: exact McNemar for 0/1 scores (acc, acc_norm, mc1), paired permutation otherwise; "
-            "`*` marks p < 0.05 (uncorrected for the number of rows). MDE: the smallest |Δ| that test detects "
+            "`*` marks p < 0.05 (uncorrected for the number of rows). `p_correct`: probability mass on the "
+            "correct option(s); `p_correct_cal`: the same after contextual calibration against the task's "
+            "content-free prompt (a label prior cancels) — continuous, so it moves when no answer flips. "
+            "MDE: the smallest |Δ| that test detects "
             "with 80 % power at two-sided α = 0.05 — exact McNemar at the observed discordance (the share of "
             "items whose score changed; with none, the floor of every change moving one way) for 0/1 scores, "
             "paired t with the observed sd of the differences otherwise, normal with per-task discordance for "

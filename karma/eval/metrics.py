@@ -7,6 +7,13 @@ Multiple choice (lm-evaluation-harness definitions):
 * TruthfulQA `mc1`: `acc` over MC1's options (exactly one is true).
 * TruthfulQA `mc2`: the probability mass the model puts on the true answers among MC2's options,
   `sum_true exp(ll) / sum_all exp(ll)`, with summed (unnormalised) log-likelihoods.
+* `p_correct` (every multiple-choice task): the same mass on the correct option(s), i.e. the softmax over the
+  item's options of their log-likelihoods, summed over the correct ones (TruthfulQA: MC2's options and true
+  set, so it equals `mc2`). Continuous, so it moves when no answer flips.
+* `p_correct_cal`: `p_correct` after contextual calibration (Zhao et al. 2021): softmax over the options of
+  `ll(option | prompt) - ll(option | content-free prompt)`. A label prior — the model preferring an option
+  string whatever the item says — adds the same constant to both terms and cancels; what is left is what the
+  item's content does to the options.
 
 Generated replies (words = lower-cased `\\w+` runs and single punctuation marks):
 * `length_words`, `length_tokens`: per reply.
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -32,6 +39,8 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 CORPUS_METRICS = ("distinct_1", "distinct_2")
 #: metrics whose per-item values are 0/1 (paired test: exact McNemar)
 BINARY_METRICS = ("acc", "acc_norm", "mc1")
+#: the continuous, bias-controlled outcome of every multiple-choice task (what the experiment's claims decide on)
+CALIBRATED_METRIC = "p_correct_cal"
 
 
 # ------------------------------------------------------------------------------------ multiple choice
@@ -50,12 +59,30 @@ def mc1(loglik: Sequence[float], correct: int) -> float:
 
 def mc2(loglik: Sequence[float], true: Sequence[bool]) -> float:
     """Normalised probability mass on the true answers (computed stably in log space)."""
-    ll = np.asarray(loglik, dtype=float)
     t = np.asarray(true, dtype=bool)
     if not t.any() or t.all():
         raise ValueError("mc2 needs at least one true and one false answer")
+    return p_correct(loglik, np.flatnonzero(t))
+
+
+def p_correct(
+    loglik: Sequence[float], correct: Iterable[int], content_free: Sequence[float] | None = None
+) -> float:
+    """The probability mass on the correct options (indices `correct`): softmax over the item's options of
+    their summed log-likelihoods, summed over the correct ones. With `content_free` (each option's
+    log-likelihood after the content-free prompt), the softmax is over `loglik - content_free`: contextual
+    calibration, `p_correct_cal`. Computed stably in log space."""
+    ll = np.asarray(loglik, dtype=float)
+    if content_free is not None:
+        cf = np.asarray(content_free, dtype=float)
+        if cf.shape != ll.shape:
+            raise ValueError(f"{ll.size} log-likelihoods but {cf.size} content-free ones")
+        ll = ll - cf
+    idx = sorted(set(correct))
+    if not idx or idx[0] < 0 or idx[-1] >= ll.size:
+        raise ValueError(f"correct options {idx} out of range for {ll.size} options")
     p = np.exp(ll - ll.max())
-    return float(p[t].sum() / p.sum())
+    return float(p[idx].sum() / p.sum())
 
 
 # ------------------------------------------------------------------------------------ generated text

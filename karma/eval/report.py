@@ -5,13 +5,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-MC_METRICS = ("acc", "acc_norm", "mc1", "mc2")
+MC_METRICS = ("acc", "acc_norm", "mc1", "mc2", "p_correct", "p_correct_cal")
+#: metrics whose chance level the tables show (p_correct's is acc's; TruthfulQA's is mc2's)
+CHANCE_METRICS = ("acc", "mc1", "mc2")
 GEN_METRICS = ("reward", "length_words", "length_tokens", "distinct_1", "distinct_2", "rep_4")
 METRIC_DOC = {
     "acc": "argmax of summed log-likelihood is correct",
     "acc_norm": "argmax of log-likelihood per character is correct",
     "mc1": "TruthfulQA MC1: argmax of summed log-likelihood is the one true answer",
     "mc2": "TruthfulQA MC2: normalised probability mass on the true answers",
+    "p_correct": "probability mass on the correct option(s): softmax of the options' log-likelihoods "
+    "(TruthfulQA: over MC2's options, = mc2)",
+    "p_correct_cal": "p_correct after contextual calibration: softmax of log-likelihood minus the option's "
+    "log-likelihood after the task's content-free prompt (the item's text replaced by 'N/A'); a label prior "
+    "cancels",
     "reward": "reward service score of (prompt, reply)",
     "length_words": "reply length in words",
     "length_tokens": "reply length in tokens (EOS excluded)",
@@ -48,7 +55,9 @@ def markdown(results: dict) -> str:
         ),
         (
             f"- {t.get('options_scored', 0)} (prompt, option) pairs scored in {t.get('score_s', 0):.0f} s "
-            f"({t.get('options_per_s', float('nan')):.1f}/s); total {t.get('total_s', 0):.0f} s"
+            f"({t.get('options_per_s', float('nan')):.1f}/s), {t.get('content_free_options', 0)} of them "
+            f"after {t.get('content_free_prompts', 0)} content-free prompts (calibration); "
+            f"total {t.get('total_s', 0):.0f} s"
         ),
         (
             "- multiple choice: log-likelihood of each option given the prompt, no chat template "
@@ -71,7 +80,7 @@ def markdown(results: dict) -> str:
             for r in rows:
                 n = max((m["n"] for m in r["metrics"].values()), default=0)
                 chance = " / ".join(
-                    f"{r['chance'][c]:.3f}" for c in cols if c in r["chance"] and c != "acc_norm"
+                    f"{r['chance'][c]:.3f}" for c in cols if c in r["chance"] and c in CHANCE_METRICS
                 )
                 cells = [fmt_ci(r["metrics"].get(c)) for c in cols]
                 lines.append(f"| {_row_label(r)} | {n} | {chance} | " + " | ".join(cells) + " |")
@@ -143,7 +152,14 @@ def plot_results(results: dict, out: Path) -> list[Path]:
         if m in r["metrics"] and r["metrics"][m]["n"]
     ]
     if bars:
-        colors = {"acc": "tab:blue", "acc_norm": "tab:cyan", "mc1": "tab:red", "mc2": "tab:orange"}
+        colors = {
+            "acc": "tab:blue",
+            "acc_norm": "tab:cyan",
+            "mc1": "tab:red",
+            "mc2": "tab:orange",
+            "p_correct": "tab:purple",
+            "p_correct_cal": "tab:green",
+        }
         fig, ax = plt.subplots(figsize=(8, 0.28 * len(bars) + 1.2))
         y = list(range(len(bars)))[::-1]
         for yi, (r, m) in zip(y, bars, strict=False):

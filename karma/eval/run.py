@@ -3,6 +3,12 @@ score them with the reward service, and write results.json, report.md and the pl
 
 results.json keeps every item's scores (keyed by item id, with a hash of what the model was shown) so
 `compare` can pair a trained policy's items with the base model's.
+
+Results format 2 (`RESULTS_FORMAT_VERSION`) adds, per multiple-choice item, `cf_ll` (each option's
+log-likelihood after the task's content-free prompt; TruthfulQA also `mc2_cf_ll`) and the continuous scores
+`p_correct` and `p_correct_cal` (see `karma.eval.metrics`); per task `content_free_prompts`; in `timing`,
+`content_free_options` and `content_free_prompts`. Format-1 files still load; `compare` refuses to pair
+them with format-2 ones (the item hashes differ: format 2 also hashes the content-free prompt).
 """
 
 from __future__ import annotations
@@ -21,11 +27,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from karma.config import Cli
 from karma.eval import metrics as M
-from karma.eval.tasks import PROMPT_FORMAT_VERSION, Task, item_key, join, load_tasks, requests
+from karma.eval.tasks import (
+    PROMPT_FORMAT_VERSION,
+    Task,
+    content_free_requests,
+    item_key,
+    join,
+    load_tasks,
+    requests,
+)
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT_VERSION = 1
+#: 2: content-free log-likelihoods and p_correct / p_correct_cal per multiple-choice item
+RESULTS_FORMAT_VERSION = 2
+#: the multiple-choice metrics in table order
+MC_METRIC_ORDER = ("acc", "acc_norm", "mc1", "mc2", "p_correct", "p_correct_cal")
 GENERATION_MEAN_METRICS = ("length_words", "length_tokens", "rep_4", "reward")
 
 
@@ -174,11 +191,17 @@ def run_eval(
         lm = CausalLM.load(spec, device=device, dtype=dtype)
     timing["load_s"] = time.perf_counter() - t
 
-    reqs = requests(tasks)
+    # the items' own (prompt, option) pairs, then the calibration controls: each (content-free prompt, option)
+    # pair once (a task's items share their content-free prompt), all in one call
+    own = requests(tasks)
+    cf_reqs = content_free_requests(tasks, exclude=own)
+    reqs = own + cf_reqs
     t = time.perf_counter()
     scored = dict(zip(reqs, lm.loglikelihood(reqs, batch_size=batch_size, progress=progress), strict=True))
     timing["score_s"] = time.perf_counter() - t
     timing["options_scored"] = len(reqs)
+    timing["content_free_options"] = len(cf_reqs)
+    timing["content_free_prompts"] = len({c for c, _ in cf_reqs})
     timing["options_per_s"] = len(reqs) / timing["score_s"] if reqs and timing["score_s"] > 0 else math.nan
 
     gen_settings = {
@@ -250,28 +273,50 @@ def run_eval(
 
 # --------------------------------------------------------------------------------------------- per task
 def _mc_entry(task: Task, scored: dict, n_boot: int, seed: int) -> dict:
+    """One multiple-choice task's results: per item the options' log-likelihoods after the prompt (`ll`) and
+    after the content-free prompt (`cf_ll`), and its scores; per task the metrics with bootstrap CIs.
+
+    `p_correct` / `p_correct_cal` are over the options the task's own probability metric uses: BIG-bench's
+    options (correct: those with the top target score), TruthfulQA's MC2 options (correct: its true set,
+    so `p_correct` is `mc2`)."""
     items, chance = [], []
     for item in task.items:
         ll = {o: scored[join(item.prompt, o)] for o in item.continuations()}
+        cf = {o: scored[join(item.cf_prompt, o)][0] for o in item.continuations()}
         opt_ll = [ll[o][0] for o in item.options]
         row: dict[str, Any] = {
             "id": item.id,
             "key": item_key(item),
             "ll": [round(x, 5) for x in opt_ll],
+            "cf_ll": [round(cf[o], 5) for o in item.options],
             "n_tokens": [ll[o][1] for o in item.options],
             "correct": sorted(item.correct),
         }
         if task.kind == "truthfulqa":
             (correct,) = item.correct
             mc2_ll = [ll[o][0] for o in item.mc2_options]
+            mc2_cf = [cf[o] for o in item.mc2_options]
+            true = [i for i, t in enumerate(item.mc2_true) if t]
             row["mc2_ll"] = [round(x, 5) for x in mc2_ll]
+            row["mc2_cf_ll"] = [round(x, 5) for x in mc2_cf]
             row["mc2_true"] = list(item.mc2_true)
-            row["scores"] = {"mc1": M.mc1(opt_ll, correct), "mc2": M.mc2(mc2_ll, item.mc2_true)}
-            chance.append({"mc1": 1 / len(item.options), "mc2": sum(item.mc2_true) / len(item.mc2_true)})
+            row["scores"] = {
+                "mc1": M.mc1(opt_ll, correct),
+                "mc2": M.mc2(mc2_ll, item.mc2_true),
+                "p_correct": M.p_correct(mc2_ll, true),
+                "p_correct_cal": M.p_correct(mc2_ll, true, content_free=mc2_cf),
+            }
+            c = sum(item.mc2_true) / len(item.mc2_true)
+            chance.append({"mc1": 1 / len(item.options), "mc2": c, "p_correct": c, "p_correct_cal": c})
         else:
-            row["scores"] = M.mc_scores(opt_ll, [len(o) for o in item.options], item.correct)
+            opt_cf = [cf[o] for o in item.options]
+            row["scores"] = {
+                **M.mc_scores(opt_ll, [len(o) for o in item.options], item.correct),
+                "p_correct": M.p_correct(opt_ll, item.correct),
+                "p_correct_cal": M.p_correct(opt_ll, item.correct, content_free=opt_cf),
+            }
             c = len(item.correct) / len(item.options)
-            chance.append({"acc": c, "acc_norm": c})
+            chance.append({"acc": c, "acc_norm": c, "p_correct": c, "p_correct_cal": c})
         items.append(row)
     metrics = {
         m: M.mean_ci([it["scores"][m] for it in items], n_boot=n_boot, seed=seed) for m in task.metric_names
@@ -284,6 +329,7 @@ def _mc_entry(task: Task, scored: dict, n_boot: int, seed: int) -> dict:
         "n_total": task.n_total,
         "chance": {m: float(np.mean([c[m] for c in chance])) for m in task.metric_names},
         "metrics": metrics,
+        "content_free_prompts": sorted({item.cf_prompt for item in task.items}),
         "items": items,
     }
 
@@ -416,7 +462,7 @@ def row_groups(tasks: dict[str, dict]) -> list[dict]:
                     "kind": "suite",
                     "tasks": [t for u in mc_units for t in u["tasks"]],
                     "units": [u["tasks"] for u in mc_units],
-                    "metrics": sorted(common, key=["acc", "acc_norm", "mc1", "mc2"].index),
+                    "metrics": sorted(common, key=MC_METRIC_ORDER.index),
                 }
             )
     return rows

@@ -13,6 +13,13 @@ Prompts follow the formats of the tasks' own harnesses, so numbers are comparabl
 
 An option is scored as the continuation of its prompt; when the prompt does not end in whitespace a single
 space joins them (lm-evaluation-harness's `target_delimiter`).
+
+Every multiple-choice item also has a **content-free prompt** (`MCItem.cf_prompt`), the control of contextual
+calibration (Zhao et al. 2021, "Calibrate Before Use"): the same template with the item's own text replaced by
+`CONTENT_FREE_INPUT` ("N/A"). BIG-bench: `task_prefix + example_input_prefix + "N/A" + example_output_prefix`
+(the whole example input is replaced, including the choices BIG-bench appends to it); TruthfulQA: the primer,
+then `"\n\nQ: N/A\nA:"`. It depends only on the task's format, so every item of a task shares it and each
+(content-free prompt, option) pair is scored once (`content_free_requests`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from karma.paths import shared_data_dir
 
 #: bump when a prompt format changes: results of different versions are not comparable item by item
 PROMPT_FORMAT_VERSION = 1
+#: what replaces an item's content in its content-free prompt (Zhao et al. 2021's "N/A")
+CONTENT_FREE_INPUT = "N/A"
 
 SUITES: dict[str, tuple[str, ...]] = {
     "pragmatics": (
@@ -77,6 +86,10 @@ TRUTHFULQA_PRIMER = (
 )
 
 
+#: TruthfulQA's content-free prompt: the primer, then the question replaced by "N/A"
+TRUTHFULQA_CONTENT_FREE_PROMPT = f"{TRUTHFULQA_PRIMER}\n\nQ: {CONTENT_FREE_INPUT}\nA:"
+
+
 class TaskSchemaError(ValueError):
     """A task file that is not in a schema we can parse (the message names the file)."""
 
@@ -89,7 +102,9 @@ class UnknownSuiteError(ValueError):
 class MCItem:
     """One multiple-choice question. `correct` holds the indices of the right options (BIG-bench: those with
     the highest target score; TruthfulQA: MC1's single true answer). `true` marks TruthfulQA MC2's true set
-    over `mc2_options` (empty for BIG-bench)."""
+    over `mc2_options` (empty for BIG-bench). `cf_prompt`: the content-free prompt (the template with the
+    item's text replaced by "N/A"), the calibration control of `p_correct_cal` (empty: the options'
+    unconditional log-likelihoods)."""
 
     id: int
     prompt: str
@@ -97,6 +112,7 @@ class MCItem:
     correct: frozenset[int]
     mc2_options: tuple[str, ...] = ()
     mc2_true: tuple[bool, ...] = ()
+    cf_prompt: str = ""
 
     def continuations(self) -> list[str]:
         """Every distinct option text this item needs scored (MC1 and MC2 share most of theirs)."""
@@ -124,7 +140,10 @@ class Task:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return {"bigbench": ("acc", "acc_norm"), "truthfulqa": ("mc1", "mc2")}.get(self.kind, ())
+        return {
+            "bigbench": ("acc", "acc_norm", "p_correct", "p_correct_cal"),
+            "truthfulqa": ("mc1", "mc2", "p_correct", "p_correct_cal"),
+        }.get(self.kind, ())
 
 
 # --------------------------------------------------------------------------------------------- data folder
@@ -355,7 +374,17 @@ def bigbench_item(example, index: int, fmt: dict, *, path: Path | str = "?", tas
         random.Random(f"{task}:{index}").shuffle(listed)
         text = text + fmt["choice_prefix"] + fmt["choice_prefix"].join(listed)
     prompt = fmt["task_prefix"] + fmt["example_input_prefix"] + text + fmt["example_output_prefix"]
-    return MCItem(id=index, prompt=prompt, options=options, correct=correct)
+    return MCItem(
+        id=index, prompt=prompt, options=options, correct=correct, cf_prompt=bigbench_content_free_prompt(fmt)
+    )
+
+
+def bigbench_content_free_prompt(fmt: dict) -> str:
+    """A BIG-bench task's content-free prompt: its template with the whole example input (the `input` and any
+    choices appended to it) replaced by "N/A"; the task prefix and the answer cue stay."""
+    return (
+        fmt["task_prefix"] + fmt["example_input_prefix"] + CONTENT_FREE_INPUT + fmt["example_output_prefix"]
+    )
 
 
 # --------------------------------------------------------------------------------------------- TruthfulQA
@@ -386,6 +415,7 @@ def load_truthfulqa(path: Path, *, suite: str = "factuality") -> Task:
                 correct=frozenset(j for j, o in enumerate(options) if mc1[o] == 1),
                 mc2_options=tuple(mc2),
                 mc2_true=tuple(bool(v) for v in mc2.values()),
+                cf_prompt=TRUTHFULQA_CONTENT_FREE_PROMPT,
             )
         )
     return Task("truthfulqa_mc", suite, "truthfulqa", str(path), items, len(items))
@@ -410,12 +440,35 @@ def requests(tasks: Sequence[Task]) -> list[tuple[str, str]]:
     return list(seen)
 
 
+def content_free_requests(
+    tasks: Sequence[Task], exclude: Iterable[tuple[str, str]] = ()
+) -> list[tuple[str, str]]:
+    """Every distinct (content-free prompt, continuation) pair the multiple-choice tasks need scored for
+    calibration, less those in `exclude` (the real requests: a pair already there is not scored twice).
+    The content-free prompt is shared by a task's items, so this is one pair per distinct option string of
+    a task (two for a yes/no task, whatever its number of items)."""
+    skip = set(exclude)
+    seen: dict[tuple[str, str], None] = {}
+    for t in tasks:
+        if t.kind == "generation":
+            continue
+        for item in t.items:
+            for option in item.continuations():
+                pair = join(item.cf_prompt, option)
+                if pair not in skip:
+                    seen.setdefault(pair, None)
+    return list(seen)
+
+
 def item_key(item: MCItem | GenItem) -> str:
-    """A short hash of what an item shows the model, so compare can check that two runs scored the same item."""
+    """A short hash of what an item shows the model (its prompt, options and, for multiple choice, its
+    content-free prompt), so compare can check that two runs scored the same item."""
     payload = [
         PROMPT_FORMAT_VERSION,
         item.prompt,
         *getattr(item, "options", ()),
         *getattr(item, "mc2_options", ()),
     ]
+    if getattr(item, "cf_prompt", ""):
+        payload.append({"content_free": item.cf_prompt})
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from karma.eval.metrics import CALIBRATED_METRIC as CALIBRATED
 from karma.experiment.config import ExperimentConfig
 
 HELDOUT_FILE = (
@@ -122,7 +123,7 @@ NO_CHANGE = 1e-6  # |Δ| below this counts as "no change", not as a rise or a fa
 ALPHA = 0.05  # a run supports a claim when its Δ points the claimed way *and* its paired test has p < ALPHA
 POWER = 0.80  # the power at which `karma eval compare` states every minimum detectable effect (power.POWER)
 # The largest effect we consider plausible for PPO at these scales on accuracy-like metrics (accuracy, MC1,
-# MC2 probability mass): 5 points. A run whose MDE exceeds it could only have detected implausibly large
+# MC2 and p_correct_cal probability mass): 5 points. A run whose MDE exceeds it could only have detected implausibly large
 # effects, so its "not reproduced" is "underpowered". The cpu preset is sized to an MDE below it.
 PLAUSIBLE_EFFECT = 0.05
 
@@ -204,6 +205,44 @@ def _delta_cell(c: dict[str, Any]) -> str:
     )
 
 
+def _calibrated(table: dict[str, Any] | None) -> bool:
+    """Whether a comparison has the calibrated score (results format 2); format-1 results decide on accuracy."""
+    return bool(table) and any(r["metric"] == CALIBRATED for r in table["rows"])
+
+
+def _measured_note(what: str) -> str:
+    return (
+        f"Measured: {what}, per run Δ = trained − base of `{CALIBRATED}` (probability on the correct option(s) "
+        "after calibration against the task's content-free prompt) on paired items: 95 % paired-bootstrap CI, "
+        f"paired permutation p, n items, MDE at {POWER * 100:g} % power. Accuracy beside it does not decide."
+    )
+
+
+def _legacy_note(what: str) -> str:
+    return (
+        f"(These results have no `{CALIBRATED}` (results format 1, before calibration): {what} decides; re-run "
+        "`karma eval` for the calibrated score.)"
+    )
+
+
+def _calibrated_cell(
+    table: dict[str, Any], row: dict[str, Any], run: str, beside: tuple[str, ...]
+) -> tuple[dict[str, Any], str] | None:
+    """`run`'s calibrated cell in `row` and its text: Δ p_correct_cal [CI] (p, n, MDE), then the `beside`
+    metrics (accuracy, MC1, MC2) of the same row and run."""
+    c = row["models"].get(run)
+    if c is None:
+        return None
+    side = [
+        f"{m} {_delta_cell(b['models'][run])}"
+        for m in beside
+        for b in _rows(table, suite=row["suite"], kind=row["kind"], row=row["row"], metric=m)
+        if run in b["models"]
+    ]
+    text = f"Δ {CALIBRATED} {_delta_cell(c)}" + (f"; beside it: {'; '.join(side)}" if side else "")
+    return c, text
+
+
 def _side_cell(run: str, c: dict[str, Any]) -> str:
     from karma.eval.comparison import fmt_mde
 
@@ -282,43 +321,76 @@ def claims(
     else:  # an evaluation written before pair sets existed
         lines += _claim_one_unpaired(cfg, rm_metrics, overall, metric)
 
-    # 2. Pragmatics up
+    # 2. Pragmatics up: decided on the calibrated probability of the correct option (accuracy beside it)
     lines.append("### 2. Pragmatics improve after KARMA training")
-    prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc")
-    flags, cells = [], []
-    for r in prag:
-        for run in runs:
-            if run in r["models"]:
-                c = r["models"][run]
-                flags.append(_supports(c, +1))
-                cells.append(c)
-                lines.append(f"- `{run}`: Δ pragmatics accuracy (mean over tasks) {_delta_cell(c)}")
-    lines.append(
-        _verdict(flags, "pragmatics accuracy went up", cells) if prag else "No pragmatics suite row to test."
-    )
+    if _calibrated(comparison):
+        prag = _rows(comparison, suite="pragmatics", kind="suite", metric=CALIBRATED)
+        flags, cells = [], []
+        if prag:
+            lines.append(_measured_note(f"{prag[0]['row']}, the unweighted mean of the task means"))
+        for r in prag:
+            for run in runs:
+                got = _calibrated_cell(comparison, r, run, ("acc",))
+                if got:
+                    flags.append(_supports(got[0], +1))
+                    cells.append(got[0])
+                    lines.append(f"- `{run}`: {got[1]}")
+        lines.append(
+            _verdict(flags, "calibrated P(correct) on pragmatics went up", cells)
+            if prag
+            else "No pragmatics suite row to test."
+        )
+    else:
+        prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc")
+        flags, cells = [], []
+        for r in prag:
+            for run in runs:
+                if run in r["models"]:
+                    c = r["models"][run]
+                    flags.append(_supports(c, +1))
+                    cells.append(c)
+                    lines.append(f"- `{run}`: Δ pragmatics accuracy (mean over tasks) {_delta_cell(c)}")
+        if prag:
+            lines += [_verdict(flags, "pragmatics accuracy went up", cells), _legacy_note("accuracy")]
+        else:
+            lines.append("No pragmatics suite row to test.")
     lines.append("")
 
     # 3. Context RM trains better policies
     lines.append("### 3. The text-only `context` RM trains better policies than the `full` RM")
     if {"full", "context"} <= set(cfg.variants):
         flags, cells = [], []
+        legacy = False
         for cond in cfg.conditions:
             h2h = (head_to_head or {}).get(cond)
-            rows = _rows(h2h, suite="pragmatics", kind="suite", metric="acc") if h2h else []
-            c = rows[0]["models"].get(f"context-{cond}") if rows else None
-            if c is None:
-                lines.append(
-                    f"- {cond} prompts: no head-to-head comparison of `context-{cond}` with `full-{cond}`"
-                )
-                continue
-            flags.append(_supports(c, +1))
-            cells.append(c)
-            lines.append(
-                f"- {cond} prompts: pragmatics accuracy, `context-{cond}` − `full-{cond}`: {_delta_cell(c)}"
-            )
-        lines.append(
-            _verdict(flags, "`context` beat `full`", cells) if flags else "Not tested (no head-to-head rows)."
-        )
+            run = f"context-{cond}"
+            if h2h and _calibrated(h2h):
+                rows = _rows(h2h, suite="pragmatics", kind="suite", metric=CALIBRATED)
+                got = _calibrated_cell(h2h, rows[0], run, ("acc",)) if rows else None
+                if got:
+                    flags.append(_supports(got[0], +1))
+                    cells.append(got[0])
+                    lines.append(f"- {cond} prompts: pragmatics, `{run}` − `full-{cond}`: {got[1]}")
+                    continue
+            else:
+                rows = _rows(h2h, suite="pragmatics", kind="suite", metric="acc") if h2h else []
+                c = rows[0]["models"].get(run) if rows else None
+                if c is not None:
+                    legacy = True
+                    flags.append(_supports(c, +1))
+                    cells.append(c)
+                    lines.append(
+                        f"- {cond} prompts: pragmatics accuracy, `{run}` − `full-{cond}`: {_delta_cell(c)}"
+                    )
+                    continue
+            lines.append(f"- {cond} prompts: no head-to-head comparison of `{run}` with `full-{cond}`")
+        if flags:
+            what = "`context` beat `full`" + ("" if legacy else " on calibrated P(correct)")
+            lines.append(_verdict(flags, what, cells))
+            if legacy:
+                lines.append(_legacy_note("accuracy"))
+        else:
+            lines.append("Not tested (no head-to-head rows).")
     else:
         lines.append("Not tested (needs both `full` and `context` variants).")
     lines.append("")
@@ -346,18 +418,38 @@ def claims(
     )
     lines.append("")
 
-    # 5. Factuality down in every condition
+    # 5. Factuality down in every condition: TruthfulQA's calibrated MC2 mass (MC1, MC2 beside it)
     lines.append("### 5. Factuality drops in every condition")
     flags, cells = [], []
-    for metric_name in ("mc1", "mc2"):
-        for r in _rows(comparison, suite="factuality", kind="task", metric=metric_name):
+    if _calibrated(comparison):
+        fact = _rows(comparison, suite="factuality", kind="task", row="truthfulqa_mc", metric=CALIBRATED)
+        if fact:
+            lines.append(_measured_note("TruthfulQA (MC2's options and true answers)"))
+        for r in fact:
             for run in runs:
-                if run in r["models"]:
-                    c = r["models"][run]
-                    flags.append(_supports(c, -1))
-                    cells.append(c)
-                    lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
-    lines.append(_verdict(flags, "TruthfulQA went down", cells) if flags else "No TruthfulQA rows to test.")
+                got = _calibrated_cell(comparison, r, run, ("mc1", "mc2"))
+                if got:
+                    flags.append(_supports(got[0], -1))
+                    cells.append(got[0])
+                    lines.append(f"- `{run}` {r['row']}: {got[1]}")
+        lines.append(
+            _verdict(flags, "calibrated P(true) on TruthfulQA went down", cells)
+            if flags
+            else "No TruthfulQA rows to test."
+        )
+    else:
+        for metric_name in ("mc1", "mc2"):
+            for r in _rows(comparison, suite="factuality", kind="task", metric=metric_name):
+                for run in runs:
+                    if run in r["models"]:
+                        c = r["models"][run]
+                        flags.append(_supports(c, -1))
+                        cells.append(c)
+                        lines.append(f"- `{run}` {r['row']} {metric_name}: {_delta_cell(c)}")
+        if flags:
+            lines += [_verdict(flags, "TruthfulQA went down", cells), _legacy_note("MC1 and MC2")]
+        else:
+            lines.append("No TruthfulQA rows to test.")
     lines.append("")
     for name in cfg.composed:
         lines += _claim_composed(cfg, name, runs, comparison, (composed or {}).get(name) or {})
@@ -369,43 +461,62 @@ def _claim_composed(
 ) -> list[str]:
     """Claim 6 (beyond the paper): does the composed reward keep the pragmatics gains while factuality falls
     less? (a) its policies' pragmatics against the base model; (b) its policies against the policies of the
-    variant it builds on, head to head on the same items: pragmatics (no worse) and TruthfulQA (higher)."""
+    variant it builds on, head to head on the same items: pragmatics (no worse) and TruthfulQA (higher).
+    Decided on `p_correct_cal` (accuracy, MC1, MC2 beside it); on accuracy, MC1 and MC2 for format-1 results."""
     base = cfg.composed_base(name)
     title = f"Composed reward `{name}` = {cfg.composed[name].describe()}"
     lines = [f"### 6. {title}: pragmatics kept, factuality falling less than with `{base}`?"]
-    prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc")
+    legacy = not _calibrated(comparison)
+    prag = _rows(comparison, suite="pragmatics", kind="suite", metric="acc" if legacy else CALIBRATED)
     flags, cells = [], []
     for r in prag:
         for run in runs:
             if run.startswith(f"{name}-") and run in r["models"]:
-                c = r["models"][run]
+                if legacy:
+                    c, text = r["models"][run], f"Δ pragmatics accuracy {_delta_cell(r['models'][run])}"
+                else:
+                    c, text = _calibrated_cell(comparison, r, run, ("acc",))  # type: ignore[misc]
                 flags.append(_supports(c, +1))
                 cells.append(c)
-                lines.append(f"- `{run}` vs base: Δ pragmatics accuracy {_delta_cell(c)}")
-    lines.append(
-        "(a) " + (_verdict(flags, "pragmatics went up", cells) if flags else "No pragmatics rows to test.")
-    )
+                lines.append(f"- `{run}` vs base: {text}")
+    what = "pragmatics went up" if legacy else "calibrated P(correct) on pragmatics went up"
+    lines.append("(a) " + (_verdict(flags, what, cells) if flags else "No pragmatics rows to test."))
     prag_flags, prag_cells, fact_flags, fact_cells = [], [], [], []
+    h2h_legacy = False
     for cond in cfg.conditions:
         table, run = h2h.get(cond), f"{name}-{cond}"
         if not table:
             lines.append(f"- {cond} prompts: no head-to-head comparison of `{run}` with `{base}-{cond}`")
             continue
+        vs = f"`{run}` − `{base}-{cond}`"
+        if _calibrated(table):
+            for r in _rows(table, suite="pragmatics", kind="suite", metric=CALIBRATED):
+                got = _calibrated_cell(table, r, run, ("acc",))
+                if got:
+                    prag_flags.append(_supports(got[0], -1))  # a significant fall would lose the gains
+                    prag_cells.append(got[0])
+                    lines.append(f"- {cond} prompts: pragmatics, {vs}: {got[1]}")
+            for r in _rows(table, suite="factuality", kind="task", row="truthfulqa_mc", metric=CALIBRATED):
+                got = _calibrated_cell(table, r, run, ("mc1", "mc2"))
+                if got:
+                    fact_flags.append(_supports(got[0], +1))
+                    fact_cells.append(got[0])
+                    lines.append(f"- {cond} prompts: {r['row']}, {vs}: {got[1]}")
+            continue
+        h2h_legacy = True
         for r in _rows(table, suite="pragmatics", kind="suite", metric="acc"):
             if run in r["models"]:
                 c = r["models"][run]
-                prag_flags.append(_supports(c, -1))  # a significant fall would lose the gains
+                prag_flags.append(_supports(c, -1))
                 prag_cells.append(c)
-                lines.append(f"- {cond} prompts: pragmatics, `{run}` − `{base}-{cond}`: {_delta_cell(c)}")
+                lines.append(f"- {cond} prompts: pragmatics, {vs}: {_delta_cell(c)}")
         for metric_name in ("mc1", "mc2"):
             for r in _rows(table, suite="factuality", kind="task", metric=metric_name):
                 if run in r["models"]:
                     c = r["models"][run]
                     fact_flags.append(_supports(c, +1))
                     fact_cells.append(c)
-                    lines.append(
-                        f"- {cond} prompts: {r['row']} {metric_name}, `{run}` − `{base}-{cond}`: {_delta_cell(c)}"
-                    )
+                    lines.append(f"- {cond} prompts: {r['row']} {metric_name}, {vs}: {_delta_cell(c)}")
     if prag_flags:
         lost = sum(d and s for d, s in prag_flags)
         lines.append(
@@ -418,14 +529,12 @@ def _claim_composed(
         )
     else:
         lines.append(f"(b) pragmatics against `{base}`: no pragmatics suite row to compare (needs 2+ tasks).")
+    what = f"TruthfulQA higher than with `{base}`" + ("" if h2h_legacy else " (calibrated P(true))")
     lines.append(
-        "(c) "
-        + (
-            _verdict(fact_flags, f"TruthfulQA higher than with `{base}`", fact_cells)
-            if fact_flags
-            else "No TruthfulQA rows to test."
-        )
+        "(c) " + (_verdict(fact_flags, what, fact_cells) if fact_flags else "No TruthfulQA rows to test.")
     )
+    if legacy or h2h_legacy:
+        lines.append(_legacy_note("accuracy (MC1 and MC2 for TruthfulQA)"))
     lines.append("")
     return lines
 
@@ -465,6 +574,11 @@ def write_report(
         (
             f"A run supports a claim only where its Δ points the claimed way *and* the paired test has p < {ALPHA:g} "
             "(exact McNemar for 0/1 scores, paired permutation otherwise; items paired by id). "
+            f"The multiple-choice claims (2, 3, 5, 6) decide on `{CALIBRATED}`, the probability the policy puts on "
+            "the correct option(s) after calibration against each task's content-free prompt: continuous, so "
+            "it sees the small shifts that flip no answer, and a change in the policy's preference for an option "
+            "string regardless of the question (a label prior) cancels out of it; accuracy (MC1, MC2) is shown "
+            "beside it. "
             "95 % CIs are paired bootstrap. Beside each verdict: n and the minimum detectable effect (MDE) — the "
             f"smallest true |Δ| its test would have found with {POWER * 100:g} % power (two-sided α = {ALPHA:g}); "
             "exact McNemar at the observed discordance for 0/1 scores, paired t for continuous ones, a normal "
