@@ -148,11 +148,15 @@ class ExperimentConfig(BaseModel):
         return "context" if "context" in self.variants else self.variants[0]
 
     def serve_flags(self) -> list[str]:
-        """`serve:` as `karma serve` flags (the generated ones: `chat_templates` -> `--chat-template`)."""
+        """`serve:` as `karma serve` flags (the generated ones: `chat_templates` -> `--chat-template`). Without
+        `torch_threads` the service gets `karma.threads.service_threads()`: it runs beside the trainer."""
+        from karma.threads import service_threads
         from services.reward_api.core.config import Settings
 
         by_name = {opt.name: opt for opt in options(Settings)}
         flags: list[str] = []
+        if "torch_threads" not in self.serve:
+            flags += [by_name["torch_threads"].flag, str(service_threads())]
         for key, value in self.serve.items():
             if key == "port":
                 continue

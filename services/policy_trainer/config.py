@@ -237,7 +237,12 @@ class RunConfig(_Section):
     report_to: list[Literal["jsonl", "tensorboard"]] = Field(
         default_factory=lambda: ["jsonl", "tensorboard"], description="metric sinks"
     )
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (unset: torch's)")
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads (unset: the usable cores, divided among the data-parallel ranks on "
+        "one CPU machine; see karma/threads.py)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where the policy trains: auto = the rank's GPU when CUDA is available (and accelerate was "

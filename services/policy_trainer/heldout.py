@@ -1,9 +1,14 @@
 """Held-out reward of the base vs the trained policy, measured at the end of every completed run.
 
-`evaluate_heldout(trainer)` generates replies to the run's held-out prompts (never training prompts: see
-`prompts.load_prompt_sets`) with the reference (base) policy and with the trained policy — same engine
-(transformers `generate`), same batches, same sampling seed — scores both through the run's own reward
-source (the reward service over HTTP in a normal run), and writes `heldout_reward.json`:
+The replies come from the run's own rollout engine (vLLM where the run uses it, else transformers
+`generate`), in batches of `eval.heldout_batch_size` with a progress line per batch, row-seeded (prompt i is
+sampled with the same seed for both policies): the base replies before the first update
+(`prepare_base_replies`, kept in `heldout_base.json` so a resumed run reuses them), the trained ones after
+the last. Where the base replies are not there (a run resumed from a checkpoint written before this file
+existed, or several ranks, where the other ranks must not wait for rank 0's generation), both come from
+transformers `generate` with the reference and the trained module at the end, as before.
+`evaluate_heldout(trainer)` then scores both through the run's own reward source (the reward service over
+HTTP in a normal run) and writes `heldout_reward.json`:
 
     {"n", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p", "test", "mde",
      "kl_mean", "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words"}
@@ -16,6 +21,7 @@ detectable mean difference of a paired test). Scores are the reward source's (no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "heldout_reward.json"
+BASE_FILE = "heldout_base.json"  # the base policy's held-out replies, generated before the first update
 N_BOOT = 2000
 N_PERM = 10000
 KEYS = (
@@ -128,15 +135,20 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    with policy.reference_lm() as ref_lm:
-        base = generate(ref_lm)
-    trained = generate(policy.lm)
+    base = getattr(trainer, "heldout_base", None)
+    if base is not None and trainer.engine is not None:  # base replies from before the first update
+        trained = engine_replies(trainer, "trained")
+    else:
+        with policy.reference_lm() as ref_lm:
+            base = generate(ref_lm)
+        trained = generate(policy.lm)
     seconds["generate"] = time.perf_counter() - t
 
     # sequence KL(trained || base) on the trained replies, k1 summed over tokens, at the sampling temperature
     kl_temp = temperature if temperature > 0 else 1.0
     t = time.perf_counter()
     kls: list[float] = []
+    progress = Progress("held-out KL(trained || base)", len(prompts), "replies")
     with torch.no_grad():
         for s in range(0, len(prompts), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
             chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(prompts)))
@@ -149,6 +161,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
             new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
             ref = policy.forward_responses(*args, reference=True).logprobs
             kls += ((new - ref) * packed.response_mask.to(new.device)).sum(1).tolist()
+            progress.update(len(chunk))
     seconds["kl"] = time.perf_counter() - t
 
     texts = {
@@ -210,19 +223,117 @@ def generate_replies(
     batch_size: int,
     seed: int,
 ) -> list[Generation]:
-    """Replies of a causal LM (transformers `generate`, batches of `batch_size`, batch k seeded with
-    seed * 7919 + k): the base and the trained policy get the same batches and seeds."""
+    """Replies of a causal LM (transformers `generate`): `batched_replies` of an `HFEngine` on it."""
     from services.policy_trainer.engines import HFEngine
 
     engine = HFEngine(types.SimpleNamespace(lm=lm), tokenizer, eos_ids)
+    return batched_replies(
+        engine,
+        prompt_ids,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+def batched_replies(
+    engine,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> list[Generation]:
+    """Replies of a rollout engine in batches of `batch_size`, prompt i sampled with the row seed (seed, i)
+    (`engines.row_seed`), so two policies given the same prompts and settings get the same batches and seeds."""
     gens: list[Generation] = []
-    for k, s in enumerate(range(0, len(prompt_ids), batch_size)):
-        gens += engine.generate(
-            [list(p) for p in prompt_ids[s : s + batch_size]],
-            seed=seed * 7_919 + k,
+    for s in range(0, len(prompt_ids), batch_size):
+        rows = list(range(s, min(s + batch_size, len(prompt_ids))))
+        out = engine.generate(
+            [list(prompt_ids[i]) for i in rows],
+            seed=seed,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            row_ids=rows,
         )
+        gens += [dataclasses.replace(g, index=rows[g.index]) for g in out]
+        if progress is not None:
+            progress.update(len(rows))
+    return gens
+
+
+class Progress:
+    """A log line when a long loop starts, then at most every `every_s` seconds and at its end."""
+
+    def __init__(self, what: str, total: int, unit: str, every_s: float = 10.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+        log.info("%s: %d %s ...", what, total, unit)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %d/%d %s (%.0f s)", self.what, self.done, self.total, self.unit, now - self.start)
+
+
+def engine_replies(trainer: Trainer, which: str) -> list[Generation]:
+    """The held-out replies of the policy the rollout engine holds now, in batches of
+    `eval.heldout_batch_size`, prompt i seeded by (heldout_seed, i) whatever the batch."""
+    cfg, ev = trainer.cfg, trainer.cfg.eval
+    temperature = cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature
+    max_new = ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens
+    ids = [trainer.heldout[i].prompt_ids for i in range(len(trainer.heldout))]
+    progress = Progress(
+        f"held-out replies of the {which} policy ({trainer.engine.name})", len(ids), "prompts"
+    )
+    return batched_replies(
+        trainer.engine,
+        ids,
+        temperature=temperature,
+        max_new_tokens=max_new,
+        batch_size=ev.heldout_batch_size,
+        seed=ev.heldout_seed,
+        progress=progress,
+    )
+
+
+def _base_settings(trainer: Trainer) -> dict[str, Any]:
+    cfg, ev = trainer.cfg, trainer.cfg.eval
+    return {
+        "n": len(trainer.heldout),
+        "seed": ev.heldout_seed,
+        "temperature": cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature,
+        "max_new_tokens": ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens,
+        "prompt_ids": [list(trainer.heldout[i].prompt_ids) for i in range(len(trainer.heldout))],
+    }
+
+
+def prepare_base_replies(trainer: Trainer) -> list[Generation] | None:
+    """The base policy's held-out replies: read from `heldout_base.json` when it holds them for the same
+    prompts and settings, else generated now by the rollout engine when no update has happened yet (step 0),
+    and saved; None otherwise (the end of the run then generates them from the reference module)."""
+    from services.policy_trainer.engines import Generation
+
+    path = trainer.out / BASE_FILE
+    settings = _base_settings(trainer)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in settings} == settings:
+            return [Generation(i, r["ids"], r["eos"]) for i, r in enumerate(saved["replies"])]
+        log.warning("%s was written for other held-out prompts or settings: not used", path)
+    if trainer.step != 0:
+        return None
+    gens = engine_replies(trainer, "base")
+    replies = [{"ids": g.response_ids, "eos": g.ended_with_eos} for g in gens]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings | {"engine": trainer.engine.name, "replies": replies}))
+    tmp.replace(path)
     return gens
 
 

@@ -29,6 +29,7 @@ transformers' `get_scheduler` (its state is checkpointed), seeding `transformers
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 
+from karma.threads import set_torch_threads
 from services.policy_trainer import ppo_math as pm
 from services.policy_trainer.build import (
     build_reward_source,
@@ -157,7 +159,13 @@ class Trainer:
         cfg, p, d = self.cfg, self.cfg.ppo, self.dist
         check_batch_sizes(p.batch_size, p.mini_batch_size, p.micro_batch_size, d.world_size)
         d.start()  # the process group (several ranks)
-        if cfg.run.torch_threads:
+        if d.device.type == "cpu":  # before vLLM starts: it makes torch.set_num_threads a no-op after
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+            threads = set_torch_threads(cfg.run.torch_threads, processes=local)
+            log.info(
+                "torch threads: %d (%s)", threads, "run.torch_threads" if cfg.run.torch_threads else "auto"
+            )
+        elif cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
         self.policy_path = resolve_policy(cfg.model.policy)
         check_policy_path(self.policy_path)
@@ -174,6 +182,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
         self.engine: RolloutEngine | None = None
+        self.heldout_base = None  # the base policy's held-out replies (heldout.prepare_base_replies)
         if cfg.engine == "vllm":  # vLLM seeds the global RNGs when it starts: start it first, seed after
             self.engine = start_vllm(cfg, self.policy_path, self.eos_ids)
         set_seed(cfg.run.seed % 2**32)  # Python, NumPy (needs 0 <= seed < 2**32) and torch
@@ -205,6 +214,10 @@ class Trainer:
         self.setup()
         main = self.dist.is_main
         try:
+            if main and len(self.heldout) and self.dist.world_size == 1:
+                from services.policy_trainer.heldout import prepare_base_replies
+
+                self.heldout_base = prepare_base_replies(self)  # before the first update
             status = self._run_steps()
             if status == "completed":
                 saved = self.dist.gather_objects(self.checkpoints.exists(self.step), "the final checkpoint")

@@ -1,0 +1,81 @@
+"""Wall time and peak memory of a whole process tree: the figure the README's demo claims are measured with.
+
+    .venv/bin/python benchmarks/measure_run.py --out runs/demo-measure.json -- \
+        .venv/bin/karma demo --data ../shared/data/reddit/college_2011_2022 --out runs/demo
+
+Every `--interval` seconds it sums the resident set size (RSS) of the command and all its descendants (the
+reward service, vLLM workers, compile workers, eval processes) and keeps the peak of that sum, the peak of any
+one process, and a timeline. The RSS sum counts pages shared between processes (the torch libraries mapped
+by each) once per process: it is an upper bound of the tree's memory, i.e. what `/usr/bin/time -v` cannot
+show (its "Maximum resident set size" is that of the largest single process). The load average before and
+after is printed so a reader can tell an idle run from a loaded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
+    """(sum of RSS over the process and its descendants, largest single RSS, number of processes)."""
+    total, largest, n = 0, 0, 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0, 0
+    for p in procs:
+        try:
+            rss = p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total, largest, n = total + rss, max(largest, rss), n + 1
+    return total, largest, n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    ap.add_argument("--out", type=Path, help="write the figures and the timeline here (JSON)")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
+    args = ap.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command after --")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd)
+    proc = psutil.Process(child.pid)
+    peak_total, peak_single, timeline = 0, 0, []
+    while child.poll() is None:
+        total, largest, n = tree_rss(proc)
+        peak_total, peak_single = max(peak_total, total), max(peak_single, largest)
+        timeline.append((round(time.perf_counter() - t0, 1), round(total / 2**20), n))
+        time.sleep(args.interval)
+    wall = time.perf_counter() - t0
+    result = {
+        "cmd": cmd,
+        "returncode": child.returncode,
+        "wall_s": round(wall, 1),
+        "peak_tree_rss_mib": round(peak_total / 2**20),
+        "peak_single_rss_mib": round(peak_single / 2**20),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "cores": len(os.sched_getaffinity(0)),
+    }
+    print(json.dumps(result), file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result | {"timeline_s_mib_procs": timeline}, indent=1))
+    return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
