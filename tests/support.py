@@ -26,6 +26,8 @@ from karma.net import free_port, wait_http_ok
 from karma.paths import shared_data_dir
 
 __all__ = [
+    "SCORE_TOL_F64",
+    "float64_settings",
     "make_tiny_causal_lm",
     "make_tiny_rm",
     "reddit_items",
@@ -68,6 +70,38 @@ def make_tiny_rm(
     rm = new_reward_model(str(backbone), variant, max_length=max_length, **config)
     rm.save(path)
     return path
+
+
+#: Bound on |a - b| for two float64 scorings of the same item by the same tiny RM (`make_tiny_rm`) in any two
+#: batch compositions: served vs offline, alone vs batched across requests, before vs after the cache.
+#: What differs is the batch an item is in, hence the padded length and the GEMM shapes, hence the order in which
+#: the kernels sum (padded keys add exact zeros to the softmax). The longest reduction in the tiny BERT is 64
+#: terms (the FFN down-projection; attention over at most max_length = 64 keys); each sum in another order stays
+#: within 64 u |terms| of the exact one. The large random weights (initializer_range 0.5) then amplify: the same
+#: items alone and batched differed by up to 2.6e-5 in float32 (unit roundoff u = 2^-24 = 6.0e-8: ~430 u, on
+#: scores of magnitude <= 3, |score| <= sum |classifier weights| ~ 12 after the tanh pooler) -- the 1e-5 and
+#: 1e-4 the tests had were no bound there. In float64 (u = 2^-53 = 1.1e-16) the same arithmetic gave <= 3.4e-14
+#: (~300 u). SCORE_TOL_F64 = 1e-10 is 9e5 u: it holds on any IEEE-754 CPU (x86-64 or ARM; every kernel rounds
+#: in float64 to within a few u per operation, and the amplification is a property of the weights, ~300 u, not
+#: of the CPU), while a real bug -- another item's score, a missed or doubled normalisation ((s - 0.25) / 2), a
+#: dropped metadata header, another truncation -- moves a score by the order of the gap between two items'
+#: scores: 2e-3 or more between the items of these tests (measured; the scores spread over ~4), seven orders of
+#: magnitude above it.
+SCORE_TOL_F64 = 1e-10
+
+
+def float64_settings(**settings):
+    """`Settings(**settings)`, validated as given, serving its models in float64.
+
+    `karma serve` offers auto / float32 / bfloat16 / float16 (`Settings.dtype`); the engine below it takes
+    any dtype (`ModelRegistry(dtype=...)` -> `RewardModel.load(dtype=...)`), so the tests that compare served
+    scores with offline ones across batch compositions serve in float64 -- everything else as configured --
+    and compare with `RewardModel.load(path, dtype="float64")` within `SCORE_TOL_F64` (JSON carries a float64
+    exactly: Python writes the shortest repr that reads back to the same double).
+    """
+    from services.reward_api.core.config import Settings
+
+    return Settings(**settings).model_copy(update={"dtype": "float64"})
 
 
 def tiny_backbone(path: str | Path, *, hidden: int = 32, layers: int = 2) -> Path:

@@ -31,7 +31,7 @@ from karma import chat
 from karma.rm.model import RewardModel, RMInput
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from tests.support import make_tiny_rm, serve_in_thread
+from tests.support import SCORE_TOL_F64, float64_settings, make_tiny_rm, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,17 +89,19 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rm_a(root) -> RewardModel:
-    return RewardModel.load(root / "a")
+    return RewardModel.load(root / "a", dtype="float64")
 
 
 @pytest.fixture(scope="module")
 def rm_b(root) -> RewardModel:
-    return RewardModel.load(root / "b")
+    return RewardModel.load(root / "b", dtype="float64")
 
 
+# Served and offline scores are both float64 and agree within SCORE_TOL_F64 (tests/support.py says why): items
+# reach the model in other batches on the two sides.
 def open_client(root: Path, **overrides) -> TestClient:
     settings = {"models": {"a": str(root / "a"), "b": str(root / "b")}, **overrides}
-    client = TestClient(create_app(Settings(**settings)))
+    client = TestClient(create_app(float64_settings(**settings)))
     client.__enter__()
     deadline = time.monotonic() + 120
     while client.get("/ready").status_code != 200:
@@ -192,19 +194,19 @@ def test_template_from_a_tokenizer_folder_and_bad_settings(root, tmp_path):
 def test_templated_queries_score_as_their_clean_text(client, rm_a, name):
     prompt, reply = TEMPLATED[name]
     clean = clean_score(client, CLEAN_CONTEXT, REPLY)
-    assert clean == pytest.approx(rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)])[0], abs=1e-5)
+    assert clean == pytest.approx(rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)])[0], abs=SCORE_TOL_F64)
     body = openrlhf_post(client, "/get_reward", prompt + reply, prompt)
-    assert body["rewards"] == pytest.approx([clean], abs=1e-5)
+    assert body["rewards"] == pytest.approx([clean], abs=SCORE_TOL_F64)
     assert body["extra_logs"]["karma_chat_markup"] == [1.0]
     assert body["extra_logs"]["karma_prompt_mismatch"] == [0.0]
     without_prompts = client.post("/get_reward", json={"query": [prompt + reply]}).json()
-    assert without_prompts["rewards"] == pytest.approx([clean], abs=1e-5)
+    assert without_prompts["rewards"] == pytest.approx([clean], abs=SCORE_TOL_F64)
     # a prompt the query does not start with: flagged, and the query is split at its last assistant turn
     odd = openrlhf_post(client, "/get_reward", prompt + reply, "a prompt decoded differently")
     assert odd["extra_logs"]["karma_prompt_mismatch"] == [1.0]
-    assert odd["rewards"] == pytest.approx([clean], abs=1e-5)
+    assert odd["rewards"] == pytest.approx([clean], abs=SCORE_TOL_F64)
     raw = client.post("/classify", json={"input": prompt + reply, "use_activation": False}).json()
-    assert raw["data"][-1]["probs"][-1] == pytest.approx(clean, abs=1e-5)
+    assert raw["data"][-1]["probs"][-1] == pytest.approx(clean, abs=SCORE_TOL_F64)
 
 
 def test_chat_template_setting_per_model(root, rm_a):
@@ -213,7 +215,7 @@ def test_chat_template_setting_per_model(root, rm_a):
     try:
         # "none": scored as the text it is, markup included — a different score
         body = openrlhf_post(c, "/get_reward", prompt + reply, prompt)
-        assert body["rewards"] == pytest.approx(rm_a.score([RMInput(prompt, reply)]), abs=1e-5)
+        assert body["rewards"] == pytest.approx(rm_a.score([RMInput(prompt, reply)]), abs=SCORE_TOL_F64)
         assert abs(body["rewards"][0] - clean_score(c, CLEAN_CONTEXT, REPLY)) > 1e-4
         assert body["extra_logs"]["karma_chat_markup"] == [0.0]
         # b reads Llama 3 only: the ChatML markup is not read off
@@ -250,16 +252,16 @@ def test_metadata_in_labels_reaches_the_full_variant(client, rm_b):
     assert metadata_header(meta).startswith("[r/college | depth 1 | 2.0h after post")  # not "[r/? | depth ?"
     with_meta = openrlhf_post(client, "/models/b/get_reward", prompt + reply, prompt, {"metadata": meta})
     expected = rm_b.score([RMInput(CLEAN_CONTEXT, REPLY, meta)])
-    assert with_meta["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert with_meta["rewards"] == pytest.approx(expected, abs=SCORE_TOL_F64)
     assert with_meta["rewards"][0] == pytest.approx(
-        clean_score(client, CLEAN_CONTEXT, REPLY, "/models/b/v1/score", metadata=meta), abs=1e-5
+        clean_score(client, CLEAN_CONTEXT, REPLY, "/models/b/v1/score", metadata=meta), abs=SCORE_TOL_F64
     )
     as_string = openrlhf_post(
         client, "/models/b/get_reward", prompt + reply, prompt, json.dumps({"metadata": meta})
     )
     assert as_string["rewards"] == with_meta["rewards"]
     bare = openrlhf_post(client, "/models/b/get_reward", prompt + reply, prompt, {"answer": "x"})
-    assert bare["rewards"] == pytest.approx(rm_b.score([RMInput(CLEAN_CONTEXT, REPLY)]), abs=1e-5)
+    assert bare["rewards"] == pytest.approx(rm_b.score([RMInput(CLEAN_CONTEXT, REPLY)]), abs=SCORE_TOL_F64)
     assert abs(bare["rewards"][0] - with_meta["rewards"][0]) > 1e-4  # the header changed the score
     resp = client.post(
         "/models/b/get_reward", json={"query": ["x"], "labels": [{"metadata": {"depth": "1"}}]}
@@ -279,23 +281,25 @@ def test_normalized_by_default_for_chosen_models(root, client):
     c = open_client(root, normalize_models=["a"])
     try:
         body = openrlhf_post(c, "/get_reward", query, prompt)
-        assert body["rewards"] == pytest.approx([(raw_a - 0.25) / 2.0], abs=1e-6)
+        assert body["rewards"] == pytest.approx([(raw_a - 0.25) / 2.0], abs=SCORE_TOL_F64)
         assert body["scores"] == pytest.approx([1 / (1 + math.exp(-body["rewards"][0]))])
         explicit = c.post("/get_reward", json={"query": [query], "prompts": [prompt], "normalize": False})
-        assert explicit.json()["rewards"] == pytest.approx([raw_a], abs=1e-6)
-        assert openrlhf_post(c, "/models/b/get_reward", query, prompt)["rewards"] == pytest.approx([raw_b])
+        assert explicit.json()["rewards"] == pytest.approx([raw_a], abs=SCORE_TOL_F64)
+        assert openrlhf_post(c, "/models/b/get_reward", query, prompt)["rewards"] == pytest.approx(
+            [raw_b], abs=SCORE_TOL_F64
+        )
         out = c.post("/classify", json={"input": "Rayleigh.", "use_activation": False}).json()
         assert out["data"][0]["probs"][0] == pytest.approx(
-            (classify_raw["data"][0]["probs"][0] - 0.25) / 2.0, abs=1e-6
+            (classify_raw["data"][0]["probs"][0] - 0.25) / 2.0, abs=SCORE_TOL_F64
         )
         item = {"context": prompt, "response": " Rayleigh."}
         raw_score = client.post("/v1/score", json={"items": [item]}).json()["scores"][0]
         assert c.post("/v1/score", json={"items": [item]}).json()["scores"] == pytest.approx(
-            [(raw_score - 0.25) / 2.0], abs=1e-6
+            [(raw_score - 0.25) / 2.0], abs=SCORE_TOL_F64
         )
         assert c.post("/v1/score", json={"items": [item], "normalize": False}).json()[
             "scores"
-        ] == pytest.approx([raw_score], abs=1e-6)
+        ] == pytest.approx([raw_score], abs=SCORE_TOL_F64)
     finally:
         c.__exit__(None, None, None)
     s = Settings(models={"a": str(root / "a"), "b": str(root / "b")}, normalize_models="b, a")
@@ -339,8 +343,12 @@ def test_rm_folders_carry_a_chat_template_that_classify_reads_back(root, client)
     text = tok.apply_chat_template(messages, tokenize=False)  # what verl's reward-model path renders
     out = client.post("/classify", json={"model": "a", "input": text, "use_activation": False}).json()
     by_messages = client.post("/classify", json={"messages": messages, "use_activation": False}).json()
-    assert out["data"][-1]["probs"][-1] == pytest.approx(by_messages["data"][-1]["probs"][-1], abs=1e-5)
-    assert out["data"][-1]["probs"][-1] == pytest.approx(clean_score(client, CLEAN_CONTEXT, REPLY), abs=1e-5)
+    assert out["data"][-1]["probs"][-1] == pytest.approx(
+        by_messages["data"][-1]["probs"][-1], abs=SCORE_TOL_F64
+    )
+    assert out["data"][-1]["probs"][-1] == pytest.approx(
+        clean_score(client, CLEAN_CONTEXT, REPLY), abs=SCORE_TOL_F64
+    )
 
 
 # --------------------------------------------------------------------------------------------- verl
@@ -396,7 +404,7 @@ VERL_ROWS = [  # (extra_info, solution_str, expected (context, response, metadat
 
 @pytest.fixture(scope="module")
 def loopback(root):
-    app = create_app(Settings(models={"a": str(root / "a"), "b": str(root / "b")}))
+    app = create_app(float64_settings(models={"a": str(root / "a"), "b": str(root / "b")}))
     with serve_in_thread(app) as url:
         yield url
 
@@ -418,7 +426,7 @@ def test_verl_reward_function_as_verl_calls_it(loopback, rm_a, rm_b, monkeypatch
         )
 
     got = asyncio.run(rollouts())
-    assert [s for s, _ in got] == pytest.approx(want, abs=1e-4)  # batched together: 1e-4, as the engine tests
+    assert [s for s, _ in got] == pytest.approx(want, abs=SCORE_TOL_F64)  # batched together, in float64
     assert got[0][1] == {"score": got[0][0], "karma_truncated": 0.0}
     # reward_kwargs (the config) win over the environment: the full model, with metadata from extra_info
     meta = {"subreddit": "college", "depth": 2}
@@ -427,10 +435,12 @@ def test_verl_reward_function_as_verl_calls_it(loopback, rm_a, rm_b, monkeypatch
     score, _ = asyncio.run(
         verl_run_single(fn_b, "reddit", REPLY, None, {"prompt": CLEAN_CONTEXT, "metadata": meta})
     )
-    assert score == pytest.approx(rm_b.score([RMInput(CLEAN_CONTEXT, REPLY, meta)])[0], abs=1e-5)
+    assert score == pytest.approx(rm_b.score([RMInput(CLEAN_CONTEXT, REPLY, meta)])[0], abs=SCORE_TOL_F64)
     normalized = verl.compute_score(solution_str=REPLY, extra_info={}, url=loopback, normalize="true")
-    # the item was scored (batched) above, so the service's score cache answers: batch tolerance, 1e-4
-    assert normalized["score"] == pytest.approx((rm_a.score([RMInput("", REPLY)])[0] - 0.25) / 2.0, abs=1e-4)
+    # the item was scored (batched) above, so the service's score cache answers: scored in another batch
+    assert normalized["score"] == pytest.approx(
+        (rm_a.score([RMInput("", REPLY)])[0] - 0.25) / 2.0, abs=SCORE_TOL_F64
+    )
     verl.close()
 
 
@@ -481,7 +491,7 @@ def test_readme_and_docs_verl_snippets(loopback, rm_a):
         kwargs = {**kwargs, "url": loopback, "model": "a"}  # the served test models
         fn = verl_custom_reward_fn(cfg[prefix + "path"], cfg[prefix + "name"], kwargs)
         score, _ = asyncio.run(verl_run_single(fn, "reddit", REPLY, "", {"prompt": CLEAN_CONTEXT}))
-        assert score == pytest.approx(rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)])[0], abs=1e-5)
+        assert score == pytest.approx(rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)])[0], abs=SCORE_TOL_F64)
     verl.close()
     # the dataset row of the docs: extra_info as written there is what score_item reads
     (row_block,) = [b for b in _blocks(docs, "python") if "extra_info" in b]
@@ -517,4 +527,6 @@ def test_readme_serve_and_openrlhf_snippets(root, loopback, rm_a, monkeypatch, t
     prompt, reply = TEMPLATED["chatml"]
     body = httpx.post(url, json={"query": [prompt + reply], "prompts": [prompt], "labels": [""]}, timeout=180)
     body.raise_for_status()
-    assert body.json()["rewards"] == pytest.approx(rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)]), abs=1e-5)
+    assert body.json()["rewards"] == pytest.approx(
+        rm_a.score([RMInput(CLEAN_CONTEXT, REPLY)]), abs=SCORE_TOL_F64
+    )

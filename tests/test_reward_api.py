@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from karma.rm.model import RewardModel, RMInput
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from tests.support import make_tiny_rm
+from tests.support import SCORE_TOL_F64, float64_settings, make_tiny_rm
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 ITEMS = [
@@ -50,7 +50,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rm_a(root) -> RewardModel:
-    return RewardModel.load(root / "a")
+    return RewardModel.load(root / "a", dtype="float64")
 
 
 def wait_ready(client: TestClient, timeout: float = 120) -> None:
@@ -60,6 +60,8 @@ def wait_ready(client: TestClient, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+# Served and offline scores are both float64 and agree within SCORE_TOL_F64 (tests/support.py says why): the
+# service batches by length and padding (and across requests), `RewardModel.score` in sorted runs of 32.
 def open_client(root: Path, **overrides) -> TestClient:
     settings = {
         "models": {"a": str(root / "a"), "b": str(root / "b")},
@@ -70,7 +72,7 @@ def open_client(root: Path, **overrides) -> TestClient:
         "max_body_bytes": 20_000,
         **overrides,
     }
-    return TestClient(create_app(Settings(**settings)))
+    return TestClient(create_app(float64_settings(**settings)))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_scores_equal_the_in_process_model(client, rm_a):
     body = resp.json()
     expected = rm_a.score(rm_inputs(ITEMS))
     assert body["model"] == "a" and body["version"] == rm_a.version and len(rm_a.version) == 12
-    assert body["scores"] == pytest.approx(expected, abs=1e-5)
+    assert body["scores"] == pytest.approx(expected, abs=SCORE_TOL_F64)
     assert body["truncated"] == [False, False, False, True]
     assert max(expected) - min(expected) > 1e-2
 
@@ -104,21 +106,21 @@ def test_scores_equal_the_in_process_model(client, rm_a):
 def test_normalize_uses_the_saved_mean_and_std(client, rm_a):
     raw = client.post("/v1/score", json={"items": ITEMS}).json()["scores"]
     norm = client.post("/v1/score", json={"items": ITEMS, "normalize": True}).json()["scores"]
-    assert norm == pytest.approx([(s - 0.25) / 2.0 for s in raw], abs=1e-6)
+    assert norm == pytest.approx([(s - 0.25) / 2.0 for s in raw], abs=SCORE_TOL_F64)
 
 
 def test_same_score_whatever_the_batch(client):
     alone = [client.post("/v1/score", json={"items": [it]}).json()["scores"][0] for it in ITEMS]
     together = client.post("/v1/score", json={"items": ITEMS[::-1]}).json()["scores"][::-1]
-    assert together == pytest.approx(alone, abs=1e-4)
+    assert together == pytest.approx(alone, abs=SCORE_TOL_F64)
 
 
 def test_model_chosen_by_url(client, root):
-    rm_b = RewardModel.load(root / "b")
+    rm_b = RewardModel.load(root / "b", dtype="float64")
     items = [{"context": "c", "response": "r", "metadata": {"subreddit": "College", "depth": 1}}]
     body = client.post("/models/b/v1/score", json={"items": items}).json()
     assert body["model"] == "b" and body["version"] == rm_b.version
-    assert body["scores"] == pytest.approx(rm_b.score(rm_inputs(items)), abs=1e-5)
+    assert body["scores"] == pytest.approx(rm_b.score(rm_inputs(items)), abs=SCORE_TOL_F64)
     assert client.post("/models/a/v1/score", json={"items": items}).json()["model"] == "a"
     resp = client.post("/models/nope/v1/score", json={"items": items})
     assert_error(resp, 404, "not_found", "unknown model 'nope'; known models: a, b")
@@ -236,6 +238,7 @@ def test_not_ready_until_every_model_is_loaded(root):
         assert resp.headers["retry-after"] == "1"
         registry.load("a", root / "a")
         assert c.get("/ready").status_code == 200
+        assert c.get("/info").json()["models"][0]["dtype"] == "float32"  # dtype auto, on CPU
         assert c.post("/v1/score", json={"items": ITEMS[:1]}).status_code == 200
         with pytest.raises(Exception, match="not a KARMA reward model"):
             registry.load("bad", root / "not_a_model")
@@ -260,7 +263,7 @@ def test_info_and_health(client, rm_a):
         "monitor_window": 1024,
     }
     a = next(m for m in info["models"] if m["name"] == "a")
-    assert a["version"] == rm_a.version and a["dtype"] == "float32" and a["device"] == "cpu"
+    assert a["version"] == rm_a.version and a["dtype"] == "float64" and a["device"] == "cpu"
     assert a["max_length"] == 64 and a["variant"] == "context" and a["default"] is True
     assert a["path"] is None  # folders are shown to admins only
     assert info["auth"] == {"api_key": False, "admin": True}
@@ -295,8 +298,8 @@ def test_get_reward_speaks_openrlhf(client, rm_a):
     resp = client.post("/get_reward", json={"query": queries, "prompts": prompts, "labels": [None, "x"]})
     body = resp.json()
     expected = rm_a.score([RMInput(prompts[0], "Rayleigh scattering."), RMInput(prompts[1], " Sleep first.")])
-    assert body["rewards"] == pytest.approx(expected, abs=1e-5)
-    assert body["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in expected], abs=1e-6)
+    assert body["rewards"] == pytest.approx(expected, abs=SCORE_TOL_F64)
+    assert body["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in expected], abs=SCORE_TOL_F64)
     assert all(0 <= s <= 1 for s in body["scores"])
     assert body["extra_logs"] == {
         "karma_truncated": [0.0, 0.0],
@@ -306,12 +309,16 @@ def test_get_reward_speaks_openrlhf(client, rm_a):
     }
     odd = client.post("/get_reward", json={"query": ["unrelated text"], "prompts": ["a prompt"]}).json()
     assert odd["extra_logs"]["karma_prompt_mismatch"] == [1.0]
-    assert odd["rewards"] == pytest.approx(rm_a.score([RMInput("a prompt", "unrelated text")]), abs=1e-5)
+    assert odd["rewards"] == pytest.approx(
+        rm_a.score([RMInput("a prompt", "unrelated text")]), abs=SCORE_TOL_F64
+    )
     # lists that do not pair up with `query` are valid by the schema (it cannot say "as long as"), so they are
     # not refused: they are not used, and extra_logs says so for every query
     resp = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["a"], "labels": [1, 2, 3]})
     assert resp.status_code == 200
-    assert resp.json()["rewards"] == pytest.approx(rm_a.score([RMInput("", "a"), RMInput("", "b")]), abs=1e-5)
+    assert resp.json()["rewards"] == pytest.approx(
+        rm_a.score([RMInput("", "a"), RMInput("", "b")]), abs=SCORE_TOL_F64
+    )
     assert resp.json()["extra_logs"]["karma_prompt_mismatch"] == [1.0, 1.0]
     assert resp.json()["extra_logs"]["karma_labels_ignored"] == [1.0, 1.0]
 
@@ -321,12 +328,12 @@ def test_classify_speaks_vllm(client, rm_a):
     body = resp.json()
     raw = rm_a.score([RMInput("", "good answer"), RMInput("", "bad")])
     assert [p for d in body["data"] for p in d["probs"]] == pytest.approx(
-        [1 / (1 + math.exp(-r)) for r in raw], abs=1e-6
+        [1 / (1 + math.exp(-r)) for r in raw], abs=SCORE_TOL_F64
     )
     assert [d["index"] for d in body["data"]] == [0, 1] and body["data"][0]["num_classes"] == 1
     assert body["object"] == "list" and body["model"] == "a" and body["usage"]["prompt_tokens"] > 0
     raw_one = client.post("/classify", json={"input": "good answer", "use_activation": False}).json()
-    assert raw_one["data"][-1]["probs"][-1] == pytest.approx(raw[0], abs=1e-5)  # what verl reads
+    assert raw_one["data"][-1]["probs"][-1] == pytest.approx(raw[0], abs=SCORE_TOL_F64)  # what verl reads
     msgs = [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": "Why is the sky blue?"},
@@ -336,7 +343,7 @@ def test_classify_speaks_vllm(client, rm_a):
     expected = rm_a.score(
         [RMInput([{"role": "user", "content": "Why is the sky blue?"}], "Rayleigh scattering.")]
     )
-    assert chat["data"][0]["probs"][0] == pytest.approx(expected[0], abs=1e-5)
+    assert chat["data"][0]["probs"][0] == pytest.approx(expected[0], abs=SCORE_TOL_F64)
     both = client.post("/classify", json={"input": "x", "messages": msgs})
     assert_error(both, 422, "validation", "send exactly one of `input`")
 
@@ -370,7 +377,7 @@ def test_admin_routes_are_off_without_a_token(root):
 
 # --------------------------------------------------------------------------------------------- admin
 def test_model_management_load_swap_delete(root, rm_a):
-    rm_a2 = RewardModel.load(root / "a2")
+    rm_a2 = RewardModel.load(root / "a2", dtype="float64")
     with open_client(root) as c:
         wait_ready(c)
         listed = c.get("/v1/models", headers=ADMIN).json()
@@ -391,7 +398,7 @@ def test_model_management_load_swap_delete(root, rm_a):
         assert swapped.json()["model"]["version"] == rm_a2.version
         after = c.post("/v1/score", json={"items": ITEMS}).json()
         assert before["version"] == rm_a.version and after["version"] == rm_a2.version
-        assert after["scores"] == pytest.approx(rm_a2.score(rm_inputs(ITEMS)), abs=1e-5)
+        assert after["scores"] == pytest.approx(rm_a2.score(rm_inputs(ITEMS)), abs=SCORE_TOL_F64)
 
         assert c.delete("/v1/models/c", headers=ADMIN).json()["name"] == "c"
         assert_error(

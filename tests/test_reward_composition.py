@@ -21,7 +21,7 @@ from karma.rm.rule import RuleSpec, write_rule_folder
 from services.reward_api.core.config import Settings
 from services.reward_api.engine import CompositionError, ModelRegistry, ScoreCache, group_zscore
 from services.reward_api.main import create_app
-from tests.support import make_tiny_rm, serve_in_thread
+from tests.support import SCORE_TOL_F64, make_tiny_rm, serve_in_thread
 
 ADMIN = {"Authorization": "Bearer t"}
 ITEMS = [
@@ -323,20 +323,24 @@ def test_cached_and_repeated_items_cost_no_forward_and_keep_their_scores(root):
             self.items += len(batch)
             return self.forward(batch)
 
-    registry = ModelRegistry(limits(max_wait_ms=0, score_cache_items=3), device="cpu", dtype="auto")
+    # float64 on both sides: a and b are forwarded together here, alone in `rm.score([x])`, and agree within
+    # SCORE_TOL_F64 (tests/support.py says why)
+    registry = ModelRegistry(limits(max_wait_ms=0, score_cache_items=3), device="cpu", dtype="float64")
     handle = registry.load("ctx", root / "ctx")
     counting = Counting(handle.worker.model.forward)
     handle.worker.model.forward = counting
-    rm = RewardModel.load(root / "ctx")
+    rm = RewardModel.load(root / "ctx", dtype="float64")
     a, b, c, d = (RMInput(it["context"], it["response"], it.get("metadata")) for it in ITEMS[:4])
     try:
         first = asyncio.run(handle.score([a, a, b, a]))
         assert counting.items == 2  # a once, b once
-        assert first.scores == pytest.approx([rm.score([x])[0] for x in (a, a, b, a)], abs=1e-5)
+        assert first.scores == pytest.approx([rm.score([x])[0] for x in (a, a, b, a)], abs=SCORE_TOL_F64)
         again = asyncio.run(handle.score([b, a]))
         assert counting.items == 2 and again.scores == [first.scores[2], first.scores[0]]
         other_flag = asyncio.run(handle.score([a], truncate=False))  # another key: the truncate flag differs
-        assert counting.items == 3 and other_flag.scores == pytest.approx([first.scores[0]], abs=1e-6)
+        assert counting.items == 3 and other_flag.scores == pytest.approx(
+            [first.scores[0]], abs=SCORE_TOL_F64
+        )
         asyncio.run(handle.score([c, d]))  # 3 entries at most: a (truncate=True) and b are evicted
         assert counting.items == 5 and len(handle.cache) == 3
         asyncio.run(handle.score([b]))

@@ -213,9 +213,13 @@ def test_evaluate_rm_model_scores_equal_reward_model_scores(rm_dir, data):
     from karma.rm.data import example_inputs, read_examples
     from karma.rm.model import RewardModel
 
-    r = evaluate_rm(rm_dir, data, "test", baselines=False, max_examples=None, max_pairs=None)
+    # float64: evaluate_rm scores every distinct reply of comments and pairs, here only the comments -- other
+    # batches. In float32 two near-equal scores could then swap ranks (Spearman moves by up to ~12/n^2, over the
+    # default rel 1e-6); in float64 the scorings differ by ~1e-16 relative, below any gap between two replies.
+    rm = RewardModel.load(rm_dir, dtype="float64")
+    r = evaluate_rm(rm, data, "test", baselines=False, max_examples=None, max_pairs=None)
     ex = read_examples(data, "test")
-    s = RewardModel.load(rm_dir).score(example_inputs(ex))
+    s = rm.score(example_inputs(ex))
     assert r["systems"]["rm:context"]["overall"]["spearman"] == pytest.approx(
         spearmanr(s, ex["karma"]).statistic
     )
