@@ -91,17 +91,13 @@ SCORE_TOL_F64 = 1e-10
 
 
 def float64_settings(**settings):
-    """`Settings(**settings)`, validated as given, serving its models in float64.
-
-    `karma serve` offers auto / float32 / bfloat16 / float16 (`Settings.dtype`); the engine below it takes
-    any dtype (`ModelRegistry(dtype=...)` -> `RewardModel.load(dtype=...)`), so the tests that compare served
-    scores with offline ones across batch compositions serve in float64 -- everything else as configured --
-    and compare with `RewardModel.load(path, dtype="float64")` within `SCORE_TOL_F64` (JSON carries a float64
-    exactly: Python writes the shortest repr that reads back to the same double).
-    """
+    """`Settings(**settings, dtype="float64")`: the tests that compare served scores with offline ones across
+    batch compositions serve in float64 -- everything else as configured -- and compare with
+    `RewardModel.load(path, dtype="float64")` within `SCORE_TOL_F64` (JSON carries a float64 exactly: Python
+    writes the shortest repr that reads back to the same double)."""
     from services.reward_api.core.config import Settings
 
-    return Settings(**settings).model_copy(update={"dtype": "float64"})
+    return Settings(**settings, dtype="float64")
 
 
 def tiny_backbone(path: str | Path, *, hidden: int = 32, layers: int = 2) -> Path:

@@ -483,7 +483,9 @@ def test_settings_from_environment_and_their_validation(root, monkeypatch):
         ValueError, match=r"max_queue_items \(4\) must be at least max_client_batch_size \(8\)"
     ):
         Settings(max_queue_items=4, max_client_batch_size=8)
-    with pytest.raises(ValueError, match="Input should be 'auto', 'float32', 'bfloat16' or 'float16'"):
+    with pytest.raises(
+        ValueError, match="Input should be 'auto', 'float32', 'bfloat16', 'float16' or 'float64'"
+    ):
         Settings(dtype="int8")
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         Settings(max_wait=3)

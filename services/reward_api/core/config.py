@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto | cpu | cuda[:N] | mps"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
+        "auto",
+        description="auto: float32 on CPU, bfloat16 on CUDA (float64: numerical checks on tiny models)",
     )
     max_client_batch_size: int = Field(
         256, ge=1, le=65536, description="items per request (422 above: the schema says maxItems)"
