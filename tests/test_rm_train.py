@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from karma.models import ModelNotFoundError
 from karma.rm.data import DataError
@@ -272,3 +274,24 @@ def test_bad_config_values():
 def test_model_folder_without_karma_rm_json_is_refused(backbone):
     with pytest.raises(MissingRMConfigError, match="karma_rm.json is missing"):
         RewardModel.load(backbone)
+
+
+def test_freeze_layers_trains_only_the_layers_above(backbone, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from karma.rm.train import freeze_lower_layers
+
+    out = train_rm(
+        data, tmp_path / "frozen", backbone=backbone, max_steps=3, eval_steps=3, freeze_layers=1, **FAST
+    )
+    before = load_file(Path(backbone) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    for name, w in after.items():
+        key = name.removeprefix("bert.")
+        if key.startswith(("embeddings.", "encoder.layer.0.")):
+            assert torch.equal(w, before[key]), name  # frozen: bit-identical to the backbone
+        elif key.startswith("encoder.layer.1.") and key.endswith(".weight"):
+            assert not torch.equal(w, before[key]), name  # the layer above trained
+    rm = new_reward_model(backbone, "context")
+    with pytest.raises(ValueError, match="freeze_layers = 3, but the backbone has 2 layers"):
+        freeze_lower_layers(rm.model, 3)

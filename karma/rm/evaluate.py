@@ -212,7 +212,13 @@ def model_scores(rm, es: EvalSet, name: str = "model", batch_size: int = 32) -> 
     inputs = es.inputs()
     ids = list(inputs)
     t = time.perf_counter()
-    scores = dict(zip(ids, rm.score([inputs[i] for i in ids], batch_size=batch_size), strict=True))
+    scores = dict(
+        zip(
+            ids,
+            rm.score([inputs[i] for i in ids], batch_size=batch_size, progress=f"scoring with {name}"),
+            strict=True,
+        )
+    )
     log.info("scored %d texts with %s in %.1fs", len(ids), name, time.perf_counter() - t)
     return SystemScores.from_ids(name, es, scores)
 

@@ -9,6 +9,7 @@ the evaluation all score through `RewardModel`, so a text gets the same score ev
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from karma.chat import CHATML_TEMPLATE
+from karma.progress import Progress
 from karma.rm.folder import CONFIG_NAME, KarmaRMConfig, MissingRMConfigError
 from karma.rm.template import VARIANTS, render
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from karma.rm.rule import RuleRewardModel
@@ -232,15 +236,20 @@ class RewardModel:
         normalize: bool = False,
         batch_size: int = 32,
         truncate: bool = True,
+        progress: str | None = None,
     ) -> list[float]:
-        """Score items offline: length-sorted batches, results returned in input order."""
+        """Score items offline: length-sorted batches, results returned in input order. `progress`: log a
+        line with this name at most every 10 s (`karma.progress`)."""
         enc = [self.encode(it, truncate=truncate) for it in items]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
         scores = [0.0] * len(enc)
+        bar = Progress(log, progress, len(enc), "texts") if progress else None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             for i, s in zip(idx, self.forward([enc[i] for i in idx]), strict=True):
                 scores[i] = s
+            if bar is not None:
+                bar.update(len(idx))
         return self.normalize(scores) if normalize else scores
 
     def normalize(self, scores: Sequence[float]) -> list[float]:

@@ -58,6 +58,12 @@ class RMHyperParams(BaseModel):
         5e-5, ge=0, description="AdamW peak learning rate (linear schedule)"
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    freeze_layers: int = Field(
+        0,
+        ge=0,
+        description="freeze the embeddings and the first N encoder layers (0: train everything); backward "
+        "then stops above them: N = 4 of MiniLM's 6 trains in ~0.6 of the time",
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warm-up as a fraction of the steps")
     regression_loss: Literal["huber", "mse"] = Field("huber", description="regression loss")
     regression_weight: float = Field(0.5, ge=0, description="`both`: weight of the regression term")
@@ -161,6 +167,20 @@ def _load_backbone(backbone: str, cfg: RMTrainConfig, **config: Any):
         raise ModelNotFoundError(f"cannot load backbone {cfg.backbone!r}: {e}") from e
 
 
+def freeze_lower_layers(model, n: int) -> None:
+    """Freeze a BERT-like encoder's embeddings and its first `n` layers (`base_model.embeddings`,
+    `base_model.encoder.layer`); the layers above, the pooler and the head train."""
+    base = model.base_model
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None or not hasattr(base, "embeddings"):
+        raise ValueError(f"freeze_layers: {type(model).__name__} has no embeddings + encoder.layer to freeze")
+    if n > len(layers):
+        raise ValueError(f"freeze_layers = {n}, but the backbone has {len(layers)} layers")
+    for module in [base.embeddings, *layers[:n]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
 def train_rm(
     data: str | Path, out: str | Path, config: RMTrainConfig | None = None, **overrides: Any
 ) -> Path:
@@ -249,6 +269,8 @@ def train_rm(
         data_card_sha256=rmdata.card_sha256(data),
     )
     timings["load_s"] = time.perf_counter() - t
+    if cfg.freeze_layers:
+        freeze_lower_layers(rm.model, cfg.freeze_layers)
 
     train_items = _training_items(rm, cfg, train_examples, train_pairs, meta)
     val_items = LazyItems(rm, [], [])

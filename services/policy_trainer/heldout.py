@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from karma.progress import Progress
+
 if TYPE_CHECKING:
     from services.policy_trainer.engines import Generation
     from services.policy_trainer.trainer import Trainer
@@ -148,7 +150,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     kl_temp = temperature if temperature > 0 else 1.0
     t = time.perf_counter()
     kls: list[float] = []
-    progress = Progress("held-out KL(trained || base)", len(prompts), "replies")
+    progress = Progress(log, "held-out KL(trained || base)", len(prompts), "replies")
     with torch.no_grad():
         for s in range(0, len(prompts), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
             chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(prompts)))
@@ -263,23 +265,6 @@ def batched_replies(
         if progress is not None:
             progress.update(len(rows))
     return gens
-
-
-class Progress:
-    """A log line when a long loop starts, then at most every `every_s` seconds and at its end."""
-
-    def __init__(self, what: str, total: int, unit: str, every_s: float = 10.0):
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
-        self.done, self.start = 0, time.perf_counter()
-        self.last = self.start
-        log.info("%s: %d %s ...", what, total, unit)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.done >= self.total or now - self.last >= self.every_s:
-            self.last = now
-            log.info("%s: %d/%d %s (%.0f s)", self.what, self.done, self.total, self.unit, now - self.start)
 
 
 def engine_replies(trainer: Trainer, which: str) -> list[Generation]:
