@@ -551,6 +551,71 @@ def test_ppo_table_reads_heldout_reward_when_present(tmp_path):
     assert "Smoke run" not in write_report(cfg, tmp_path, rm, comparison, summary, {}).read_text()
 
 
+def test_claim_three_shows_each_runs_reward_spread(tmp_path):
+    """Beside claim 3, per run (RM variant x condition): the training reward's within- and across-prompt sd
+    (mean over the steps that logged them) and the held-out ones, base -> trained; runs from before these
+    were logged show dashes."""
+    cfg = ExperimentConfig(
+        data={"comments": ["x"]}, conditions={"reddit": "reddit", "nonreddit": "politeness"}
+    )
+    steps = {
+        "context-reddit": [(0.5, 0.2), (0.7, 0.4)],
+        "full-reddit": [(0.1, 0.9), (0.2, 1.1)],
+        "context-nonreddit": [(None, 0.3), (None, 0.5)],  # 1 sample per prompt: no within-prompt sd
+    }
+    runs = ("full-reddit", "context-reddit", "context-nonreddit", "full-nonreddit")
+    for run in runs:
+        d = tmp_path / run
+        d.mkdir()
+        rows = [{"step": i + 1, "reward/mean": 0.1, "objective/kl": 0.0} for i in range(2)]
+        for row, (within, across) in zip(rows, steps.get(run, []), strict=False):
+            row["reward/across_prompt_sd"] = across
+            if within is not None:
+                row["reward/within_prompt_sd"] = within
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "context-reddit" / "heldout_reward.json").write_text(
+        json.dumps(
+            _heldout(
+                samples_per_prompt=4,
+                base_within_prompt_sd=0.61,
+                trained_within_prompt_sd=0.42,
+                base_across_prompt_sd=0.3,
+                trained_across_prompt_sd=0.35,
+            )
+        )
+    )
+    (tmp_path / "full-reddit" / "heldout_reward.json").write_text(
+        json.dumps(
+            _heldout(
+                samples_per_prompt=1,
+                base_within_prompt_sd=None,
+                trained_within_prompt_sd=None,
+                base_across_prompt_sd=0.8,
+                trained_across_prompt_sd=0.9,
+            )
+        )
+    )
+    summary = {run: training_summary(tmp_path / run) for run in runs}
+    assert summary["context-reddit"]["reward_within_prompt_sd"] == pytest.approx(0.6, abs=1e-12)
+    assert summary["context-reddit"]["reward_across_prompt_sd"] == pytest.approx(0.3, abs=1e-12)
+    assert "reward_within_prompt_sd" not in summary["context-nonreddit"]
+    assert summary["context-nonreddit"]["reward_across_prompt_sd"] == pytest.approx(0.4, abs=1e-12)
+    assert not {"reward_within_prompt_sd", "reward_across_prompt_sd"} & set(summary["full-nonreddit"])
+
+    comparison = {"trained": [], "rows": []}
+    rm = {v: {"systems": {}} for v in cfg.variants}
+    text = write_report(cfg, tmp_path, rm, comparison, summary, {}).read_text()
+    claim3 = text[text.index("### 3.") : text.index("### 4.")]
+    assert "arXiv 2503.15477" in claim3 and "more **within-prompt** spread" in claim3
+    assert "| `full` | reddit | 0.150 | 1.000 | — | 0.800 → 0.900 | 1 |" in claim3
+    assert "| `context` | reddit | 0.600 | 0.300 | 0.610 → 0.420 | 0.300 → 0.350 | 4 |" in claim3
+    assert "| `context` | nonreddit | — | 0.400 | — | — | — |" in claim3
+    assert "| `full` | nonreddit | — | — | — | — | — |" in claim3
+    # ordered by condition, in the config's order
+    assert claim3.index("| `context` | reddit") < claim3.index("| `context` | nonreddit")
+    assert "Reward spread per run" not in "\n".join(claims(cfg, rm, comparison))  # no training summaries
+
+
 def _pragmatics_units(cfg):
     """Items per unit of the pragmatics suite mean (families pooled) that a preset's evaluation scores."""
     from karma.eval.tasks import load_tasks

@@ -122,6 +122,34 @@ def test_rloo_and_grpo_advantages():
         pm.rloo_advantages(r, 1)
 
 
+def test_reward_spread_hand_computed():
+    """Within- and across-prompt sd (ddof = 1) of prompt-major scores, against hand arithmetic. Tolerance
+    1e-12: the values are O(1) and each is a handful of float64 operations (unit roundoff 1.1e-16)."""
+    # 2 prompts x 3 samples: [1, 2, 3] (mean 2, sd 1) and [4, 4, 7] (mean 5, squares 1 + 1 + 4 = 6, sd √3)
+    got = pm.reward_spread(torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 7.0], dtype=torch.float64), 3)
+    assert set(got) == {"within_prompt_sd", "across_prompt_sd"}
+    assert got["within_prompt_sd"] == pytest.approx((1 + math.sqrt(3)) / 2, abs=1e-12)
+    assert got["across_prompt_sd"] == pytest.approx(math.sqrt(4.5), abs=1e-12)  # means 2, 5: 2 · 1.5² / 1
+    # the layout matters: the same scores read as 3 prompts x 2 samples ([1, 2], [3, 4], [4, 7])
+    got = pm.reward_spread(torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 7.0], dtype=torch.float64), 2)
+    assert got["within_prompt_sd"] == pytest.approx((1 + 1 + 3) / math.sqrt(2) / 3, abs=1e-12)
+    assert got["across_prompt_sd"] == pytest.approx(math.sqrt(((1.5 - 3.5) ** 2 + 0 + 2.0**2) / 2), abs=1e-12)
+    # one sample per prompt: no within-prompt sd; the across-prompt sd is the scores' sd
+    got = pm.reward_spread(torch.tensor([1.0, 3.0, 2.0], dtype=torch.float32), 1)
+    assert got == {"across_prompt_sd": pytest.approx(1.0, abs=1e-12)}
+    # one prompt: no across-prompt sd
+    assert pm.reward_spread(torch.tensor([0.0, 2.0], dtype=torch.float64), 2) == {
+        "within_prompt_sd": pytest.approx(math.sqrt(2), abs=1e-12)
+    }
+    # equal scores within each prompt: a reward that ranks prompts but never a prompt's replies
+    got = pm.reward_spread(torch.tensor([1.0, 1.0, 5.0, 5.0], dtype=torch.float64), 2)
+    assert got["within_prompt_sd"] == 0.0 and got["across_prompt_sd"] == pytest.approx(
+        math.sqrt(8), abs=1e-12
+    )
+    with pytest.raises(ValueError, match="do not split into groups of 2"):
+        pm.reward_spread(torch.zeros(3), 2)
+
+
 def test_whiten_and_explained_variance():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])

@@ -1289,6 +1289,117 @@ def test_run_writes_the_heldout_reward_of_base_and_trained_policy(assets, tmp_pa
     ]
     assert got["kl_mean"] == pytest.approx(np.mean(kl), abs=1e-3) and got["kl_mean"] != 0
     assert 0 <= got["p"] <= 1 and got["ci_low"] <= got["delta"] <= got["ci_high"] and got["mde"] > 0
+    # one reply per prompt: the reward's spread is across prompts only
+    assert got["samples_per_prompt"] == 1
+    for name in ("base", "trained"):
+        assert got[f"{name}_within_prompt_sd"] is None
+        assert got[f"{name}_across_prompt_sd"] == pytest.approx(np.std(recomputed[name][3], ddof=1), abs=1e-5)
+
+
+def test_heldout_samples_give_k_row_seeded_replies_per_prompt_and_the_reward_spread(assets, tmp_path):
+    """eval.heldout_samples = 2: reply j of prompt i is row 2i + j (its own seed) for base and trained alike;
+    the paired test compares per-prompt means (n = prompts); the within- and across-prompt sd of the scores
+    equal a recomputation from the replies regenerated outside the run and scored by the RM in process. The
+    training steps (grpo, 2 samples per prompt) log the same spread of their own batch."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from karma.rm.model import RewardModel, RMInput
+    from services.policy_trainer.heldout import BASE_FILE, KEYS, generate_replies
+
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        assets,
+        out,
+        ppo={"algo": "grpo", "samples_per_prompt": 2, "prompts_per_step": 2},
+        run={"steps": 1, "save_every": 0},
+        eval={"heldout_prompts": 3, "heldout_batch_size": 4, "heldout_seed": 5, "heldout_samples": 2},
+    )
+    trainer, result = run(cfg)
+    got = json.loads((out / "heldout_reward.json").read_text())
+    assert tuple(got) == KEYS and result["heldout"] == got
+    assert (got["n"], got["samples_per_prompt"]) == (3, 2)
+    saved = json.loads((out / BASE_FILE).read_text())
+    assert (saved["n"], saved["samples_per_prompt"], len(saved["replies"])) == (3, 2, 6)
+
+    prompts = [trainer.heldout[i] for i in range(3)]
+    rows = [p for p in prompts for _ in range(2)]
+    rm, tok = RewardModel.load(assets.rm), trainer.tokenizer
+    for name, folder in (("base", assets.policy), ("trained", out)):
+        lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+        gens = generate_replies(
+            lm,
+            tok,
+            trainer.eos_ids,
+            [p.prompt_ids for p in rows],
+            temperature=1.0,
+            max_new_tokens=10,
+            batch_size=4,
+            seed=5,
+        )
+        if name == "base":
+            assert [g.response_ids for g in gens] == [r["ids"] for r in saved["replies"]]
+        texts = [tok.decode(g.response_ids, skip_special_tokens=True).strip() for g in gens]
+        assert any(texts[2 * i] != texts[2 * i + 1] for i in range(3))  # the 2 replies have their own seeds
+        scores = np.asarray(
+            rm.score(
+                [RMInput(p.context, t, p.metadata) for p, t in zip(rows, texts, strict=True)], normalize=True
+            )
+        ).reshape(3, 2)
+        assert got[f"{name}_mean"] == pytest.approx(scores.mean(1).mean(), abs=1e-5)
+        assert got[f"{name}_across_prompt_sd"] == pytest.approx(scores.mean(1).std(ddof=1), abs=1e-5)
+        assert got[f"{name}_within_prompt_sd"] == pytest.approx(scores.std(1, ddof=1).mean(), abs=1e-5)
+        assert got[f"{name}_within_prompt_sd"] > 0
+    assert got["delta"] == pytest.approx(got["trained_mean"] - got["base_mean"], abs=1e-9)
+
+    (row,) = read_metrics(out)
+    for prefix in ("reward/", "reward/used_"):
+        assert row[f"{prefix}within_prompt_sd"] >= 0 and row[f"{prefix}across_prompt_sd"] >= 0
+    # no missing-EOS penalty, no clip: the scores the update uses are the scores as returned
+    assert row["reward/used_within_prompt_sd"] == row["reward/within_prompt_sd"]
+    assert row["reward/used_across_prompt_sd"] == row["reward/across_prompt_sd"]
+
+
+def test_compute_advantages_logs_the_reward_spread_as_returned_and_as_used():
+    """2 prompts x 2 samples, prompt-major. Raw scores [1, 3 | 0, 0.5]; the second reply has no EOS: penalty 1
+    -> [1, 2 | 0, 0.5], clip 1.5 -> [1, 1.5 | 0, 0.5]. For 2 samples sd = |a - b| / √2. Tolerance 1e-12: O(1)
+    values, a few float64 operations."""
+    import math
+
+    from services.policy_trainer.config import PPOConfig
+    from services.policy_trainer.experience import RolloutBatch, compute_advantages
+
+    B, T = 4, 3
+    zeros = torch.zeros(B, T, dtype=torch.float64)
+    batch = RolloutBatch(
+        prompt_index=[0, 0, 1, 1],
+        contexts=["a"] * B,
+        responses=["r"] * B,
+        input_ids=torch.zeros(B, T + 1, dtype=torch.long),
+        attention_mask=torch.ones(B, T + 1, dtype=torch.long),
+        response_mask=torch.ones(B, T, dtype=torch.float64),
+        prompt_len=1,
+        ended_with_eos=torch.tensor([True, False, True, True]),
+        pending=[],
+        scores=torch.tensor([1.0, 3.0, 0.0, 0.5], dtype=torch.float64),
+        old_logprobs=zeros,
+        ref_logprobs=zeros,
+    )
+    p = PPOConfig(
+        algo="grpo",
+        samples_per_prompt=2,
+        prompts_per_step=2,
+        mini_batch_size=4,
+        missing_eos_penalty=1.0,
+        score_clip=1.5,
+    )
+    _, _, m = compute_advantages(batch, p, kl_coef=0.0)
+    r2 = math.sqrt(2)
+    assert m["reward/within_prompt_sd"] == pytest.approx((2 / r2 + 0.5 / r2) / 2, abs=1e-12)
+    assert m["reward/across_prompt_sd"] == pytest.approx((2 - 0.25) / r2, abs=1e-12)  # means 2, 0.25
+    assert m["reward/used_within_prompt_sd"] == pytest.approx(0.5 / r2, abs=1e-12)
+    assert m["reward/used_across_prompt_sd"] == pytest.approx((1.25 - 0.25) / r2, abs=1e-12)
+    assert m["reward/penalized_mean"] == pytest.approx((1 + 1.5 + 0 + 0.5) / 4, abs=1e-12)
 
 
 def test_heldout_reward_can_be_turned_off(assets, tmp_path):

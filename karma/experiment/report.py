@@ -16,8 +16,11 @@ HELDOUT_FILE = (
 
 
 def training_summary(policy_dir: Path) -> dict[str, Any]:
-    """First/last logged reward and KL of a PPO run (the trainer's metrics.jsonl), and its held-out reward of
-    base vs trained policy (`heldout_reward.json`, under `heldout`) when the run wrote one (older runs did not)."""
+    """First/last logged reward and KL of a PPO run (the trainer's metrics.jsonl), the mean over steps of the
+    reward's within- and across-prompt sd where the steps logged them (`reward_within_prompt_sd`,
+    `reward_across_prompt_sd`; within only with samples_per_prompt >= 2, neither in older runs), and its
+    held-out reward of base vs trained policy (`heldout_reward.json`, under `heldout`) when the run wrote one
+    (older runs did not)."""
     out: dict[str, Any] = {}
     metrics_file = policy_dir / "metrics.jsonl"
     rows = (
@@ -41,6 +44,11 @@ def training_summary(policy_dir: Path) -> dict[str, Any]:
             "reward_last": pick(rows[-1], *keys_r),
             "kl_last": pick(rows[-1], *keys_kl),
         }
+        for which in ("within", "across"):
+            logged = [_num(r.get(f"reward/{which}_prompt_sd")) for r in rows]
+            logged = [x for x in logged if x is not None and math.isfinite(x)]
+            if logged:
+                out[f"reward_{which}_prompt_sd"] = sum(logged) / len(logged)
     heldout_file = policy_dir / HELDOUT_FILE
     if heldout_file.exists():
         try:
@@ -93,6 +101,61 @@ def _ppo_row(run: str, t: dict[str, Any]) -> str:
             f"{pair('base_mean_words', 'trained_mean_words', 1)} / {pair('base_eos_rate', 'trained_eos_rate', 2)}",
         ]
     return "| " + " | ".join(cells) + " |"
+
+
+SPREAD_NOTE = (
+    "A reward that barely varies over the policy's own samples gives PPO a flat objective however well it "
+    'predicts karma (Razin et al., "What Makes a Reward Model a Good Teacher?", arXiv 2503.15477). What to '
+    "look for: if that is why a worse karma predictor trains better policies, the variant that wins claim 3 "
+    "shows more **within-prompt** spread (how differently the RM scores a prompt's replies) at the same "
+    "condition; across-prompt spread ranks the prompts, not the policy's replies."
+)
+
+
+def _reward_spread(cfg: ExperimentConfig, training: dict[str, dict[str, Any]]) -> list[str]:
+    """Per PPO run (RM variant x condition): the reward's sd within and across prompts, over the training
+    steps (mean over steps of metrics.jsonl's `reward/*_prompt_sd`) and on the held-out replies of the base
+    and the trained policy (`heldout_reward.json`)."""
+    if not training:
+        return []
+
+    def split(run: str) -> tuple[str, str]:
+        for cond in cfg.conditions:
+            if run.endswith(f"-{cond}"):
+                return run[: -len(cond) - 1], cond
+        return run, "—"
+
+    def pair(h: dict[str, Any], which: str) -> str:
+        b, t = _num(h.get(f"base_{which}_prompt_sd")), _num(h.get(f"trained_{which}_prompt_sd"))
+        return "—" if b is None or t is None else f"{b:.3f} → {t:.3f}"
+
+    lines = [
+        "Reward spread per run (the reward's teaching signal): sd of the run's own RM scores within a "
+        "prompt (mean over prompts of the sd of its replies' scores) and across prompts (sd of the "
+        "per-prompt mean), during training (mean over steps; within only when a step samples 2+ replies per prompt) and "
+        "on the held-out replies, base → trained policy (within only with `eval.heldout_samples` >= 2). "
+        + SPREAD_NOTE,
+        "",
+        (
+            "| RM | condition | training within-prompt sd | training across-prompt sd | held-out "
+            "within-prompt sd base → trained | held-out across-prompt sd base → trained | held-out replies "
+            "per prompt |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {c: i for i, c in enumerate(cfg.conditions)}
+    for run in sorted(training, key=lambda r: order.get(split(r)[1], len(order))):
+        t = training[run]
+        variant, cond = split(run)
+        h = t.get("heldout")
+        h = h if isinstance(h, dict) and "error" not in h else {}
+        k = h.get("samples_per_prompt")
+        lines.append(
+            f"| `{variant}` | {cond} | {_fmt(_num(t.get('reward_within_prompt_sd')))} | "
+            f"{_fmt(_num(t.get('reward_across_prompt_sd')))} | {pair(h, 'within')} | {pair(h, 'across')} | "
+            f"{k if k is not None else '—'} |"
+        )
+    return lines + [""]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -291,12 +354,14 @@ def claims(
     comparison: dict[str, Any],
     head_to_head: dict[str, dict[str, Any]] | None = None,
     composed: dict[str, dict[str, Any]] | None = None,
+    training: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """The paper's claims, each stated from the numbers ("not reproduced" where that is what happened).
 
     `comparison`: every trained policy against the base (`karma eval compare`). `head_to_head`: per exposure
     condition, the `context` policy compared against the `full` one (the `full` policy as the "base"), for
-    claim 3. A claim counts as reproduced in a run only where the paired test is significant at p < ALPHA.
+    claim 3. `training`: per PPO run, `training_summary` (claim 3 shows each run's reward spread beside it).
+    A claim counts as reproduced in a run only where the paired test is significant at p < ALPHA.
     """
     lines: list[str] = []
     runs = [t["label"] for t in comparison["trained"]]
@@ -394,6 +459,7 @@ def claims(
     else:
         lines.append("Not tested (needs both `full` and `context` variants).")
     lines.append("")
+    lines += _reward_spread(cfg, training or {})
 
     # 4. Side effects
     lines.append(f"### 4. Side effects (hhh_alignment; generated replies scored by the `{cfg.judge}` RM)")
@@ -586,7 +652,7 @@ def write_report(
             f"effect; a run whose MDE exceeds {PLAUSIBLE_EFFECT * 100:g} points is underpowered for the claim."
         ),
         "",
-        *claims(cfg, rm_metrics, comparison, head_to_head, composed),
+        *claims(cfg, rm_metrics, comparison, head_to_head, composed, training),
         "## PPO runs (reward from each run's own RM, over HTTP)",
         "",
         (

@@ -272,7 +272,13 @@ class EvalConfig(_Section):
     heldout_max_new_tokens: int | None = Field(
         None, gt=0, description="held-out response length limit (unset: the rollout's)"
     )
-    heldout_batch_size: int = Field(32, gt=0, description="held-out prompts per generate call")
+    heldout_batch_size: int = Field(32, gt=0, description="held-out replies per generate call")
+    heldout_samples: int = Field(
+        1,
+        ge=1,
+        description="replies per held-out prompt and policy (>= 2: the reward's within-prompt sd is measured "
+        "too); the paired test compares per-prompt mean scores",
+    )
 
 
 class TrainSections(_Section):

@@ -271,6 +271,9 @@ def compute_advantages(
         "response/length_max": float(lengths.max()),
         "response/eos_frac": float(batch.ended_with_eos.float().mean()),
     }
+    # the reward's spread over the policy's own samples (its teaching signal), as returned and as used
+    for prefix, s in (("reward/", raw), ("reward/used_", scores)):
+        metrics |= {f"{prefix}{k}": v for k, v in pm.reward_spread(s, p.samples_per_prompt).items()}
     return adv, ret, metrics
 
 

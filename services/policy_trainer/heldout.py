@@ -1,17 +1,26 @@
 """Held-out reward of the base vs the trained policy, measured at the end of every completed run.
 
 The replies come from the run's own rollout engine (vLLM where the run uses it, else transformers
-`generate`), in batches of `eval.heldout_batch_size` with a progress line per batch, row-seeded (prompt i is
-sampled with the same seed for both policies): the base replies before the first update
-(`prepare_base_replies`, kept in `heldout_base.json` so a resumed run reuses them), the trained ones after
-the last. Where the base replies are not there (a run resumed from a checkpoint written before this file
-existed, or several ranks, where the other ranks must not wait for rank 0's generation), both come from
-transformers `generate` with the reference and the trained module at the end, as before.
+`generate`), `eval.heldout_samples` = k replies per prompt and policy, in batches of
+`eval.heldout_batch_size` replies with a progress line per batch, row-seeded: reply j of prompt i is row
+i·k + j, sampled with the row seed (heldout_seed, i·k + j) for both policies (k = 1: row i, as before k
+existed). The base replies before the first update (`prepare_base_replies`, kept in `heldout_base.json` so a
+resumed run reuses them), the trained ones after the last. Where the base replies are not there (a run
+resumed from a checkpoint written before this file existed, or several ranks, where the other ranks must not
+wait for rank 0's generation), both come from transformers `generate` with the reference and the trained
+module at the end, as before.
 `evaluate_heldout(trainer)` then scores both through the run's own reward source (the reward service over
 HTTP in a normal run) and writes `heldout_reward.json`:
 
-    {"n", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p", "test", "mde",
-     "kl_mean", "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words"}
+    {"n", "samples_per_prompt", "source", "base_mean", "trained_mean", "delta", "ci_low", "ci_high", "p",
+     "test", "mde", "kl_mean", "base_eos_rate", "trained_eos_rate", "base_mean_words", "trained_mean_words",
+     "base_across_prompt_sd", "trained_across_prompt_sd", "base_within_prompt_sd", "trained_within_prompt_sd"}
+
+`n` counts prompts; the paired test compares per-prompt mean scores (the mean of a prompt's k replies).
+KL, EOS rates and words are means over all n·k replies. The reward's spread per policy
+(`ppo_math.reward_spread`: how much of a teaching signal it gives on that policy's own samples):
+`*_across_prompt_sd` is the sd of the per-prompt mean scores, `*_within_prompt_sd` the mean over prompts of
+the sd of a prompt's k scores (null when k = 1).
 
 The statistics are pure functions: `paired_summary` (paired bootstrap CI of the mean difference and a
 two-sided sign-flip permutation test — `karma.eval.metrics.paired_delta`) and `paired_mde` (minimum
@@ -48,6 +57,7 @@ N_BOOT = 2000
 N_PERM = 10000
 KEYS = (
     "n",
+    "samples_per_prompt",
     "source",
     "base_mean",
     "trained_mean",
@@ -62,6 +72,10 @@ KEYS = (
     "trained_eos_rate",
     "base_mean_words",
     "trained_mean_words",
+    "base_across_prompt_sd",
+    "trained_across_prompt_sd",
+    "base_within_prompt_sd",
+    "trained_within_prompt_sd",
 )
 
 
@@ -114,10 +128,13 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
 
     from karma.rm.rule import count_words
     from services.policy_trainer.policy import pack_sequences
+    from services.policy_trainer.ppo_math import reward_spread
 
     cfg, ev = trainer.cfg, trainer.cfg.eval
     start = time.perf_counter()
+    k = ev.heldout_samples
     prompts = [trainer.heldout[i] for i in range(len(trainer.heldout))]
+    rows = [p for p in prompts for _ in range(k)]  # row i·k + j: reply j of prompt i
     temperature = cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature
     max_new = ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens
     policy, tok = trainer.policy, trainer.tokenizer
@@ -128,7 +145,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
             lm,
             tok,
             trainer.eos_ids,
-            [p.prompt_ids for p in prompts],
+            [p.prompt_ids for p in rows],
             temperature=temperature,
             max_new_tokens=max_new,
             batch_size=ev.heldout_batch_size,
@@ -150,12 +167,12 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     kl_temp = temperature if temperature > 0 else 1.0
     t = time.perf_counter()
     kls: list[float] = []
-    progress = Progress(log, "held-out KL(trained || base)", len(prompts), "replies")
+    progress = Progress(log, "held-out KL(trained || base)", len(rows), "replies")
     with torch.no_grad():
-        for s in range(0, len(prompts), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
-            chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(prompts)))
+        for s in range(0, len(rows), cfg.ppo.micro_batch_size):  # small chunks: faster on CPU than 32
+            chunk = range(s, min(s + cfg.ppo.micro_batch_size, len(rows)))
             packed = pack_sequences(
-                [prompts[i].prompt_ids for i in chunk],
+                [rows[i].prompt_ids for i in chunk],
                 [trained[i].response_ids for i in chunk],
                 tok.pad_token_id,
             )
@@ -173,14 +190,19 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     timeout = cfg.reward.reward_deadline_s + cfg.reward.reward_timeout_s + 30
     t = time.perf_counter()
     futures = {
-        name: trainer.rewards.submit([p.score_item(r) for p, r in zip(prompts, replies, strict=True)])
+        name: trainer.rewards.submit([p.score_item(r) for p, r in zip(rows, replies, strict=True)])
         for name, replies in texts.items()
     }
-    scores = {name: f.result(timeout) for name, f in futures.items()}
+    scores = {name: np.asarray(f.result(timeout), dtype=np.float64) for name, f in futures.items()}
     seconds["reward"] = time.perf_counter() - t
 
-    result = {"n": len(prompts), "source": trainer.heldout_source}
-    result |= paired_summary(scores["base"], scores["trained"], seed=ev.heldout_seed)
+    per_prompt = {name: s.reshape(len(prompts), k).mean(1) for name, s in scores.items()}
+    result = {"n": len(prompts), "samples_per_prompt": k, "source": trainer.heldout_source}
+    result |= paired_summary(per_prompt["base"], per_prompt["trained"], seed=ev.heldout_seed)
+    for name, s in scores.items():
+        spread = reward_spread(torch.from_numpy(s), k)
+        result[f"{name}_across_prompt_sd"] = spread.get("across_prompt_sd", math.nan)
+        result[f"{name}_within_prompt_sd"] = spread.get("within_prompt_sd")
     result |= {
         "kl_mean": float(np.mean(kls)),
         "base_eos_rate": float(np.mean([g.ended_with_eos for g in base])),
@@ -188,12 +210,19 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
         "base_mean_words": float(np.mean([count_words(x) for x in texts["base"]])),
         "trained_mean_words": float(np.mean([count_words(x) for x in texts["trained"]])),
     }
-    result = {k: result[k] for k in KEYS}
+    result = {key: result[key] for key in KEYS}
     write_result(trainer.out, result)
+
+    def sds(which: str) -> str:
+        b, t = result[f"base_{which}_prompt_sd"], result[f"trained_{which}_prompt_sd"]
+        return "—" if b is None else f"{b:.3f} -> {t:.3f}"
+
     log.info(
-        "held-out reward (%d prompts, %s, T=%g): base %.4f -> trained %.4f, delta %+.4f [%.4f, %.4f], "
-        "p = %.4g, MDE %.4f, KL %.3f, EOS %.2f -> %.2f, words %.1f -> %.1f (%.0fs: %s)",
+        "held-out reward (%d prompts x %d replies, %s, T=%g): base %.4f -> trained %.4f, delta %+.4f "
+        "[%.4f, %.4f], p = %.4g, MDE %.4f, KL %.3f, EOS %.2f -> %.2f, words %.1f -> %.1f, reward sd across "
+        "prompts %s, within %s (%.0fs: %s)",
         result["n"],
+        k,
         result["source"],
         temperature,
         result["base_mean"],
@@ -208,8 +237,10 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
         result["trained_eos_rate"],
         result["base_mean_words"],
         result["trained_mean_words"],
+        sds("across"),
+        sds("within"),
         time.perf_counter() - start,
-        ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()),
+        ", ".join(f"{phase} {v:.0f}s" for phase, v in seconds.items()),
     )
     return result
 
@@ -249,8 +280,9 @@ def batched_replies(
     seed: int,
     progress: Progress | None = None,
 ) -> list[Generation]:
-    """Replies of a rollout engine in batches of `batch_size`, prompt i sampled with the row seed (seed, i)
-    (`engines.row_seed`), so two policies given the same prompts and settings get the same batches and seeds."""
+    """Replies of a rollout engine in batches of `batch_size`, `prompt_ids[i]` sampled with the row seed
+    (seed, i) (`engines.row_seed`), so two policies given the same prompts and settings get the same batches
+    and seeds. A prompt repeated k times (k replies) gets k rows, hence k seeds."""
     gens: list[Generation] = []
     for s in range(0, len(prompt_ids), batch_size):
         rows = list(range(s, min(s + batch_size, len(prompt_ids))))
@@ -268,14 +300,16 @@ def batched_replies(
 
 
 def engine_replies(trainer: Trainer, which: str) -> list[Generation]:
-    """The held-out replies of the policy the rollout engine holds now, in batches of
-    `eval.heldout_batch_size`, prompt i seeded by (heldout_seed, i) whatever the batch."""
+    """The held-out replies of the policy the rollout engine holds now, `eval.heldout_samples` = k per prompt,
+    in batches of `eval.heldout_batch_size`: reply j of prompt i is row i·k + j, seeded by
+    (heldout_seed, i·k + j) whatever the batch."""
     cfg, ev = trainer.cfg, trainer.cfg.eval
     temperature = cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature
     max_new = ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens
-    ids = [trainer.heldout[i].prompt_ids for i in range(len(trainer.heldout))]
+    k = ev.heldout_samples
+    ids = [trainer.heldout[i].prompt_ids for i in range(len(trainer.heldout)) for _ in range(k)]
     progress = Progress(
-        f"held-out replies of the {which} policy ({trainer.engine.name})", len(ids), "prompts"
+        log, f"held-out replies of the {which} policy ({trainer.engine.name})", len(ids), "replies"
     )
     return batched_replies(
         trainer.engine,
@@ -292,6 +326,7 @@ def _base_settings(trainer: Trainer) -> dict[str, Any]:
     cfg, ev = trainer.cfg, trainer.cfg.eval
     return {
         "n": len(trainer.heldout),
+        "samples_per_prompt": ev.heldout_samples,
         "seed": ev.heldout_seed,
         "temperature": cfg.rollout.temperature if ev.heldout_temperature is None else ev.heldout_temperature,
         "max_new_tokens": ev.heldout_max_new_tokens or cfg.rollout.max_new_tokens,
@@ -309,6 +344,7 @@ def prepare_base_replies(trainer: Trainer) -> list[Generation] | None:
     settings = _base_settings(trainer)
     if path.exists():
         saved = json.loads(path.read_text())
+        saved.setdefault("samples_per_prompt", 1)  # written before heldout_samples existed: one reply each
         if {k: saved.get(k) for k in settings} == settings:
             return [Generation(i, r["ids"], r["eos"]) for i, r in enumerate(saved["replies"])]
         log.warning("%s was written for other held-out prompts or settings: not used", path)

@@ -162,6 +162,28 @@ def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4, scale: boo
     return adv.reshape(-1)
 
 
+def reward_spread(scores: torch.Tensor, k: int) -> dict[str, float]:
+    """How much a reward varies over a batch of samples: within a prompt and across prompts.
+
+    scores (B,) ordered prompt-major as in `rloo_advantages` (the k samples of a prompt are consecutive), B
+    divisible by k. Returns
+    - `within_prompt_sd`: the mean over the B / k prompts of the sd (ddof = 1) of that prompt's k scores, only
+      when k >= 2 (the spread the policy can learn from: which of its own replies to a prompt is better);
+    - `across_prompt_sd`: the sd (ddof = 1) of the B / k per-prompt mean scores, only when there are >= 2
+      prompts (the spread that comes from the prompts, not from the policy's choices).
+    A key is left out where it is undefined. Computed in float64 whatever the input dtype.
+    """
+    if k < 1 or scores.numel() % k:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {k} samples per prompt")
+    r = scores.detach().to(torch.float64).reshape(-1, k)
+    out: dict[str, float] = {}
+    if k >= 2:
+        out["within_prompt_sd"] = float(r.std(1, correction=1).mean())
+    if r.shape[0] >= 2:
+        out["across_prompt_sd"] = float(r.mean(1).std(correction=1))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- losses
 
 
