@@ -217,6 +217,10 @@ class VLLMEngine:
             # attribute 'finalize_loading'"), so every start recompiled: 57-78 s here; with the older
             # torch.compile cache a warm start takes 25 s.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+            # In process, vLLM drops torch to 1 thread "for serving" unless OMP_NUM_THREADS is set, and then
+            # makes torch.set_num_threads a no-op: the trainer's forward/backward would run on one core. The
+            # trainer set its count (karma.threads) before this; telling vLLM keeps it.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
         self.llm = LLM(
