@@ -221,6 +221,12 @@ class VLLMEngine:
             # makes torch.set_num_threads a no-op: the trainer's forward/backward would run on one core. The
             # trainer set its count (karma.threads) before this; telling vLLM keeps it.
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+            # Chunked prefill splits a batch's prompts across engine steps and discards the tokens sampled for
+            # a part-prefilled prompt by rewinding its seeded generator, which a CPU generator cannot do
+            # ("CPU Generator does not use offset": a batch of 32 prompts of 190 tokens failed here). Whole
+            # prompts only: a step takes as many as fit in max_num_batched_tokens (>= one full sequence).
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         from vllm import LLM
 
         self.llm = LLM(
