@@ -708,6 +708,9 @@ def test_experiment_end_to_end_tiny(tmp_path):
     text = report.read_text()
     assert "### 1. The best karma predictor" in text and "### 5. Factuality drops" in text
     out = Path(cfg.out)
+    from karma.experiment.stages import planned_stages
+
+    assert list(json.loads((out / "timings.json").read_text())) == [*planned_stages(cfg), "total"]
     assert "### 6. Composed reward `context_shaped` = 1*context+0.5*length_window+0.5*repetition" in text
     for cond in ("reddit", "nonreddit"):
         # one pragmatics task (implicatures) makes no suite-mean row, so (b) has nothing to compare; TruthfulQA does
@@ -766,3 +769,16 @@ def test_experiment_end_to_end_tiny(tmp_path):
     base = json.loads((out / "eval" / "base" / "results.json").read_text())
     replies = base["tasks"]["generation"]["items"]
     assert all(isinstance(it["scores"]["reward"], float) for it in replies)
+
+
+def test_the_readme_lists_the_demos_stages_as_the_demo_runs_them():
+    """README's measured demo table names exactly the stages `karma demo` times (timings.json), in order."""
+    from karma.experiment import ExperimentConfig
+    from karma.experiment.stages import planned_stages
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- demo-stages -->")[1]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == "stage" and rows[-1] == "total"
+    assert rows[1:-1] == planned_stages(ExperimentConfig.load("demo"))
+

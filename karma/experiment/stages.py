@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from karma.experiment.config import ExperimentConfig, PreparedData
+from karma.experiment.isolate import run_isolated
 from karma.experiment.report import training_summary, write_report
 from karma.rm.compose import write_compose_folder
 
@@ -105,6 +106,22 @@ class Stage:
         self.timings[self.name] = round(time.perf_counter() - self._t0, 1)
 
 
+def planned_stages(cfg: ExperimentConfig) -> list[str]:
+    """The names of the timed stages `run_experiment` runs for `cfg`, in order (timings.json's keys; the README
+    lists the demo's, and a test keeps the two in step)."""
+    runs = [f"{v}-{c}" for v in [*cfg.variants, *cfg.composed] for c in cfg.conditions]
+    return [
+        "prepare data",
+        *(f"train RM ({v})" for v in cfg.variants),
+        "evaluate RMs",
+        "start reward service",
+        *(f"PPO {run}" for run in runs),
+        "evaluate base",
+        *(f"evaluate {run}" for run in runs),
+        "compare",
+    ]
+
+
 def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     """Run every stage; return the path of experiment.md."""
     out = Path(cfg.out)
@@ -118,18 +135,19 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
 
     with Stage("prepare data", timings):
-        data_dir = _prepare(cfg, out)
+        data_dir = run_isolated(_prepare, cfg, out)
     rm_dirs, rm_metrics = {}, {}
     for variant in cfg.variants:
         with Stage(f"train RM ({variant})", timings):
-            rm_dirs[variant] = _train_rm(cfg, data_dir, out / "rm" / variant, variant)
+            rm_dirs[variant] = run_isolated(_train_rm, cfg, data_dir, out / "rm" / variant, variant)
     for name, spec in cfg.composed.items():  # no training: a definition over the variants just trained
         rm_dirs[name] = write_compose_folder(spec, out / "rm" / name)
     with Stage("evaluate RMs", timings):  # every variant on the same rows: their differences are paired
-        joint = _eval_rm(cfg, data_dir, [rm_dirs[v] for v in cfg.variants], out / "rm" / "eval")
+        joint = run_isolated(_eval_rm, cfg, data_dir, [rm_dirs[v] for v in cfg.variants], out / "rm" / "eval")
         rm_metrics = {variant: joint for variant in cfg.variants}
 
     policies: dict[str, Path] = {}
+    service_start = time.perf_counter()
     with reward_service(
         rm_dirs,
         default=cfg.judge,
@@ -137,21 +155,22 @@ def run_experiment(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         flags=cfg.serve_flags(),
         port=cfg.serve.get("port"),
     ) as url:
+        timings["start reward service"] = round(time.perf_counter() - service_start, 1)
         for variant in [*cfg.variants, *cfg.composed]:
             for cond, spec in cfg.conditions.items():
                 run = f"{variant}-{cond}"
                 with Stage(f"PPO {run}", timings):
-                    policies[run] = _train_policy(
-                        cfg, data_dir, spec, f"{url}/models/{variant}", out / "policies" / run
+                    policies[run] = run_isolated(
+                        _train_policy, cfg, data_dir, spec, f"{url}/models/{variant}", out / "policies" / run
                     )
         eval_dir = out / "eval"
         judge_url = f"{url}/models/{cfg.judge}"
         base_model = cfg.train.model.policy
         with Stage("evaluate base", timings):
-            _eval_policy(cfg, base_model, eval_dir / "base", judge_url, data_dir)
+            run_isolated(_eval_policy, cfg, base_model, eval_dir / "base", judge_url, data_dir)
         for run, path in policies.items():
             with Stage(f"evaluate {run}", timings):
-                _eval_policy(cfg, str(path), eval_dir / run, judge_url, data_dir)
+                run_isolated(_eval_policy, cfg, str(path), eval_dir / run, judge_url, data_dir)
 
     from karma.eval import compare
 

@@ -72,6 +72,12 @@ class RMHyperParams(BaseModel):
         DEFAULT_MAX_TRAIN, ge=1, description="subsample N training items (unset or --full: all)"
     )
     max_eval: int | None = Field(DEFAULT_MAX_EVAL, ge=1, description="validation items per evaluation")
+    norm_examples: int = Field(
+        NORM_EXAMPLES,
+        ge=2,
+        description="validation comments scored once after training for the score normalisation (mean / std) "
+        "and the final validation metrics",
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="steps between validations (unset or 0: four per run)"
     )
@@ -233,7 +239,7 @@ def train_rm(
         data,
         "val",
         subreddits=subs,
-        max_rows=max(cfg.max_eval, NORM_EXAMPLES) if cfg.max_eval else None,
+        max_rows=max(cfg.max_eval, cfg.norm_examples) if cfg.max_eval else None,
         seed=cfg.seed,
         by_thread=True,
     )
@@ -341,6 +347,8 @@ def train_rm(
     from karma.rm.metrics import correlations, pairwise_accuracy
 
     t = time.perf_counter()
+    if cfg.max_eval:  # else every val comment (--full-eval)
+        val_examples = val_examples.head(max(cfg.norm_examples, cfg.max_eval))
     val_scores = rm.score(rmdata.example_inputs(val_examples))
     import numpy as np
 

@@ -1,0 +1,83 @@
+"""Run one experiment stage in a process of its own, so that what it loads (a reward model under training, the
+policy with its vLLM engine and optimizer, an evaluated model, torch's allocator caches) is returned to the OS
+when the stage ends instead of staying in the experiment's process for the stages after it.
+
+`run_isolated(fn, *args)` starts a fresh interpreter (`spawn`: nothing of this process's torch / vLLM / OpenMP
+state is inherited), calls `fn(*args)` there with this process's logging level and format, and returns its
+result; an exception in the stage is re-raised here (its type and message), and a stage process that dies
+without answering (killed, out of memory) raises `StageProcessError` with its exit code. The child is not
+daemonic: a stage may start processes of its own (the data stage's decode workers).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StageProcessError(RuntimeError):
+    """A stage's process ended without a result (killed by a signal, out of memory, or an unpicklable error)."""
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` when it survives pickling both ways (an exception whose __init__ takes other arguments than its
+    args does not), else a `StageProcessError` naming its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError):
+        return StageProcessError(f"{type(exc).__name__}: {exc}")
+
+
+def _child(conn, fn: Callable[..., Any], args: tuple, level: int) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    try:
+        result = ("ok", fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent, which re-raises it
+        result = ("error", _portable(exc), traceback.format_exc())
+    try:
+        conn.send(result)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an unpicklable result
+        conn.send(("error", StageProcessError(f"{fn.__name__} returned what cannot be sent back: {exc}"), ""))
+    finally:
+        conn.close()
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a fresh process; its return value (picklable) or its exception."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child, args=(send, fn, args, logging.getLogger().getEffectiveLevel()), daemon=False
+    )
+    proc.start()
+    send.close()
+    try:
+        try:
+            reply = receive.recv()
+        except EOFError:
+            proc.join()
+            raise StageProcessError(
+                f"the stage process {getattr(fn, '__name__', fn)} exited with code {proc.exitcode} without a "
+                "result (killed, or out of memory?)"
+            ) from None
+    except BaseException:
+        if proc.is_alive():  # Ctrl-C or an error here: do not leave the stage running
+            proc.terminate()
+        proc.join()
+        raise
+    proc.join()
+    if reply[0] == "error":
+        _, exc, tb = reply
+        if tb:
+            exc.add_note(f"in the stage process ({getattr(fn, '__name__', fn)}):\n{tb.rstrip()}")
+        raise exc
+    return reply[1]
