@@ -58,6 +58,7 @@ def reward_service(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(reward_service, tmp_path_factory):
     from services.policy_trainer.engines import HFEngine
+    from services.policy_trainer.policy import pack_sequences
     from services.policy_trainer.trainer import Trainer
 
     out = tmp_path_factory.mktemp("ppo") / "run"
@@ -104,9 +105,18 @@ def trained(reward_service, tmp_path_factory):
         before = greedy()
         result = trainer.fit()
         after = greedy()
+        sampled = trainer.engine.generate(
+            prompts, seed=5, max_new_tokens=16, temperature=1.0, row_ids=[0, 1, 2, 3], logprobs=True
+        )
+        packed = pack_sequences(prompts, [g.response_ids for g in sampled], trainer.tokenizer.pad_token_id)
+        with torch.no_grad():
+            lp = trainer.policy.forward_responses(
+                packed.input_ids, packed.attention_mask, packed.prompt_len, 1.0, with_values=False
+            ).logprobs
+        logprobs = ([g.logprob for g in sampled], (lp * packed.response_mask).sum(1).tolist())
     finally:
         trainer.close()
-    return types.SimpleNamespace(out=out, result=result, before=before, after=after)
+    return types.SimpleNamespace(out=out, result=result, before=before, after=after, logprobs=logprobs)
 
 
 def test_ppo_smollm2_vllm_against_real_reward_service(trained):
@@ -141,3 +151,15 @@ def test_vllm_weight_sync_matches_the_trainer_policy(trained):
     assert vllm_before == hf_before  # same weights, same dtype, greedy: identical tokens
     assert vllm_after == hf_after  # after two updates + syncs: still identical
     assert vllm_after != vllm_before  # and the updates did change the generations
+
+
+def test_vllm_reply_logprobs_are_the_trainer_policys(trained):
+    """The held-out KL takes the trained replies' log-probs from vLLM (one reference forward instead of two):
+    they must be the trainer policy's. Both sum <= 16 float32 token log-probs of a log-softmax over 49,152
+    logits; the two kernels differ per token by a few float32 roundings of logits of magnitude <= ~30 (2e-5
+    measured, ../shared/VLLM.md), so 1e-4 per token, 1.6e-3 per reply, bounds them, while a token off by one
+    position or another temperature moves a sum by more than 0.1."""
+    from_vllm, from_forward = trained.logprobs
+    assert all(v is not None for v in from_vllm)
+    assert from_vllm == pytest.approx(from_forward, abs=1.6e-3)
+    assert len({round(v, 2) for v in from_vllm}) > 1

@@ -37,6 +37,9 @@ class Generation:
     index: int  # position of the prompt in the generate() call
     response_ids: list[int]  # sampled tokens, up to and including the EOS token when there is one
     ended_with_eos: bool  # False: cut by max_new_tokens
+    #: sum of the log-probabilities of `response_ids` under the engine's policy (temperature 1 only), when the
+    #: engine was asked for it and can give it (vLLM: free with the sample); None otherwise
+    logprob: float | None = None
 
 
 OnFinished = Callable[[list[Generation]], None]
@@ -55,6 +58,7 @@ class RolloutEngine(Protocol):
         on_finished: OnFinished | None = None,
         row_ids: list[int] | None = None,
         prompt_width: int | None = None,
+        logprobs: bool = False,
     ) -> list[Generation]: ...
 
     def sync_weights(self, policy) -> None: ...
@@ -113,6 +117,7 @@ class HFEngine:
         on_finished: OnFinished | None = None,
         row_ids: list[int] | None = None,
         prompt_width: int | None = None,
+        logprobs: bool = False,  # not given: transformers `generate` does not keep them cheaply
     ) -> list[Generation]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -252,7 +257,10 @@ class VLLMEngine:
         on_finished: OnFinished | None = None,
         row_ids: list[int] | None = None,
         prompt_width: int | None = None,  # vLLM does not pad
+        logprobs: bool = False,
     ) -> list[Generation]:
+        """`logprobs`: also each reply's summed log-probability (vLLM's raw log-probs of the sampled tokens,
+        which are the policy's at temperature 1: asked for only then)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -269,6 +277,7 @@ class VLLMEngine:
                 stop_token_ids=sorted(self.eos_ids),
                 seed=row_seed(seed, rows[i]) if temperature > 0 else None,
                 detokenize=False,
+                logprobs=0 if logprobs and temperature == 1.0 else None,
             )
             engine.add_request(f"{call}-{i}", TokensPrompt(prompt_token_ids=list(p)), params)
         gens: dict[int, Generation] = {}
@@ -277,8 +286,12 @@ class VLLMEngine:
             for out in engine.step():
                 if out.finished:
                     index = int(out.request_id.rsplit("-", 1)[1])
-                    tokens, eos = _cut(list(out.outputs[0].token_ids), self.eos_ids)
-                    gens[index] = Generation(index, tokens, eos)
+                    sample = out.outputs[0]
+                    tokens, eos = _cut(list(sample.token_ids), self.eos_ids)
+                    lp = None
+                    if sample.logprobs:  # one {token: Logprob} per sampled token
+                        lp = sum(step[t].logprob for t, step in zip(tokens, sample.logprobs, strict=False))
+                    gens[index] = Generation(index, tokens, eos, lp)
                     finished.append(gens[index])
             if finished and on_finished is not None:
                 on_finished(finished)

@@ -156,7 +156,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
     t = time.perf_counter()
     base = getattr(trainer, "heldout_base", None)
     if base is not None and trainer.engine is not None:  # base replies from before the first update
-        trained = engine_replies(trainer, "trained")
+        trained = engine_replies(trainer, "trained", logprobs=temperature == 1.0)
     else:
         with policy.reference_lm() as ref_lm:
             base = generate(ref_lm)
@@ -177,9 +177,19 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
                 tok.pad_token_id,
             )
             args = (packed.input_ids, packed.attention_mask, packed.prompt_len, kl_temp)
-            new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
             ref = policy.forward_responses(*args, reference=True).logprobs
-            kls += ((new - ref) * packed.response_mask.to(new.device)).sum(1).tolist()
+            ref_sum = (ref * packed.response_mask.to(ref.device)).sum(1).tolist()
+            given = [trained[i].logprob for i in chunk]
+            if all(lp is not None for lp in given):  # the engine's own log-probs: one forward, not two
+                kls += [lp - r for lp, r in zip(given, ref_sum, strict=True)]
+            else:
+                new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
+                kls += [
+                    n - r
+                    for n, r in zip(
+                        (new * packed.response_mask.to(new.device)).sum(1).tolist(), ref_sum, strict=True
+                    )
+                ]
             progress.update(len(chunk))
     seconds["kl"] = time.perf_counter() - t
 
@@ -279,6 +289,7 @@ def batched_replies(
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
+    logprobs: bool = False,
 ) -> list[Generation]:
     """Replies of a rollout engine in batches of `batch_size`, `prompt_ids[i]` sampled with the row seed
     (seed, i) (`engines.row_seed`), so two policies given the same prompts and settings get the same batches
@@ -292,6 +303,7 @@ def batched_replies(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             row_ids=rows,
+            **({"logprobs": True} if logprobs else {}),
         )
         gens += [dataclasses.replace(g, index=rows[g.index]) for g in out]
         if progress is not None:
@@ -299,7 +311,7 @@ def batched_replies(
     return gens
 
 
-def engine_replies(trainer: Trainer, which: str) -> list[Generation]:
+def engine_replies(trainer: Trainer, which: str, *, logprobs: bool = False) -> list[Generation]:
     """The held-out replies of the policy the rollout engine holds now, `eval.heldout_samples` = k per prompt,
     in batches of `eval.heldout_batch_size`: reply j of prompt i is row i·k + j, seeded by
     (heldout_seed, i·k + j) whatever the batch."""
@@ -319,6 +331,7 @@ def engine_replies(trainer: Trainer, which: str) -> list[Generation]:
         batch_size=ev.heldout_batch_size,
         seed=ev.heldout_seed,
         progress=progress,
+        logprobs=logprobs,
     )
 
 
