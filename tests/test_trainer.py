@@ -541,6 +541,35 @@ def test_one_step_changes_every_trainable_parameter(assets, tmp_path, algo, extr
         trainer.close()
 
 
+def sync_through_a_fake_vllm_worker(policy) -> list[str]:
+    """`VLLMEngine.sync_weights` against a stand-in for vLLM's worker that, like `reload_weights`, consumes the
+    weights one at a time and keeps none of them; returns the names it received."""
+    import gc
+
+    from services.policy_trainer.engines import VLLMEngine
+
+    received: list[str] = []
+
+    def reload_weights(weights_iterator):
+        for name, tensor in weights_iterator:
+            received.append(name)
+            del tensor
+            gc.collect()
+
+    worker = types.SimpleNamespace(
+        reload_weights=reload_weights, model_runner=types.SimpleNamespace(model=types.SimpleNamespace())
+    )
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.llm = types.SimpleNamespace(
+        llm_engine=types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker))
+        ),
+        reset_prefix_cache=lambda: None,
+    )
+    engine.sync_weights(policy)
+    return received
+
+
 def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -557,8 +586,12 @@ def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
         assert names and all("lora_" in n or n.startswith("value_head.") for n in names)
         trainer.fit()
         merged = dict(trainer.policy.lm_weights_for_inference())
+        synced = sync_through_a_fake_vllm_worker(trainer.policy)
     finally:
         trainer.close()
+    # the engine's sync sends every weight even though it holds none of them (vLLM reads one at a time): LoRA
+    # layers yield fresh tensors whose memory the next one could reuse, which once looked like a tied weight
+    assert synced == [n for n in merged if n != "lm_head.weight"]  # the tied head: once, as the embedding
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     state = model.state_dict()
     # what the vLLM engine is sent: exactly the plain model's parameters, LoRA merged

@@ -180,7 +180,9 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
             ref = policy.forward_responses(*args, reference=True).logprobs
             ref_sum = (ref * packed.response_mask.to(ref.device)).sum(1).tolist()
             given = [trained[i].logprob for i in chunk]
-            if all(lp is not None for lp in given):  # the engine's own log-probs: one forward, not two
+            if all(
+                lp is not None and math.isfinite(lp) for lp in given
+            ):  # the engine's: one forward, not two
                 kls += [lp - r for lp, r in zip(given, ref_sum, strict=True)]
             else:
                 new = policy.forward_responses(*args, with_values=False, with_entropy=False).logprobs
