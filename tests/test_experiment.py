@@ -781,4 +781,3 @@ def test_the_readme_lists_the_demos_stages_as_the_demo_runs_them():
     rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
     assert rows[0] == "stage" and rows[-1] == "total"
     assert rows[1:-1] == planned_stages(ExperimentConfig.load("demo"))
-
