@@ -428,16 +428,21 @@ def join(prompt: str, option: str) -> tuple[str, str]:
     return prompt, option
 
 
+def _mc_pairs(tasks: Sequence[Task], prompt_of) -> list[tuple[str, str]]:
+    """Every distinct (prompt_of(item), continuation) pair of the multiple-choice tasks, in first-seen order."""
+    pairs = (
+        join(prompt_of(item), option)
+        for t in tasks
+        if t.kind != "generation"
+        for item in t.items
+        for option in item.continuations()
+    )
+    return list(dict.fromkeys(pairs))
+
+
 def requests(tasks: Sequence[Task]) -> list[tuple[str, str]]:
     """Every distinct (context, continuation) pair the multiple-choice tasks need scored."""
-    seen: dict[tuple[str, str], None] = {}
-    for t in tasks:
-        if t.kind == "generation":
-            continue
-        for item in t.items:
-            for option in item.continuations():
-                seen.setdefault(join(item.prompt, option), None)
-    return list(seen)
+    return _mc_pairs(tasks, lambda item: item.prompt)
 
 
 def content_free_requests(
@@ -448,16 +453,7 @@ def content_free_requests(
     The content-free prompt is shared by a task's items, so this is one pair per distinct option string of
     a task (two for a yes/no task, whatever its number of items)."""
     skip = set(exclude)
-    seen: dict[tuple[str, str], None] = {}
-    for t in tasks:
-        if t.kind == "generation":
-            continue
-        for item in t.items:
-            for option in item.continuations():
-                pair = join(item.cf_prompt, option)
-                if pair not in skip:
-                    seen.setdefault(pair, None)
-    return list(seen)
+    return [p for p in _mc_pairs(tasks, lambda item: item.cf_prompt) if p not in skip]
 
 
 def item_key(item: MCItem | GenItem) -> str:

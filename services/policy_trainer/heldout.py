@@ -154,7 +154,7 @@ def evaluate_heldout(trainer: Trainer) -> dict[str, Any]:
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    base = getattr(trainer, "heldout_base", None)
+    base = trainer.heldout_base
     if base is not None and trainer.engine is not None:  # base replies from before the first update
         trained = engine_replies(trainer, "trained", logprobs=temperature == 1.0)
     else:
@@ -305,7 +305,7 @@ def batched_replies(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             row_ids=rows,
-            **({"logprobs": True} if logprobs else {}),
+            logprobs=logprobs,
         )
         gens += [dataclasses.replace(g, index=rows[g.index]) for g in out]
         if progress is not None:
