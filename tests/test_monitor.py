@@ -8,6 +8,7 @@ import random
 import time
 import warnings
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -25,7 +26,8 @@ from services.policy_trainer.monitor import (
 )
 from services.reward_api.core.config import Settings
 from services.reward_api.main import create_app
-from services.reward_api.monitor import ScoreMonitor
+from services.reward_api.monitor import HEAD_CHARS, ScoreMonitor, summarize
+from tests.support import serve_in_thread
 
 RESPONSES = [
     "Thanks, that helps a lot!",
@@ -127,6 +129,62 @@ def test_get_monitor_and_the_gauges_equal_the_figures_computed_offline(tmp_path)
         "truncated_share",
     ):
         assert gauges[f"karma_monitor_{key}"] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_the_monitor_keeps_bounded_state_whatever_the_reply_size():
+    """Issue 20: the monitor kept every reply whole and computed distinct-n over all of it at each scrape
+    (7.4 s after three 8 MB replies). Now it keeps each reply's first HEAD_CHARS characters, its word count
+    and a digest: what it holds, and so what a read costs, does not grow with the replies."""
+    rng = random.Random(3)
+    big = [" ".join(rng.choice(WORDS) for _ in range(400_000)) + f" end{i}" for i in range(4)]  # ~2.3 MB each
+    small = RESPONSES[:3]
+    mon = ScoreMonitor(window=6)
+    mon.observe("m", "v", [summarize(r) for r in big], [1.0, 2.0, 3.0, 4.0], [False] * 4)
+    mon.observe("m", "v", small, [0.5, 0.25, 0.0], [True, False, False])  # strings: summarised by the monitor
+    kept = mon.kept_chars()
+    window = big[1:] + small  # the oldest big reply left the window
+    assert kept == sum(min(len(r), HEAD_CHARS) for r in small) + sum(len(summarize(r).head) for r in big[1:])
+    assert kept <= 6 * HEAD_CHARS and HEAD_CHARS - 20 < len(summarize(big[0]).head) <= HEAD_CHARS
+    assert set(summarize(big[0]).head.split()) <= set(WORDS)  # cut between words, not inside one
+    stats = mon.stats("m")
+    scores = [2.0, 3.0, 4.0, 0.5, 0.25, 0.0]
+    want = offline(scores, window, [False, False, False, True, False, False])  # lengths: the whole replies
+    for key in ("n", "score_mean", "score_std", "length_mean", "score_length_corr", "duplicate_rate"):
+        assert getattr(stats, key) == pytest.approx(want[key], abs=1e-12), key
+    assert stats.length_mean > 200_000 and stats.truncated_share == pytest.approx(1 / 6)
+    heads = offline(scores, [summarize(r).head for r in window])  # distinct-n: of each reply's head
+    assert stats.distinct_1 == pytest.approx(heads["distinct_1"], abs=1e-12)
+    assert stats.distinct_2 == pytest.approx(heads["distinct_2"], abs=1e-12)
+    mon.observe("m", "v", ["x"] * 6, [0.0] * 6, [False] * 6)  # every item replaced: the counts empty out
+    assert mon.stats("m").distinct_1 == pytest.approx(1 / 6) and mon.stats(
+        "m"
+    ).duplicate_rate == pytest.approx(5 / 6)
+    assert mon.kept_chars() == 6
+
+
+def test_a_scrape_after_large_replies_reads_bounded_state_on_a_real_server(tmp_path):
+    """Three ~2.3 MB replies scored through uvicorn: /v1/monitor and /metrics report their exact word counts
+    while the monitor holds at most HEAD_CHARS characters of each."""
+    spec = RuleSpec.parse({"rules": [{"kind": "length_window", "min_words": 3, "max_words": 6, "scale": 4}]})
+    write_rule_folder(spec, tmp_path / "rule")
+    app = create_app(Settings(models={"rule": str(tmp_path / "rule")}, monitor_window=16))
+    rng = random.Random(4)
+    big = [" ".join(rng.choice(WORDS) for _ in range(400_000)) for _ in range(3)]
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        for reply in big:
+            r = client.post("/v1/score", json={"items": [{"response": reply}]})
+            assert r.status_code == 200, r.text
+        stats = client.get("/v1/monitor").json()["models"]["rule"]
+        gauges = {
+            f.name: f.samples[0].value
+            for f in text_string_to_metric_families(client.get("/metrics").text)
+            if f.name.startswith("karma_monitor_") and f.samples
+        }
+    assert stats["n"] == 3 and stats["length_mean"] == pytest.approx(400_000)
+    assert gauges["karma_monitor_items"] == 3 and gauges["karma_monitor_length_mean"] == pytest.approx(
+        400_000
+    )
+    assert app.state.monitor.kept_chars() <= 3 * HEAD_CHARS
 
 
 # --------------------------------------------------------------------------------------------- the trainer

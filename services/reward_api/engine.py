@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from karma.protocol import Limits
     from karma.rm.compose import CompositionSpec
     from karma.rm.model import Encoded, RewardModel, RMInput
-    from services.reward_api.monitor import ScoreMonitor
+    from services.reward_api.monitor import Reply, ScoreMonitor
 
     #: what a model is loaded from: a folder, or (a composed reward given to the admin API) its definition
     Source = Path | CompositionSpec
@@ -464,6 +464,16 @@ def _release_free_memory() -> None:
 _LIBC = None
 
 
+def _summaries(monitor: ScoreMonitor | None, items: Sequence[RMInput]) -> list[Reply] | None:
+    """The monitor's bounded summary of each item's response (O(text): in a thread, never on the event loop);
+    None when nothing is monitored."""
+    if monitor is None or not monitor.window:
+        return None
+    from services.reward_api.monitor import summarize
+
+    return [summarize(str(it.response)) for it in items]
+
+
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
@@ -574,7 +584,7 @@ class ModelHandle(_Leased):
 
         self.worker.admit(len(items))  # refuse before encoding when the queue is already too long
         loop = asyncio.get_running_loop()
-        keys, known, todo = await loop.run_in_executor(self.encoder, self._prepare, items, truncate)
+        keys, known, todo, replies = await loop.run_in_executor(self.encoder, self._prepare, items, truncate)
         if todo:
             raw = await asyncio.wrap_future(self.worker.submit([e for _, e in todo]))
             fresh = {k: _Cached(float(s), e.truncated, len(e)) for (k, e), s in zip(todo, raw, strict=True)}
@@ -588,14 +598,15 @@ class ModelHandle(_Leased):
             self.observer.observe_truncated(self.name, sum(truncated))
         if normalize:
             scores = [float(s) for s in self.model.normalize(scores)]
-        if self.monitor is not None:
-            self.monitor.observe(self.name, self.version, [it.response for it in items], scores, truncated)
+        if replies is not None:
+            self.monitor.observe(self.name, self.version, replies, scores, truncated)
         return Scored(scores, truncated, sum(r.tokens for r in results), self.version, {self.name: scores})
 
     def _prepare(
         self, items: Sequence[RMInput], truncate: bool
-    ) -> tuple[list[bytes], dict[bytes, _Cached], list[tuple[bytes, Encoded]]]:
-        """(each item's key, the cached results, the distinct uncached items encoded) — in the encoder thread."""
+    ) -> tuple[list[bytes], dict[bytes, _Cached], list[tuple[bytes, Encoded]], list[Reply] | None]:
+        """(each item's key, the cached results, the distinct uncached items encoded, the monitor's summary of
+        each response) — in the encoder thread."""
         from karma.rm.model import InputTooLongError
 
         keys = [item_key(it, truncate) for it in items]
@@ -610,7 +621,7 @@ class ModelHandle(_Leased):
                 todo.append((key, self.model.encode(item, truncate=truncate)))
             except InputTooLongError as exc:
                 raise ItemTooLongError(i, str(exc)) from None
-        return keys, known, todo
+        return keys, known, todo, _summaries(self.monitor, items)
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for in-flight requests, drain the worker, free the weights."""
@@ -710,6 +721,8 @@ class ComposedHandle(_Leased):
             ]
             if self._rule_parts:
                 tasks.append(asyncio.ensure_future(asyncio.to_thread(self._rule_values, items)))
+            if self.monitor is not None and self.monitor.window:
+                tasks.append(asyncio.ensure_future(asyncio.to_thread(_summaries, self.monitor, items)))
             try:
                 results = await asyncio.gather(*tasks)
             except BaseException:
@@ -719,6 +732,7 @@ class ComposedHandle(_Leased):
             by_model: dict[str, Scored] = dict(zip(handles, results, strict=False))
             version = self.spec.served_version({m: h.version for m, h in handles.items()})
         components: dict[str, list[float]] = {c.label: by_model[c.model].scores for c in self._model_parts}
+        replies = results.pop() if self.monitor is not None and self.monitor.window else None
         if self._rule_parts:
             components.update(results[-1])
         ordered = {c.label: components[c.label] for c in self.spec.components}
@@ -728,8 +742,8 @@ class ComposedHandle(_Leased):
         truncated = [any(s.truncated[i] for s in by_model.values()) for i in range(len(items))]
         tokens = sum(s.tokens for s in by_model.values())
         self.observer.observe_components(self.name, ordered)
-        if self.monitor is not None:
-            self.monitor.observe(self.name, version, [it.response for it in items], total, truncated)
+        if replies is not None:
+            self.monitor.observe(self.name, version, replies, total, truncated)
         return Scored(total, truncated, tokens, version, ordered)
 
     def _rule_values(self, items: Sequence[RMInput]) -> dict[str, list[float]]:

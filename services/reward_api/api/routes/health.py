@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Response
@@ -109,4 +110,5 @@ async def info(registry: RegistryDep, settings: SettingsDep) -> InfoResponse:
     summary="Prometheus metrics",
 )
 async def metrics(m: MetricsDep) -> Response:
-    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+    """Rendered in a thread: the score monitor's gauges wait for its recording thread to catch up."""
+    return Response(await asyncio.to_thread(m.render), media_type=CONTENT_TYPE_LATEST)
