@@ -14,7 +14,8 @@ request in flight on a replica that died), or it answered 5xx / 429 — is out o
 `Retry-After`, else `backoff_s` x 2^(n-1) for its n-th failure in a row, capped by `max_backoff_s`), then
 tried again; the request goes to another endpoint at once (scoring is idempotent). Only when every endpoint
 is out does the client wait (exponential backoff with full jitter, or `Retry-After` plus jitter). This goes
-on until `max_retries` or the call's `deadline_s` runs out; then `RewardServiceError` names the URL(s) and
+on until `max_retries` or the call's `deadline_s` runs out (`max_retries=None`: the deadline alone bounds
+it, as the trainer and the framework adapters use it); then `RewardServiceError` names the URL(s) and
 the last cause. So a request sent while one of two replicas restarts is answered by the other. A 4xx other
 than 429 is the caller's mistake and raises at once; so does a 2xx whose body is not a valid response (not
 JSON, no `version`, null or string scores). Read timeouts are not retried (a slow server would get the same
@@ -40,6 +41,11 @@ from karma.discovery import Endpoint, Replicas, Resolver, resolve_addresses
 from karma.protocol import ScoreItem, ScoreResponse, as_score_item
 
 log = logging.getLogger(__name__)
+
+#: how long the framework adapters (`karma.integrations`) retry one scoring call, bounded by this deadline
+#: alone (`max_retries=None`), as karma's trainer does (its `reward_deadline_s`): a replica restart (12-13 s
+#: under load) passes unnoticed; a service that is gone stops the run within two minutes
+ADAPTER_DEADLINE_S = 120.0
 
 #: failures after which no response arrived: safe to send the (idempotent) scoring request again
 _RETRYABLE_TRANSPORT = (
@@ -138,7 +144,7 @@ class RewardClient:
         api_key: str | None = None,
         model: str | None = None,
         timeout: float = 60.0,
-        max_retries: int = 5,
+        max_retries: int | None = 5,
         deadline_s: float = 300.0,
         *,
         batch_size: int = 256,
@@ -149,8 +155,10 @@ class RewardClient:
         resolve_interval_s: float | None = 30.0,
         resolver: Resolver = resolve_addresses,
     ):
-        if max_retries < 0 or deadline_s <= 0 or timeout <= 0 or batch_size < 1:
-            raise ValueError("max_retries >= 0, deadline_s > 0, timeout > 0 and batch_size >= 1 are required")
+        if (max_retries is not None and max_retries < 0) or deadline_s <= 0 or timeout <= 0 or batch_size < 1:
+            raise ValueError(
+                "max_retries >= 0 (or None), deadline_s > 0, timeout > 0 and batch_size >= 1 are required"
+            )
         self.urls = _normalise_urls(urls)
         self.model = model
         self.timeout = timeout
@@ -314,7 +322,8 @@ class RewardClient:
             self._replicas.failed(ep, failure.retry_after, connect=failure.connect)
             wait = self._wait_before_retry(attempt, failure.retry_after)
             elapsed = self._clock() - start
-            if attempt > self.max_retries or elapsed + wait >= self.deadline_s:
+            out_of_tries = self.max_retries is not None and attempt > self.max_retries
+            if out_of_tries or elapsed + wait >= self.deadline_s:
                 break
             self._log_rate_limited(
                 "reward service: %s %s attempt %d failed (%s); retrying in %.2fs (%.1fs elapsed, deadline %.0fs)",

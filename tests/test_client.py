@@ -899,3 +899,75 @@ def test_trl_recognises_it_as_an_async_reward_function_and_runs_it_on_its_loop_t
         asyncio.run_coroutine_threadsafe(f.aclose(), loop).result(10)
     finally:
         shutdown_event_loop_in_daemon(thread, loop)
+
+
+class Outage:
+    """A lone replica restarting: /ready answers, /v1/score is a 503 (or a refused connection) until `clock`
+    has moved `seconds` past the first call, then the FakeService answers."""
+
+    def __init__(self, clock: FakeClock, seconds: float, refuse: bool = False):
+        self.clock, self.seconds, self.refuse = clock, seconds, refuse
+        self.service = FakeService()
+        self.start: float | None = None
+        self.failed = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/v1/score"):
+            self.start = self.clock.now if self.start is None else self.start
+            if self.clock.now - self.start < self.seconds:
+                self.failed += 1
+                if self.refuse:
+                    raise httpx.ConnectError("connection refused")
+                return error(503, "shutting down", "unavailable")
+        return self.service(request)
+
+
+def fake_time(monkeypatch, clock: FakeClock, seed: int = 0) -> list[float]:
+    """Every RewardClient (also those an adapter makes) sleeps in `clock`'s fake time; its jitter is seeded."""
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(RewardClient, "_sleep", staticmethod(fake_sleep))
+    monkeypatch.setattr(RewardClient, "_clock", staticmethod(clock))
+    monkeypatch.setattr(RewardClient, "_random", random.Random(seed))
+    return sleeps
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["503", "refused"])
+def test_trl_reward_func_rides_out_a_13s_restart_of_a_lone_replica_and_stops_at_its_deadline(
+    monkeypatch, refuse
+):
+    """The same retries as karma's trainer: bounded by a deadline (default 120 s), not a count of tries (the
+    former 5 retries gave up 4-8 s into a restart that takes 12-13 s)."""
+    clock = FakeClock()
+    fake_time(monkeypatch, clock)
+    outage = Outage(clock, 13.0, refuse=refuse)
+    f = trl_reward_func("http://127.0.0.1:8000", transport=httpx.MockTransport(outage))
+
+    async def go(fn):
+        try:
+            return await fn(prompts=["p"], completions=["abc"])
+        finally:
+            await fn.aclose()
+
+    assert run(go(f)) == [3.0]
+    assert outage.failed > 6 and clock.now - outage.start >= 13.0
+    short = trl_reward_func("http://127.0.0.1:8000", transport=httpx.MockTransport(outage), deadline_s=5)
+    outage.start = clock.now  # a second restart
+    with pytest.raises(RewardServiceError, match=r"failed after \d+ attempt\(s\) in [0-4]\.\ds \(http://127"):
+        run(go(short))
+    assert clock.now - outage.start < 5.0
+
+
+def test_max_retries_none_leaves_the_deadline_alone_to_bound_retries():
+    clock = FakeClock()
+    dead = FakeService([error(503, "down", "unavailable")] * 10_000)
+    client, _ = make_client(dead, clock=clock, max_retries=None, deadline_s=30, max_backoff_s=1)
+    with pytest.raises(RewardServiceError, match=r"failed after \d+ attempt\(s\) in (29\.\d|30\.0)s"):
+        run(client.score([{"response": "x"}]))
+    assert len(dead.calls) > 30  # well past the default count of 5 retries
+    with pytest.raises(ValueError, match=r"max_retries >= 0 \(or None\)"):
+        RewardClient("http://rm1:8000", max_retries=-1)

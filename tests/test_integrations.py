@@ -427,7 +427,8 @@ def test_verl_reward_function_as_verl_calls_it(loopback, rm_a, rm_b, monkeypatch
 
     got = asyncio.run(rollouts())
     assert [s for s, _ in got] == pytest.approx(want, abs=SCORE_TOL_F64)  # batched together, in float64
-    assert got[0][1] == {"score": got[0][0], "karma_truncated": 0.0}
+    assert got[0][1] == {"score": got[0][0], "karma_truncated": 0.0, "karma_missing_prompt": 0.0}
+    assert [r["karma_missing_prompt"] for _, r in got] == [0.0, 0.0, 0.0, 0.0, 1.0]  # the last has no prompt
     # reward_kwargs (the config) win over the environment: the full model, with metadata from extra_info
     meta = {"subreddit": "college", "depth": 2}
     fn_b = verl_custom_reward_fn("pkg://karma.integrations.verl", name, {"url": loopback, "model": "b"})
@@ -455,6 +456,144 @@ def test_verl_reward_function_fails_loudly(monkeypatch):
     verl.close()
     with pytest.raises(RewardServiceError, match="not ready"):
         asyncio.run(verl.compute_score_async("reddit", "a reply", None, {}))
+
+
+def verl_on_fake_service(monkeypatch, handler) -> list:
+    """verl's adapter makes its RewardClients on `handler` (an httpx.MockTransport handler); returns them."""
+    from karma.client import RewardClient
+    from karma.integrations import verl
+
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(RewardClient(*args, transport=httpx.MockTransport(handler), **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(verl, "RewardClient", make)
+    return made
+
+
+def test_verl_retries_until_a_configurable_deadline_and_rides_out_a_restart(monkeypatch):
+    """One rollout's score is retried until `deadline_s` (default 120 s, like karma's trainer), however many
+    tries that takes: a 13 s restart of a lone replica is ridden out (the former 5 retries gave up after
+    4-8 s); reward_kwargs or KARMA_REWARD_DEADLINE_S set it."""
+    from karma.client import RewardServiceError
+    from tests.test_client import FakeClock, Outage, fake_time
+
+    clock = FakeClock()
+    fake_time(monkeypatch, clock)
+    outage = Outage(clock, 13.0)
+    made = verl_on_fake_service(monkeypatch, outage)
+    url = "http://127.0.0.1:8000"
+    fn = verl_custom_reward_fn("pkg://karma.integrations.verl", "compute_score_async", {"url": url})
+    score, _ = asyncio.run(verl_run_single(fn, "reddit", "abc", "", {"prompt": "p"}))
+    assert score == 3.0 and outage.failed > 6 and clock.now - outage.start >= 13.0
+    assert made[-1].deadline_s == 120.0 and made[-1].max_retries is None
+    for kwargs in ({"url": url, "deadline_s": 5}, {"url": url}):
+        if "deadline_s" not in kwargs:
+            monkeypatch.setenv("KARMA_REWARD_DEADLINE_S", "5")
+        fn = verl_custom_reward_fn("pkg://karma.integrations.verl", "compute_score_async", kwargs)
+        outage.start = clock.now  # another restart
+        with pytest.raises(RewardServiceError, match=r"failed after \d+ attempt\(s\) in [0-4]\.\ds"):
+            asyncio.run(verl_run_single(fn, "reddit", "abc", "", {"prompt": "p"}))
+        assert made[-1].deadline_s == 5.0
+
+
+@pytest.mark.parametrize("name", ["compute_score", "compute_score_async"])
+def test_verl_unknown_or_bad_reward_kwargs_are_errors_that_name_them(monkeypatch, name):
+    from karma.integrations import verl
+
+    monkeypatch.setenv("KARMA_REWARD_URL", "http://127.0.0.1:9")  # nothing listens: nothing may be sent
+    monkeypatch.setenv("KARMA_REWARD_READY_TIMEOUT_S", "0.2")
+    accepted = "accepted: url, model, api_key, normalize, chat_template, ready_timeout_s, deadline_s, on_missing_prompt"
+    cases = [
+        (
+            {"modle": "full"},
+            TypeError,
+            rf"unknown reward_kwargs key 'modle' \(did you mean 'model'\?\); {accepted}$",
+        ),
+        (
+            {"model": "full", "retries": 3, "zzz": 1},
+            TypeError,
+            rf"unknown reward_kwargs keys 'retries', 'zzz'; {accepted}$",
+        ),
+        (
+            {"deadline_s": "soon"},
+            ValueError,
+            r"deadline_s \(KARMA_REWARD_DEADLINE_S\) must be a number of seconds, got 'soon'",
+        ),
+        ({"deadline_s": 0}, ValueError, r"deadline_s must be > 0 seconds, got 0"),
+        (
+            {"on_missing_prompt": "raise"},
+            ValueError,
+            r"on_missing_prompt must be one of warn, error, ignore, got 'raise'",
+        ),
+    ]
+    for kwargs, exc, message in cases:
+        fn = verl_custom_reward_fn("pkg://karma.integrations.verl", name, kwargs)
+        with pytest.raises(exc, match=message):
+            asyncio.run(verl_run_single(fn, "reddit", REPLY, "", {"prompt": Q1}, router="127.0.0.1:1"))
+    verl.close()
+
+
+def test_verl_row_without_a_prompt_warns_once_is_counted_and_can_be_an_error(monkeypatch, caplog):
+    from karma.integrations import verl
+    from tests.test_client import FakeService
+
+    service = FakeService()
+    verl_on_fake_service(monkeypatch, service)
+    monkeypatch.setattr(verl, "_missing", {"rows": 0, "warned": False})
+    fn = verl_custom_reward_fn(
+        "pkg://karma.integrations.verl", "compute_score_async", {"url": "http://127.0.0.1:8000"}
+    )
+
+    def score(extra_info, solution=REPLY):
+        return asyncio.run(verl_run_single(fn, "reddit", solution, "", extra_info))[1]
+
+    with caplog.at_level("WARNING", logger="karma.integrations.verl"):
+        first, second = score({"index": 0}), score({})
+        templated = score({}, TEMPLATED["gemma"][0] + TEMPLATED["gemma"][1])  # its context is in the text
+        given = score({"prompt": Q1})
+    assert first["karma_missing_prompt"] == second["karma_missing_prompt"] == 1.0
+    assert templated["karma_missing_prompt"] == given["karma_missing_prompt"] == 0.0
+    assert verl.missing_prompt_rows() == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "karma.integrations.verl"]
+    assert warning.startswith(
+        "karma.integrations.verl: a row has no prompt: extra_info has none of 'prompt', 'raw_prompt', "
+        "'question', 'context' (its keys: 'index', 'num_turns', 'rollout_reward_scores') and solution_str "
+        "holds no earlier turns, so it is scored without context."
+    )
+    sent = len(service.calls)
+    strict = verl_custom_reward_fn(
+        "pkg://karma.integrations.verl",
+        "compute_score_async",
+        {"url": "http://127.0.0.1:8000", "on_missing_prompt": "error"},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"a row has no prompt: .*; put the prompt in extra_info\['prompt'\] when making the dataset \(on_missing_prompt=error\)",
+    ):
+        asyncio.run(verl_run_single(strict, "reddit", REPLY, "", {"index": 0}))
+    assert len(service.calls) == sent  # refused before anything was sent
+    monkeypatch.setenv("KARMA_REWARD_ON_MISSING_PROMPT", "ignore")
+    caplog.clear()
+    monkeypatch.setattr(verl, "_missing", {"rows": 0, "warned": False})
+    assert score({})["karma_missing_prompt"] == 1.0 and verl.missing_prompt_rows() == 1
+    assert not [r for r in caplog.records if r.name == "karma.integrations.verl"]
+
+
+def test_verl_remote_reward_manager_takes_the_sync_variant_and_the_docs_say_so():
+    """verl's `remote` manager asserts `not inspect.iscoroutinefunction(compute_score)` at start; the sync
+    variant, wrapped as verl wraps it, passes; the docs name the variant to use with it."""
+    sync = verl_custom_reward_fn("pkg://karma.integrations.verl", "compute_score", {"url": "http://x:1"})
+    async_ = verl_custom_reward_fn(
+        "pkg://karma.integrations.verl", "compute_score_async", {"url": "http://x:1"}
+    )
+    assert not inspect.iscoroutinefunction(sync) and inspect.iscoroutinefunction(async_)
+    for path in (REPO / "docs" / "reward_service.md", REPO / "karma" / "integrations" / "verl.py"):
+        text = " ".join(path.read_text().split())
+        assert "Async reward score is not supported in remote reward manager" in text, path
+        assert re.search(r"reward_manager\.name=remote.*use `compute_score`", text), path
 
 
 # --------------------------------------------------------------------------------------------- snippets

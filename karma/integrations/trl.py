@@ -5,7 +5,9 @@
 
 (also importable as `karma.client.trl_reward_func`, its former home). Standard (str) and conversational
 (list of messages) prompts / completions; per-row metadata from dataset columns; one
-`karma.client.RewardClient` per event loop.
+`karma.client.RewardClient` per event loop, retrying a failing call as karma's trainer and the verl adapter do:
+failing over to another replica at once, else backing off with jitter, until `deadline_s` (default 120 s)
+runs out — a restart of a lone replica is ridden out; then `karma.client.RewardServiceError`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from karma.client import RewardClient
+from karma.client import ADAPTER_DEADLINE_S, RewardClient
 from karma.protocol import ScoreItem
 
 
@@ -60,6 +62,8 @@ def trl_reward_func(
     name: str = "karma_reward",
     metadata_column: str | None = "metadata",
     metadata_columns: Sequence[str] = (),
+    deadline_s: float = ADAPTER_DEADLINE_S,
+    max_retries: int | None = None,
     **client_kwargs: Any,
 ):
     """A TRL reward function (`GRPOTrainer(reward_funcs=[trl_reward_func(url)])`) scoring through the service.
@@ -69,14 +73,22 @@ def trl_reward_func(
     handles standard (str) and conversational (list of messages) prompts/completions. Per-row metadata for
     the `full` variant comes from a dict column `metadata_column` and/or flat columns `metadata_columns`.
     One `RewardClient` per event loop (TRL awaits async rewards on its own loop thread); `await f.aclose()`
-    closes them. The name TRL logs under is `name`.
+    closes them. The name TRL logs under is `name`. A failing call is retried until `deadline_s` (seconds) runs
+    out, however many tries that takes (`max_retries=None`); other `client_kwargs` go to `RewardClient`.
     """
     clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RewardClient] = weakref.WeakKeyDictionary()
 
     def client() -> RewardClient:
         loop = asyncio.get_running_loop()
         if loop not in clients:
-            clients[loop] = RewardClient(url, api_key=api_key, model=model, **client_kwargs)
+            clients[loop] = RewardClient(
+                url,
+                api_key=api_key,
+                model=model,
+                deadline_s=deadline_s,
+                max_retries=max_retries,
+                **client_kwargs,
+            )
         return clients[loop]
 
     async def reward(prompts, completions, completion_ids=None, **columns) -> list[float]:

@@ -24,20 +24,47 @@ What is scored:
 
 Settings come from verl's `reward_kwargs` (merged into every call:
 `+reward.custom_reward_function.reward_kwargs.url=http://rm:8000`), else from the environment of the
-reward workers: `url` / KARMA_REWARD_URL (default http://127.0.0.1:8000; comma-separated = replicas),
-`model` / KARMA_REWARD_MODEL (`/models/{model}/…`; default the service's default model), `api_key` /
-KARMA_REWARD_API_KEY, `normalize` / KARMA_REWARD_NORMALIZE (1/true: normalised scores; default raw),
-`chat_template` / KARMA_REWARD_CHAT_TEMPLATE (default auto), `ready_timeout_s` /
-KARMA_REWARD_READY_TIMEOUT_S (how long the first call waits for `/ready`, default 300).
+reward workers, else the defaults:
 
-Each event loop has one `karma.client.RewardClient` per (url, model, api key) — one connection pool,
-retries with backoff on connect errors / 5xx / 429, `RewardServiceError` on final failure (never a silent
-0). The sync variant runs the same coroutine on one background event loop per process.
+==================  =================================  ======================================================
+reward_kwargs       environment                        meaning (default)
+==================  =================================  ======================================================
+url                 KARMA_REWARD_URL                   the service (http://127.0.0.1:8000; a,b = replicas)
+model               KARMA_REWARD_MODEL                 `/models/{model}/...` (the service's default model)
+api_key             KARMA_REWARD_API_KEY               bearer token (none)
+normalize           KARMA_REWARD_NORMALIZE             1/true: normalised scores (raw)
+chat_template       KARMA_REWARD_CHAT_TEMPLATE         how templated text is split into turns (auto)
+ready_timeout_s     KARMA_REWARD_READY_TIMEOUT_S       how long the first call waits for `/ready` (300)
+deadline_s          KARMA_REWARD_DEADLINE_S            how long one rollout's score is retried (120)
+on_missing_prompt   KARMA_REWARD_ON_MISSING_PROMPT     a row without a prompt: warn / error / ignore (warn)
+==================  =================================  ======================================================
+
+Any other `reward_kwargs` key is an error that names it and the accepted ones (a typo such as `modle=` must
+not score with the default model); verl's own `reward_router_address` / `reward_model_tokenizer` are
+accepted and not used.
+
+Each event loop has one `karma.client.RewardClient` per (url, model, api key, deadline) — one connection
+pool, the same retries as karma's own trainer: connect errors / 5xx / 429 fail over to another replica at
+once, else back off with jitter, until `deadline_s` runs out (not a count of tries: a 12-13 s restart of a
+lone replica is ridden out); then `RewardServiceError` (never a silent 0). The sync variant runs the same
+coroutine on one background event loop per process.
+
+A row without a prompt (none of the `extra_info` keys above, and no earlier turns in `solution_str`) is
+scored without context, which is rarely meant: it logs a warning once per process, is counted
+(`missing_prompt_rows()`, and `"karma_missing_prompt": 1.0` in the returned dict, which verl keeps with the
+row's reward_extra_info), and with `on_missing_prompt=error` raises instead.
+
+Which verl reward manager: the default (`naive`) and `dapo` take either variant; verl's `remote` manager
+(`reward.reward_manager.name=remote`, scoring in separate worker processes) refuses `async def` functions at
+start ("Async reward score is not supported in remote reward manager"), so with it use `compute_score`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import difflib
+import logging
 import os
 import threading
 import weakref
@@ -46,8 +73,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from karma import chat
-from karma.client import RewardClient
+from karma.client import ADAPTER_DEADLINE_S, RewardClient
 from karma.protocol import ScoreItem
+
+log = logging.getLogger(__name__)
 
 URL_ENV = "KARMA_REWARD_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -56,9 +85,15 @@ API_KEY_ENV = "KARMA_REWARD_API_KEY"
 NORMALIZE_ENV = "KARMA_REWARD_NORMALIZE"
 CHAT_TEMPLATE_ENV = "KARMA_REWARD_CHAT_TEMPLATE"
 READY_TIMEOUT_ENV = "KARMA_REWARD_READY_TIMEOUT_S"
+DEADLINE_ENV = "KARMA_REWARD_DEADLINE_S"
+ON_MISSING_PROMPT_ENV = "KARMA_REWARD_ON_MISSING_PROMPT"
 
 #: where the prompt is looked for in `extra_info`, in this order
 PROMPT_KEYS = ("prompt", "raw_prompt", "question", "context")
+#: what a row without a prompt does
+ON_MISSING_PROMPT = ("warn", "error", "ignore")
+#: keyword arguments verl itself adds to the call (with a reward router); accepted, not used
+VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 
 
 @dataclass(frozen=True)
@@ -69,14 +104,58 @@ class Options:
     normalize: bool = False
     chat_template: str = chat.AUTO
     ready_timeout_s: float = 300.0
+    deadline_s: float = ADAPTER_DEADLINE_S
+    on_missing_prompt: str = "warn"
+
+    def __post_init__(self) -> None:
+        for key in ("ready_timeout_s", "deadline_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(
+                    f"karma.integrations.verl: {key} must be > 0 seconds, got {getattr(self, key)}"
+                )
+        if self.on_missing_prompt not in ON_MISSING_PROMPT:
+            raise ValueError(
+                f"karma.integrations.verl: on_missing_prompt must be one of {', '.join(ON_MISSING_PROMPT)}, "
+                f"got {self.on_missing_prompt!r}"
+            )
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The accepted reward_kwargs keys."""
+        return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Options:
-        """verl's reward_kwargs first, then the environment, then the defaults."""
+        """verl's reward_kwargs first, then the environment, then the defaults. An unknown key is a TypeError
+        naming it and the accepted keys; a bad value a ValueError naming its key."""
+        accepted = cls.keys()
+        unknown = sorted(set(kwargs) - set(accepted) - VERL_KWARGS)
+        if unknown:
+            hints = [
+                f"{k!r} (did you mean {close[0]!r}?)"
+                if (close := difflib.get_close_matches(k, accepted, 1))
+                else repr(k)
+                for k in unknown
+            ]
+            raise TypeError(
+                f"karma.integrations.verl: unknown reward_kwargs key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(hints)}; accepted: {', '.join(accepted)}"
+            )
 
         def pick(key: str, env: str) -> Any:
             value = kwargs.get(key)
             return os.environ.get(env) if value is None or value == "" else value
+
+        def seconds(key: str, env: str, default: float) -> float:
+            value = pick(key, env)
+            if value is None or value == "":
+                return default
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"karma.integrations.verl: {key} ({env}) must be a number of seconds, got {value!r}"
+                ) from None
 
         normalize = pick("normalize", NORMALIZE_ENV)
         if isinstance(normalize, str):
@@ -87,7 +166,9 @@ class Options:
             api_key=pick("api_key", API_KEY_ENV) or None,
             normalize=bool(normalize),
             chat_template=str(pick("chat_template", CHAT_TEMPLATE_ENV) or chat.AUTO),
-            ready_timeout_s=float(pick("ready_timeout_s", READY_TIMEOUT_ENV) or 300.0),
+            ready_timeout_s=seconds("ready_timeout_s", READY_TIMEOUT_ENV, 300.0),
+            deadline_s=seconds("deadline_s", DEADLINE_ENV, ADAPTER_DEADLINE_S),
+            on_missing_prompt=str(pick("on_missing_prompt", ON_MISSING_PROMPT_ENV) or "warn").strip().lower(),
         )
 
 
@@ -152,6 +233,41 @@ def score_item(
     )
 
 
+_missing = {"rows": 0, "warned": False}
+_missing_lock = threading.Lock()
+
+
+def missing_prompt_rows() -> int:
+    """Rows scored without a prompt in this process so far."""
+    return _missing["rows"]
+
+
+def _missing_prompt(opts: Options, extra_info: Any) -> None:
+    """A row without a prompt: counted; an error, a warning (once per process) or nothing, by the option."""
+    keys = sorted(extra_info) if isinstance(extra_info, Mapping) else []
+    problem = (
+        f"a row has no prompt: extra_info has none of {', '.join(map(repr, PROMPT_KEYS))} "
+        f"(its keys: {', '.join(map(repr, keys)) or 'none'}) and solution_str holds no earlier turns"
+    )
+    if opts.on_missing_prompt == "error":
+        raise ValueError(
+            f"karma.integrations.verl: {problem}; put the prompt in extra_info['prompt'] when making the "
+            "dataset (on_missing_prompt=error)"
+        )
+    with _missing_lock:
+        _missing["rows"] += 1
+        warn = opts.on_missing_prompt == "warn" and not _missing["warned"]
+        _missing["warned"] |= warn
+    if warn:
+        log.warning(
+            "karma.integrations.verl: %s, so it is scored without context. Put the prompt in "
+            "extra_info['prompt'] when making the dataset (on_missing_prompt=error stops on such rows, "
+            "=ignore silences this). Counted as 'karma_missing_prompt' in each returned dict; this warning "
+            "is shown once per process.",
+            problem,
+        )
+
+
 # --------------------------------------------------------------------------------------------- clients
 @dataclass
 class _Connection:
@@ -167,10 +283,12 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, _Conn
 async def _client(opts: Options) -> RewardClient:
     """This event loop's client for these options, once its service answered /ready."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (opts.url, opts.model, opts.api_key)
+    key = (opts.url, opts.model, opts.api_key, opts.deadline_s)
     conn = per_loop.get(key)
     if conn is None:
-        client = RewardClient(opts.url, api_key=opts.api_key, model=opts.model)
+        client = RewardClient(
+            opts.url, api_key=opts.api_key, model=opts.model, deadline_s=opts.deadline_s, max_retries=None
+        )
         conn = per_loop[key] = _Connection(
             client, asyncio.ensure_future(client.wait_ready(opts.ready_timeout_s))
         )
@@ -192,13 +310,19 @@ async def compute_score_async(
     **kwargs: Any,
 ) -> dict[str, float]:
     """verl's custom reward function, `async def` (verl awaits it on its reward loop). `data_source` and
-    `ground_truth` are not used; `kwargs` are verl's reward_kwargs (see Options) and whatever else verl passes
-    (`reward_router_address`, `reward_model_tokenizer`: ignored)."""
+    `ground_truth` are not used; `kwargs` are verl's reward_kwargs (see Options) and what verl itself passes
+    (`reward_router_address`, `reward_model_tokenizer`: not used); any other key raises."""
     opts = Options.from_kwargs(kwargs)
     item = score_item(solution_str, extra_info, opts.chat_template)
+    if not item.context:
+        _missing_prompt(opts, extra_info)
     client = await _client(opts)
     result = await client.score([item], normalize=opts.normalize)
-    return {"score": float(result.scores[0]), "karma_truncated": float(result.truncated[0])}
+    return {
+        "score": float(result.scores[0]),
+        "karma_truncated": float(result.truncated[0]),
+        "karma_missing_prompt": 0.0 if item.context else 1.0,
+    }
 
 
 _background: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
