@@ -131,7 +131,14 @@ def _headed(start: str, header_end: str, ends: tuple[str, ...]):
 
 
 _MISTRAL_TAGS = re.compile(r"(\[INST\]|\[/INST\]|\[SYSTEM_PROMPT\]|\[/SYSTEM_PROMPT\]|</s>)")
-_LLAMA2_SYS = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.DOTALL)
+
+
+def _llama2_system(body: str) -> tuple[int, int] | None:
+    """(start, end) of the first `<<SYS>>…<</SYS>>` in `body` (two `find`s: linear, where a lazy regex rescans
+    the text from every `<<SYS>>` that has no closing tag)."""
+    start = body.find("<<SYS>>")
+    end = body.find("<</SYS>>", start + 7) if start >= 0 else -1
+    return (start, end + 8) if end >= 0 else None
 
 
 def _split_mistral(fmt: ChatFormat, text: str) -> list[ChatTurn]:
@@ -145,10 +152,11 @@ def _split_mistral(fmt: ChatFormat, text: str) -> list[ChatTurn]:
         body = "".join(buf)
         buf.clear()
         if role == "user":
-            sys_match = _LLAMA2_SYS.search(body)
-            if sys_match:
-                turns.append(ChatTurn("system", fmt.strip(sys_match.group(1)).strip()))
-                body = body[: sys_match.start()] + body[sys_match.end() :]
+            found = _llama2_system(body)
+            if found:
+                start, end = found
+                turns.append(ChatTurn("system", fmt.strip(body[start + 7 : end - 8]).strip()))
+                body = body[:start] + body[end:]
         content = fmt.strip(body).strip()
         if role is not None or content:
             turns.append(ChatTurn(role, content, closed))
@@ -321,18 +329,22 @@ def _tokenizer_special_tokens(folder: Path, cfg: Mapping[str, Any]) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------- scoring view
+def _run_of(tokens: Iterable[str]) -> re.Pattern[str]:
+    """A run of `tokens` and whitespace at the start of a text (one pass, linear)."""
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    return re.compile(rf"(?:\s*(?:{alternatives}))*\s*")
+
+
+_LEADING_EDGES = _run_of(_EDGE_TOKENS)
+_TRAILING_EDGES = _run_of(t[::-1] for t in _EDGE_TOKENS)  # matched at the start of the reversed text
+
+
 def _strip_edges(text: str) -> str:
-    """`text` without well-known BOS/EOS tokens at its start and end (unchanged if it has none)."""
-    s = text.strip()
-    while True:
-        before = s
-        for tok in _EDGE_TOKENS:
-            if s.startswith(tok):
-                s = s[len(tok) :].lstrip()
-            if s.endswith(tok):
-                s = s[: -len(tok)].rstrip()
-        if s == before:
-            break
+    """`text` without well-known BOS/EOS tokens at its start and end (unchanged if it has none). Linear in
+    the text, however many tokens it starts or ends with."""
+    start = _LEADING_EDGES.match(text).end()
+    end = len(text) - _TRAILING_EDGES.match(text[::-1]).end()
+    s = text[start:end] if start < end else ""
     return text if s == text.strip() else s
 
 

@@ -306,6 +306,7 @@ def test_get_reward_speaks_openrlhf(client, rm_a):
         "karma_prompt_mismatch": [0.0, 0.0],
         "karma_chat_markup": [0.0, 0.0],  # `<|user|>` is in none of the templates karma.chat reads
         "karma_labels_ignored": [0.0, 0.0],
+        "karma_label_metadata_invalid": [0.0, 0.0],
     }
     odd = client.post("/get_reward", json={"query": ["unrelated text"], "prompts": ["a prompt"]}).json()
     assert odd["extra_logs"]["karma_prompt_mismatch"] == [1.0]

@@ -6,8 +6,9 @@ model lease with `app.dependency_overrides`.
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -71,6 +72,22 @@ def check_items(n: int, settings: Settings, what: str = "items") -> None:
             422,
             f"{n} {what} in one request; the limit is max_client_batch_size={settings.max_client_batch_size}",
         )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(fields: Iterable[tuple[str, object]]) -> None:
+    """422 for the first (where, text) whose text is not valid Unicode: JSON's `\\ud800` escape reads into a
+    lone surrogate, which no tokenizer (nor UTF-8) takes. Values that are not strings are skipped. O(text) in
+    C; run it off the event loop with the rest of the item building."""
+    for where, text in fields:
+        if isinstance(text, str) and (found := _SURROGATE.search(text)):
+            raise ServiceError(
+                422,
+                f"{where}: lone surrogate U+{ord(found.group()):04X} at character {found.start()} is not "
+                "valid Unicode text",
+            )
 
 
 def require_api_key(settings: SettingsDep, creds: ApiKeyCredentials) -> None:

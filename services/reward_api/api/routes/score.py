@@ -1,17 +1,44 @@
 """`POST /v1/score`: our scoring route (context, response, metadata → raw or normalised scores; per-component
 values and group normalisation on request)."""
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
 from karma.protocol import ScoreRequest, ScoreResponse
 from karma.rm.model import RMInput
-from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
+from services.reward_api.api.deps import SettingsDep, check_items, check_text, require_api_key
 from services.reward_api.api.errors import responses
 from services.reward_api.engine import Handle, group_zscore
+
+
+def _texts(body: ScoreRequest) -> Iterator[tuple[str, object]]:
+    """(where, value) of every text in the request: responses, contexts, metadata values."""
+    for i, it in enumerate(body.items):
+        yield f"items.{i}.response", it.response
+        if isinstance(it.context, str):
+            yield f"items.{i}.context", it.context
+        else:
+            yield from ((f"items.{i}.context.{j}.content", t.content) for j, t in enumerate(it.context))
+        if it.metadata is not None:
+            yield from ((f"items.{i}.metadata.{k}", v) for k, v in it.metadata.model_dump().items())
+
+
+def score_items(body: ScoreRequest) -> list[RMInput]:
+    """The request's items as the engine takes them; 422 for text that is not valid Unicode (`check_text`).
+    O(text): called in a thread, off the event loop."""
+    check_text(_texts(body))
+    return [
+        RMInput(
+            context=it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
+            response=it.response,
+            metadata=it.rm_metadata(),
+        )
+        for it in body.items
+    ]
 
 
 def make_router(model_dep: Callable) -> APIRouter:
@@ -36,15 +63,8 @@ def make_router(model_dep: Callable) -> APIRouter:
         Over-long context is cut from the left and flagged in `truncated`, or rejected with 422 when
         `truncate` is false. A composed reward returns Σ weight · component (each component with `components:
         true`); `group_normalize: true` z-scores the scores within the items sharing one context."""
-        items = [
-            RMInput(
-                context=it.context if isinstance(it.context, str) else [t.model_dump() for t in it.context],
-                response=it.response,
-                metadata=it.rm_metadata(),
-            )
-            for it in body.items
-        ]
-        check_items(len(items), settings)
+        check_items(len(body.items), settings)
+        items = await asyncio.to_thread(score_items, body)
         out = await handle.score(
             items,
             truncate=body.truncate,

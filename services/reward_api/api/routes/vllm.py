@@ -1,5 +1,6 @@
 """`POST /classify`: vLLM's pooling classification API, as verl's reward loop calls a discriminative RM."""
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Depends
 from karma import chat
 from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage, sigmoid
 from karma.rm.model import RMInput
-from services.reward_api.api.deps import SettingsDep, check_items, require_api_key
+from services.reward_api.api.deps import SettingsDep, check_items, check_text, require_api_key
 from services.reward_api.api.errors import ServiceError, responses
 from services.reward_api.engine import Handle
 
@@ -16,16 +17,18 @@ from services.reward_api.engine import Handle
 def classify_items(body: ClassifyRequest, template: str | chat.ChatFormat = chat.AUTO) -> list[RMInput]:
     """`input` texts → responses without context, or (chat-templated text, e.g. what verl renders with the
     RM folder's chat template) its last assistant turn with the earlier turns as context; `messages` → the
-    last message is the response."""
+    last message is the response. 422 for text that is not valid Unicode. O(text): called in a thread."""
     if (body.input is None) == (body.messages is None):
         raise ServiceError(422, "send exactly one of `input` (text or list of texts) and `messages`")
     if body.messages is not None:
+        check_text((f"messages.{i}.content", t.content) for i, t in enumerate(body.messages))
         *context, last = body.messages
         turns = [{"role": t.role, "content": t.content} for t in context if t.role != "system"]
         return [RMInput(context=turns, response=last.content)]
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ServiceError(422, "`input` is an empty list")
+    check_text((f"input.{i}" if isinstance(body.input, list) else "input", t) for i, t in enumerate(texts))
     items = []
     for text in texts:
         conv = chat.conversation(text, None, template)
@@ -53,7 +56,11 @@ def make_router(model_dep: Callable) -> APIRouter:
         raw score (verl reads `data[-1].probs[-1]`). The score is normalised first when `normalize` says so
         or, when it does not say, for the models in `--normalize-model`. Chat-templated `input` is read as a
         conversation (`--chat-template`). `model` in the body is ignored: choose the model by URL."""
-        items = classify_items(body, chat.resolve(settings.chat_template(handle.name)))
+        if isinstance(body.input, list):
+            check_items(len(body.input), settings)
+        items = await asyncio.to_thread(
+            classify_items, body, chat.resolve(settings.chat_template(handle.name))
+        )
         normalize = settings.normalize_default(handle.name) if body.normalize is None else body.normalize
         check_items(len(items), settings)
         out = await handle.score(items, normalize=normalize)
