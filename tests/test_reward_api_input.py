@@ -132,3 +132,65 @@ def test_label_metadata_that_does_not_validate_is_ignored_and_flagged(client, ca
         "/get_reward: label metadata of 2 of 4 items does not validate; scored without it "
         "(first: labels.0.metadata.depth: Input should be a valid integer)"
     ) in caplog.messages
+
+
+# --------------------------------------------------------------------------------------------- slow clients
+def _raw(url: str, data: bytes, wait_s: float = 20.0) -> bytes:
+    """Send `data` on a fresh connection, then read until the server closes it; what came, then `<still open>`
+    if `wait_s` passed first, or `<reset>` if the server closed before reading everything sent."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    out = b""
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                out += chunk
+        except TimeoutError:
+            return out + b"<still open>"
+        except (ConnectionResetError, BrokenPipeError):  # closed while we were still sending
+            return out + b"<reset>"
+    return out
+
+
+def test_header_size_and_slow_clients_are_bounded_on_a_real_server(tmp_path):
+    """`karma serve`'s uvicorn options (`server.uvicorn_options`): headers over max_header_bytes are refused, a
+    head or a body that does not arrive in time ends the connection (408 for the body) instead of holding it."""
+    from karma.rm.rule import RuleSpec, write_rule_folder
+    from services.reward_api.core.config import Settings
+    from services.reward_api.server import uvicorn_options
+    from tests.support import serve_in_thread
+
+    write_rule_folder(RuleSpec.parse({"rules": [{"kind": "marker"}]}), tmp_path / "rule")
+    settings = Settings(
+        models={"rule": str(tmp_path / "rule")},
+        max_header_bytes=4096,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+    )
+    assert uvicorn_options(settings)["h11_max_incomplete_event_size"] == 4096
+    assert uvicorn_options(settings)["timeout_keep_alive"] == 5
+    with serve_in_thread(create_app(settings), **uvicorn_options(settings)) as url:
+        ok = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 30\r\n"
+        body = b'{"items": [{"response": "hi"}]}'[:30]
+        assert _raw(url, ok + b"Connection: close\r\n\r\n" + body).startswith(
+            b"HTTP/1.1 "
+        )  # a normal request
+        big = _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+        head, _, payload = big.partition(b"\r\n\r\n")  # was answered 200
+        assert head.startswith(b"HTTP/1.1 431 ") and json.loads(payload) == {
+            "error": "request headers of 8217 bytes exceed max_header_bytes=4096",
+            "error_type": "payload_too_large",
+        }
+        huge = _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2**20 + b"\r\n\r\n")
+        assert huge.startswith((b"HTTP/1.1 400 ", b"<reset>")), huge[:80]  # h11 stops reading at 4 KiB
+        assert _raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\n") == b""  # head never finished: closed
+        assert _raw(url, b"") == b""  # nothing sent at all: closed too
+        short = _raw(url, ok + b"\r\n" + body[:10])  # 10 of 30 bytes, then silence
+        head, _, payload = short.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), short[:200]
+        assert json.loads(payload) == {
+            "error": "request body not received within body_timeout_s=0.5",
+            "error_type": "validation",
+        }

@@ -34,6 +34,7 @@ def run_service(settings: Settings) -> None:
     import uvicorn
 
     from services.reward_api.main import create_app
+    from services.reward_api.server import uvicorn_options
 
     logging.getLogger().setLevel(settings.log_level.upper())
     uvicorn.run(
@@ -42,6 +43,7 @@ def run_service(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
+        **uvicorn_options(settings),  # header size, head / body deadlines, keep-alive
     )
 
 

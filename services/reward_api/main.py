@@ -131,6 +131,11 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     _document_settings(app, settings)
     app.add_middleware(DisconnectMiddleware)
     app.add_middleware(InternalErrorMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s from the body limit too
     return app

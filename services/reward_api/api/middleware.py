@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware: the request-body limit (413 before the body is parsed), cancelling a request whose
-client went away, and request metrics."""
+"""Pure-ASGI middleware: the request-body limits (413 before the body is parsed, 408 for a body that does not
+arrive in time), cancelling a request whose client went away, and request metrics."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import time
 from services.reward_api.core.metrics import Metrics
 
 
-async def _send_error(send, status: int, message: str, error_type: str) -> None:
+async def _send_error(send, status: int, message: str, error_type: str, headers=None) -> None:
     """The one error body (`errors.error_response`), sent from pure ASGI code before any route ran."""
     from services.reward_api.api.errors import error_response
 
-    response = error_response(status, message, error_type)  # type: ignore[arg-type]
+    response = error_response(status, message, error_type, headers)  # type: ignore[arg-type]
     await response({"type": "http"}, _no_receive, send)
 
 
@@ -24,41 +24,72 @@ async def _no_receive():  # a response never reads the request
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: from Content-Length when given, else by counting a chunked body."""
+    """431 for headers over `max_header_bytes`; 413 for a body over `max_bytes`: from Content-Length when given (before reading it), else by counting a
+    chunked body; 408 (and the connection closed) for a body not whole within `timeout_s` of the headers —
+    uvicorn has no such deadline, and a body shorter than its Content-Length held a connection for good. The
+    body is read here, whole, and replayed to the app (the JSON routes read it whole anyway)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(
+        self, app, max_bytes: int, timeout_s: float | None = None, max_header_bytes: int | None = None
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = None
+        if self.max_header_bytes is not None:  # uvicorn's h11 cap holds only for a head that came in pieces
+            size = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > self.max_header_bytes:
+                message = f"request headers of {size} bytes exceed max_header_bytes={self.max_header_bytes}"
+                return await _send_error(send, 431, message, "payload_too_large", {"Connection": "close"})
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
                     return await _send_error(send, 422, "invalid Content-Length", "validation")
+                if length > self.max_bytes:
+                    return await _send_error(
+                        send,
+                        413,
+                        f"request body exceeds max_body_bytes={self.max_bytes}",
+                        "payload_too_large",
+                    )
                 break
-        too_large = f"request body exceeds max_body_bytes={self.max_bytes}"
-        if length is not None:
-            if length > self.max_bytes:
-                return await _send_error(send, 413, too_large, "payload_too_large")
-            return await self.app(scope, receive, send)
-        # No Content-Length (chunked): buffer up to the limit, then replay.
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                first = await self._read(receive)
+        except TimeoutError:
+            log.info(
+                "no whole body within %gs: 408 to %s %s",
+                self.timeout_s,
+                scope.get("method"),
+                scope.get("path"),
+            )
+            message = f"request body not received within body_timeout_s={self.timeout_s:g}"
+            return await _send_error(send, 408, message, "validation", {"Connection": "close"})
+        if first is None:
+            return await _send_error(
+                send, 413, f"request body exceeds max_body_bytes={self.max_bytes}", "payload_too_large"
+            )
+        return await self.app(scope, _replay([first], receive), send)
+
+    async def _read(self, receive) -> dict | None:
+        """The whole body as one `http.request` message (or the disconnect that cut it); None over the limit."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                return await self.app(scope, _replay([message]), send)
+                return message
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                return await _send_error(send, 413, too_large, "payload_too_large")
+                return None
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        return await self.app(scope, _replay([body], receive), send)
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
 
 def _replay(messages, then=None):

@@ -82,6 +82,32 @@ class Settings(BaseSettings):
         description="request body size (413 above); 8 MiB is 256 items of 32 KB, more text than a 512-token "
         "model reads (each segment is cut to 16 characters a token before tokenising)",
     )
+    max_header_bytes: int = Field(
+        16 * 2**10,
+        ge=1024,
+        le=2**20,
+        description="request line + headers: 431 above (uvicorn's h11_max_incomplete_event_size also stops "
+        "reading a head that arrives in pieces past it: 400)",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a connection must send a whole request line and headers within this of connecting (or of "
+        "its previous response), else it is closed (uvicorn has no such setting: karma's protocol class)",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a request's body must arrive within this of its headers (408 after)",
+    )
+    keep_alive_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="an idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive)",
+    )
     max_queue_items: int = Field(4096, ge=1, description="items waiting per model (429 above)")
     max_queue_wait_s: float = Field(
         5.0,
