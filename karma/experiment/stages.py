@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from karma.experiment.config import ExperimentConfig, PreparedData
-from karma.experiment.isolate import run_isolated
+from karma.experiment.isolate import run_isolated, stage_env
 from karma.experiment.report import training_summary, write_report
 from karma.rm.compose import write_compose_folder
 
@@ -84,7 +84,9 @@ def reward_service(
     url = f"http://127.0.0.1:{port}"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=stage_env()
+        )
 
     def still_running() -> None:
         if proc.poll() is not None:

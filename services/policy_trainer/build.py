@@ -98,6 +98,7 @@ def start_vllm(cfg: TrainConfig, policy_path: str, eos_ids: set[int]) -> Rollout
         kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
         enforce_eager=cfg.rollout.vllm_enforce_eager,
+        max_num_seqs=cfg.rollout.vllm_max_num_seqs,
     )
 
 

@@ -100,6 +100,12 @@ class RolloutConfig(_Section):
     vllm_enforce_eager: bool = Field(
         False, description="vllm: skip torch.compile / graphs (faster start, slower decode)"
     )
+    vllm_max_num_seqs: int | None = Field(
+        None,
+        gt=0,
+        description="vllm: sequences decoded at once (default: vLLM's, 256); smaller shrinks the buffers vLLM "
+        "sizes at start-up (CPU: ~100 MB less at 16)",
+    )
     row_seeded: bool = Field(
         False,
         description="hf: sample each response from its own seed, as data-parallel runs do, so a 1-process run "

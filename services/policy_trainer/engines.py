@@ -208,12 +208,13 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
     ):
         # in-process engine: weights can be handed over as tensors (must be set before vllm is imported)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch
 
-        kwargs: dict = {}
+        kwargs: dict = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -231,7 +232,8 @@ class VLLMEngine:
             # ("CPU Generator does not use offset": a batch of 32 prompts of 190 tokens failed here). Whole
             # prompts only: a step takes as many as fit in max_num_batched_tokens (>= one full sequence).
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+            batch_tokens = 4096 if max_num_seqs is None else min(4096, max_num_seqs * max_model_len)
+            kwargs["max_num_batched_tokens"] = max(max_model_len, batch_tokens)
         from vllm import LLM
 
         self.llm = LLM(
