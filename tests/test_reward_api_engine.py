@@ -6,6 +6,7 @@ it is given; one test checks batch invariance with a real (tiny) RewardModel.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -335,3 +336,166 @@ def test_batch_invariance_with_a_real_tiny_model(tmp_path):
     assert worker.batches_run > 1  # several batches of mixed lengths
     assert batched == pytest.approx(alone, abs=SCORE_TOL_F64)
     assert max(alone) - min(alone) > 1e-2  # the scores differ, so the comparison means something
+
+
+# --------------------------------------------------------------------------------------------- admission
+class EncodingModel(FakeModel):
+    """FakeModel with `encode` (one token per character of the response); `on_encode(item)` runs first (a
+    test advances its fake clock there, or blocks); `encoded` records what was tokenised."""
+
+    max_length = 512
+
+    def __init__(self, on_encode=None, **kw):
+        super().__init__(**kw)
+        self.on_encode = on_encode
+        self.encoded: list[str] = []
+
+    def encode(self, item: RMInput, truncate: bool = True) -> Encoded:
+        if self.on_encode is not None:
+            self.on_encode(item)
+        self.encoded.append(item.response)
+        return enc(len(item.response))
+
+
+def test_time_spent_waiting_for_the_tokenising_thread_counts_against_max_queue_wait_s():
+    """Issue 20 item 9: with max_queue_wait_s 5, admitted requests waited 10-12 s. Both requests pass the
+    cheap check at arrival (nothing queued yet); B then waits 4 s while A (three 100-token items) is tokenised,
+    and A's 3 s of forward are queued ahead of it: 4 + 3 > 5, so B is refused before it is tokenised (before
+    the fix it was admitted on the 3 s alone and answered after 7 s + its own compute)."""
+    now = [0.0]
+    both_arrived = threading.Event()
+
+    def slow_big(item: RMInput) -> None:
+        if item.response.startswith("big"):
+            both_arrived.wait(10)
+            now[0] += 4.0 / 3  # tokenising A takes 4 s
+
+    gate = threading.Event()
+    model = EncodingModel(on_encode=slow_big, gate=gate)  # forward blocks: A's work stays ahead of B
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=1000, max_wait_ms=0, max_queue_wait_s=5.0)
+    )
+    worker.tokens_per_s = 100.0  # as measured: A's 300 tokens take 3 s
+    handle = ModelHandle("m", Path("/m/v1"), model, worker, clock=lambda: now[0])
+
+    async def go():
+        a = asyncio.ensure_future(handle.score([RMInput("", f"big{i}".ljust(100, "x")) for i in range(3)]))
+        b = asyncio.ensure_future(handle.score([RMInput("", "small")]))
+        await asyncio.sleep(0)  # both passed the check at arrival (nothing queued, nothing measured yet)
+        assert handle.tokenising == 4
+        both_arrived.set()
+        with pytest.raises(
+            QueueBusyError,
+            match=r"'m' is overloaded: after 4\.0s waiting to be tokenised, the \d items queued ahead need an "
+            r"estimated 3\.0s, more than max_queue_wait_s=5$",
+        ) as err:
+            await asyncio.wait_for(b, 5)
+        assert err.value.retry_after == 0.0  # the work ahead alone is under the bound: retry at once
+        assert "small" not in model.encoded  # refused before it was tokenised
+        gate.set()
+        assert (await asyncio.wait_for(a, 5)).scores == [pytest.approx(1.0)] * 3
+        # the queue has drained: a request that waited for nothing is admitted
+        return await asyncio.wait_for(handle.score([RMInput("", "after")]), 5)
+
+    try:
+        assert asyncio.run(go()).scores == [1.0]
+    finally:
+        gate.set()
+        both_arrived.set()
+        handle.encoder.shutdown(wait=True)
+        worker.close()
+
+
+def test_items_still_waiting_to_be_tokenised_count_at_arrival():
+    """A request that arrives while earlier ones wait for the tokenising thread is refused at once when their
+    estimated work (measured tokens per item at the measured throughput) exceeds the bound — not left to wait
+    behind them."""
+    hold = threading.Event()
+    model = EncodingModel(on_encode=lambda item: item.response.startswith("hold") and hold.wait(10))
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=1000, max_wait_ms=0, max_queue_wait_s=5.0)
+    )
+    handle = ModelHandle("m", Path("/m/v1"), model, worker, clock=lambda: 0.0)
+
+    async def go():
+        await handle.score([RMInput("", "w".ljust(100, "x"))])  # measures 100 tokens an item
+        assert handle.tokens_per_item == 100.0
+        worker.tokens_per_s = 100.0  # 1 s an item
+        held = asyncio.ensure_future(handle.score([RMInput("", "hold".ljust(100, "x"))]))
+        waiting = [
+            asyncio.ensure_future(handle.score([RMInput("", f"q{i}".ljust(100, "x"))])) for i in range(5)
+        ]
+        await asyncio.sleep(0)  # each has passed the check at arrival and waits for the tokenising thread
+        assert handle.tokenising == 6
+        with pytest.raises(
+            QueueBusyError,
+            match=r"'m' is overloaded: the 6 items queued ahead \(6 of them still to tokenise\) need an "
+            r"estimated 6\.0s, more than max_queue_wait_s=5$",
+        ) as err:
+            await asyncio.wait_for(handle.score([RMInput("", "late")]), 2)
+        assert err.value.retry_after == pytest.approx(1.0)
+        hold.set()
+        return await asyncio.gather(held, *waiting)
+
+    try:
+        assert [r.scores for r in asyncio.run(go())] == [[1.0]] * 6
+        assert "late" not in model.encoded and handle.tokenising == 0
+    finally:
+        hold.set()
+        handle.encoder.shutdown(wait=True)
+        worker.close()
+
+
+class SleepingModel(EncodingModel):
+    """Tokenising takes `encode_s` an item and the forward `forward_s` an item, as sleeps (so the test's timing
+    does not depend on the CPUs it shares)."""
+
+    def __init__(self, encode_s: float, forward_s: float):
+        super().__init__(on_encode=lambda item: time.sleep(encode_s))
+        self.forward_s = forward_s
+
+    def forward(self, batch):
+        time.sleep(self.forward_s * len(batch))
+        return super().forward(batch)
+
+
+def test_under_6x_overload_admitted_requests_take_at_most_the_bound_plus_their_own_compute():
+    """The issue's measurement in small: a request every 50 ms for 2 s, each 10 items costing 0.2 s to tokenise
+    and 0.1 s to forward (0.3 s of its own; capacity one every 0.3 s), max_queue_wait_s 0.5. Before the fix
+    the tokenising thread's queue grew without bound (admitted requests took seconds); now every admitted
+    request answers within 0.5 + 0.3 s (+ slack for thread wake-ups), the others are refused."""
+    model = SleepingModel(encode_s=0.02, forward_s=0.01)
+    worker = BatchingWorker(
+        model, name="m", limits=limits(max_batch_tokens=100, max_wait_ms=0, max_queue_wait_s=0.5)
+    )
+    handle = ModelHandle("m", Path("/m/v1"), model, worker)
+
+    async def one(i: int) -> tuple[bool, float]:
+        t0 = time.perf_counter()
+        try:
+            await handle.score([RMInput("", f"r{i}-{j}".ljust(10)) for j in range(10)])
+        except QueueBusyError:
+            return False, time.perf_counter() - t0
+        return True, time.perf_counter() - t0
+
+    async def go():
+        await handle.score([RMInput("", f"warm{j}".ljust(10)) for j in range(10)])  # measures the throughput
+        tasks = []
+        for i in range(40):
+            tasks.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        handle.encoder.shutdown(wait=True)
+        worker.close()
+    admitted = sorted(dt for ok, dt in results if ok)
+    refused = [dt for ok, dt in results if not ok]
+    print(
+        f"\nadmitted {len(admitted)}: max {max(admitted, default=0):.2f}s; refused {len(refused)}: max {max(refused, default=0):.2f}s"
+    )
+    assert 4 <= len(admitted) <= 20 and refused
+    assert max(admitted) < 0.5 + 0.3 + 0.25
+    assert max(refused) < 0.5 + 0.2 + 0.25  # refused at arrival or at its turn to tokenise, never after that

@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,13 +73,27 @@ class QueueFullError(EngineError):
 
 
 class QueueBusyError(QueueFullError):
-    """The work already queued would keep a new request waiting longer than `max_queue_wait_s`."""
+    """The work ahead of a request — queued, in the running batch, or (`tokenising`) admitted but still waiting
+    for the model's tokenising thread — plus the time the request has already waited for that thread
+    (`waited_s`) would exceed `max_queue_wait_s`. `retry_after` is when the work ahead would be back under the
+    bound for a new request."""
 
-    def __init__(self, model: str, wait_s: float, limit_s: float, depth: int):
+    def __init__(
+        self,
+        model: str,
+        wait_s: float,
+        limit_s: float,
+        depth: int,
+        *,
+        waited_s: float = 0.0,
+        tokenising: int = 0,
+    ):
+        after = f"after {waited_s:.1f}s waiting to be tokenised, " if waited_s else ""
+        still = f" ({tokenising} of them still to tokenise)" if tokenising else ""
         EngineError.__init__(
             self,
-            f"model {model!r} is overloaded: the {depth} items queued ahead need an estimated {wait_s:.1f}s, "
-            f"more than max_queue_wait_s={limit_s:g}",
+            f"model {model!r} is overloaded: {after}the {depth} items queued ahead{still} need an estimated "
+            f"{wait_s:.1f}s, more than max_queue_wait_s={limit_s:g}",
         )
         self.retry_after = max(wait_s - limit_s, 0.0)
 
@@ -300,25 +314,40 @@ class BatchingWorker:
         rate = self.tokens_per_s
         return (self._queued_tokens + self._busy_tokens) / rate if rate else 0.0
 
-    def admit(self, n_items: int = 0) -> None:
+    def admit(
+        self, n_items: int = 0, *, waited_s: float = 0.0, ahead_s: float = 0.0, ahead_items: int = 0
+    ) -> None:
         """Raise QueueBusyError / QueueFullError if a request of `n_items` would be refused now (a cheap check
-        before encoding; `submit` checks again)."""
+        before encoding; `submit` checks again). `waited_s`: how long the request has already waited (for the
+        tokenising thread); `ahead_items` / `ahead_s`: work admitted before it that is not queued here yet
+        (still to tokenise) and its estimated seconds — it will be forwarded first."""
         with self._cond:
-            self._check_admission(n_items)
+            self._check_admission(n_items, waited_s, ahead_s, ahead_items)
 
-    def _check_admission(self, n_items: int) -> None:  # under self._cond
+    def _check_admission(
+        self, n_items: int, waited_s: float = 0.0, ahead_s: float = 0.0, ahead_items: int = 0
+    ) -> None:  # under self._cond
         if self._queued_items + n_items > self.max_queue_items:
             exc = QueueFullError(self.name, self._queued_items, self.max_queue_items, n_items)
             exc.retry_after = self.estimated_wait() or None
             raise exc
-        if self.max_queue_wait_s is not None and self._queued_items:
-            wait = self.estimated_wait()
-            if wait > self.max_queue_wait_s:
-                raise QueueBusyError(self.name, wait, self.max_queue_wait_s, self._queued_items)
+        # a request alone (nothing queued or waiting ahead, no time lost yet) is never refused for the running batch
+        if self.max_queue_wait_s is not None and (self._queued_items or ahead_items or waited_s > 0):
+            wait = self.estimated_wait() + ahead_s
+            if waited_s + wait > self.max_queue_wait_s:
+                raise QueueBusyError(
+                    self.name,
+                    wait,
+                    self.max_queue_wait_s,
+                    self._queued_items + ahead_items,
+                    waited_s=waited_s,
+                    tokenising=ahead_items,
+                )
 
-    def submit(self, items: Sequence[Encoded]) -> Future:
+    def submit(self, items: Sequence[Encoded], *, waited_s: float = 0.0) -> Future:
         """Queue items; the future resolves to their scores in order. Cancelling the future drops its queued
-        items. Raises QueueBusyError / QueueFullError / WorkerClosedError."""
+        items. `waited_s`: how long the request already waited before its own work (it counts against
+        `max_queue_wait_s`). Raises QueueBusyError / QueueFullError / WorkerClosedError."""
         fut: Future = Future()
         if not items:
             fut.set_result([])
@@ -328,7 +357,7 @@ class BatchingWorker:
         with self._cond:
             if self._closed:
                 raise WorkerClosedError(f"model {self.name!r} is shutting down")
-            self._check_admission(len(items))
+            self._check_admission(len(items), waited_s)
             for i, item in enumerate(items):
                 self._queue.append(_Slot(job, i, item, now))
             job.queued_items, job.queued_tokens = len(items), sum(len(it) for it in items)
@@ -474,6 +503,25 @@ def _summaries(monitor: ScoreMonitor | None, items: Sequence[RMInput]) -> list[R
     return [summarize(str(it.response)) for it in items]
 
 
+@dataclass(eq=False, slots=True)
+class _Ticket:
+    """A request between its admission and its submit to the worker: its items count as still to tokenise."""
+
+    n: int
+    arrived: float  # the handle's clock
+    pending: bool = True
+
+
+def _cancel_submitted(prepared: Future) -> None:
+    """Done-callback of a cancelled request's preparation: cancel what it submitted (its items leave the queue)."""
+    if not prepared.cancelled() and prepared.exception() is None and (submitted := prepared.result()[4]):
+        submitted.cancel()
+
+
+def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
@@ -549,7 +597,14 @@ class ModelHandle(_Leased):
     is enough.
 
     `await handle.score(items)` is the one scoring path of every route: cache, admission, encoding off the
-    event loop, the shared batch, normalisation."""
+    event loop, the shared batch, normalisation.
+
+    Admission counts every wait, so an admitted request waits at most about `max_queue_wait_s` before its own
+    compute: at arrival, the work queued in the worker plus the items admitted before it and still waiting for
+    the tokenising thread (at the measured tokens per item); when its turn to tokenise comes, the time it
+    waited for that thread plus the work queued then (refused there, nothing is tokenised); on submit (from
+    the tokenising thread, so the next request's check sees this one's work), the same again. `clock`
+    (seconds) is injectable for tests."""
 
     def __init__(
         self,
@@ -561,8 +616,13 @@ class ModelHandle(_Leased):
         *,
         cache_items: int = 0,
         monitor: ScoreMonitor | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.name = name
+        self.clock = clock
+        self.tokenising = 0  # items admitted, not yet submitted to the worker (nor refused)
+        self._count_lock = threading.Lock()
+        self.tokens_per_item: float | None = None  # measured, a moving average over encoded requests
         self.observer = observer or worker.observer
         self.path = path
         self.model = model
@@ -582,11 +642,21 @@ class ModelHandle(_Leased):
         queued items."""
         import asyncio
 
-        self.worker.admit(len(items))  # refuse before encoding when the queue is already too long
-        loop = asyncio.get_running_loop()
-        keys, known, todo, replies = await loop.run_in_executor(self.encoder, self._prepare, items, truncate)
-        if todo:
-            raw = await asyncio.wrap_future(self.worker.submit([e for _, e in todo]))
+        ticket = _Ticket(len(items), self.clock())
+        # refuse before encoding when the work ahead (queued, or still to tokenise) is already too long
+        self.worker.admit(len(items), ahead_s=self._tokenising_s(), ahead_items=self.tokenising)
+        with self._count_lock:
+            self.tokenising += ticket.n
+        prepared = self.encoder.submit(self._prepare, items, truncate, ticket)
+        try:
+            keys, known, todo, replies, submitted = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:  # if it was already tokenising, its items leave the queue once queued
+            prepared.add_done_callback(_cancel_submitted)
+            raise
+        finally:
+            self._tokenised(ticket)
+        if submitted is not None:
+            raw = await asyncio.wrap_future(submitted)
             fresh = {k: _Cached(float(s), e.truncated, len(e)) for (k, e), s in zip(todo, raw, strict=True)}
             self.cache.put_many(fresh)
             known.update(fresh)
@@ -602,26 +672,59 @@ class ModelHandle(_Leased):
             self.monitor.observe(self.name, self.version, replies, scores, truncated)
         return Scored(scores, truncated, sum(r.tokens for r in results), self.version, {self.name: scores})
 
+    def _tokenising_s(self) -> float:
+        """Estimated seconds of forward of the items admitted but still to tokenise, at the measured tokens per
+        item and throughput (0 until both are measured). Their tokenising time is left out: a first, cold
+        measurement of it overestimates, and an underestimate here only moves the refusal to the request's
+        turn to tokenise, where the time it waited is known."""
+        per_item, rate = self.tokens_per_item, self.worker.tokens_per_s
+        if not self.tokenising or per_item is None or not rate:
+            return 0.0
+        return self.tokenising * per_item / rate
+
+    def _tokenised(self, ticket: _Ticket) -> None:
+        """The ticket's items stop counting as still to tokenise (once: submitted, refused, failed or cancelled)."""
+        with self._count_lock:
+            if ticket.pending:
+                ticket.pending = False
+                self.tokenising -= ticket.n
+
     def _prepare(
-        self, items: Sequence[RMInput], truncate: bool
-    ) -> tuple[list[bytes], dict[bytes, _Cached], list[tuple[bytes, Encoded]], list[Reply] | None]:
+        self, items: Sequence[RMInput], truncate: bool, ticket: _Ticket
+    ) -> tuple[
+        list[bytes], dict[bytes, _Cached], list[tuple[bytes, Encoded]], list[Reply] | None, Future | None
+    ]:
         """(each item's key, the cached results, the distinct uncached items encoded, the monitor's summary of
-        each response) — in the encoder thread."""
+        each response, the worker's future of their scores) — in the encoder thread, which also submits, so the
+        next request's checks see this one's work queued. Refuses (QueueBusyError) before tokenising when the
+        time the request waited for this thread plus the work queued now exceeds the bound."""
         from karma.rm.model import InputTooLongError
 
-        keys = [item_key(it, truncate) for it in items]
-        known = self.cache.get_many(keys)
-        todo: list[tuple[bytes, Encoded]] = []
-        seen: set[bytes] = set()
-        for i, (key, item) in enumerate(zip(keys, items, strict=True)):
-            if key in known or key in seen:
-                continue
-            seen.add(key)
-            try:
-                todo.append((key, self.model.encode(item, truncate=truncate)))
-            except InputTooLongError as exc:
-                raise ItemTooLongError(i, str(exc)) from None
-        return keys, known, todo, _summaries(self.monitor, items)
+        try:
+            waited = max(self.clock() - ticket.arrived, 0.0)
+            keys = [item_key(it, truncate) for it in items]
+            known = self.cache.get_many(keys)
+            fresh: list[int] = []  # distinct uncached items (a repeat inside the request is forwarded once)
+            seen: set[bytes] = set()
+            for i, key in enumerate(keys):
+                if key not in known and key not in seen:
+                    seen.add(key)
+                    fresh.append(i)
+            if fresh:
+                self.worker.admit(len(fresh), waited_s=waited)
+            todo: list[tuple[bytes, Encoded]] = []
+            for i in fresh:
+                try:
+                    todo.append((keys[i], self.model.encode(items[i], truncate=truncate)))
+                except InputTooLongError as exc:
+                    raise ItemTooLongError(i, str(exc)) from None
+            submitted = None
+            if todo:
+                self.tokens_per_item = _ema(self.tokens_per_item, sum(len(e) for _, e in todo) / len(todo))
+                submitted = self.worker.submit([e for _, e in todo], waited_s=waited)
+        finally:
+            self._tokenised(ticket)
+        return keys, known, todo, _summaries(self.monitor, items), submitted
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for in-flight requests, drain the worker, free the weights."""
