@@ -29,7 +29,8 @@ ModelName = Annotated[
 
 ErrorType = Literal[
     "validation",  # 422
-    "payload_too_large",  # 413
+    "payload_too_large",  # 413 (body), 431 (headers)
+    "timeout",  # 408: the request body did not arrive within body_timeout_s
     "overloaded",  # 429
     "unauthorized",  # 401
     "forbidden",  # 403

@@ -192,5 +192,26 @@ def test_header_size_and_slow_clients_are_bounded_on_a_real_server(tmp_path):
         assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), short[:200]
         assert json.loads(payload) == {
             "error": "request body not received within body_timeout_s=0.5",
-            "error_type": "validation",
+            "error_type": "timeout",  # was "validation": the protocol had no type for it
         }
+
+
+def test_the_middleware_s_408_and_431_are_declared_on_every_operation_of_the_openapi_document(client):
+    """The body/header middleware answers 408 (body late) and 431 (headers too large) before any route runs, so
+    every operation declares them, with the one error body; 408 has an error type of its own."""
+    from typing import get_args
+
+    from karma.protocol import ErrorType
+
+    assert "timeout" in get_args(ErrorType)
+    doc = client.get("/openapi.json").json()
+    operations = [(path, op) for path, item in doc["paths"].items() for op in item.values()]
+    assert len(operations) > 10
+    for path, op in operations:
+        for code, what in (("408", "body_timeout_s"), ("431", "max_header_bytes")):
+            declared = op["responses"].get(code)
+            assert declared is not None, (path, op["operationId"], code)
+            assert what in declared["description"]
+            assert declared["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorBody"
+            }

@@ -30,11 +30,13 @@ _BY_STATUS: dict[int, ErrorType] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation",
     429: "overloaded",
+    431: "payload_too_large",
     503: "not_ready",
 }
 
@@ -42,14 +44,20 @@ _DESCRIPTIONS = {
     401: "missing or wrong credentials (`Authorization: Bearer ...`)",
     403: "credentials valid but not allowed here",
     404: "unknown model or route",
+    408: "the request body did not arrive whole within body_timeout_s of the headers (the connection is closed)",
     409: "conflict with the current models",
     413: "body larger than max_body_bytes",
     422: "malformed request, empty items, more items than maxItems, unknown fields, or input too long with "
     "truncate=false; a folder (or composition) that does not load",
     429: "overloaded (the queued work would wait longer than max_queue_wait_s, or the queue is full); "
     "retry after the Retry-After header (seconds, from the measured throughput)",
+    431: "request headers larger than max_header_bytes (the connection is closed)",
     503: "model not loaded yet",
 }
+
+#: what the body/header middleware (`middleware.BodyLimitMiddleware`) can answer on any route, before it runs:
+#: every router declares them
+TRANSPORT_ERRORS = (408, 431)
 
 
 #: every engine error's status, in one place (the most specific class in an error's MRO wins)

@@ -70,7 +70,7 @@ class BodyLimitMiddleware:
                 scope.get("path"),
             )
             message = f"request body not received within body_timeout_s={self.timeout_s:g}"
-            return await _send_error(send, 408, message, "validation", {"Connection": "close"})
+            return await _send_error(send, 408, message, "timeout", {"Connection": "close"})
         if first is None:
             return await _send_error(
                 send, 413, f"request body exceeds max_body_bytes={self.max_bytes}", "payload_too_large"

@@ -11,10 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from karma.protocol import MODEL_NAME_PATTERN, HealthResponse, InfoResponse, ModelInfo, ReadyResponse
 from services.reward_api.api.deps import MetricsDep, RegistryDep, SettingsDep, require_api_key
-from services.reward_api.api.errors import responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, responses
 from services.reward_api.engine import Handle, ModelRegistry, UnknownModelError
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=responses(*TRANSPORT_ERRORS))
 
 
 def model_info(handle: Handle, registry: ModelRegistry, with_path: bool = False) -> ModelInfo:

@@ -23,12 +23,17 @@ from karma.protocol import (
 )
 from karma.rm.folder import CONFIG_NAME
 from services.reward_api.api.deps import RegistryDep, SettingsDep, require_admin
-from services.reward_api.api.errors import ServiceError, responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, ServiceError, responses
 from services.reward_api.api.routes.health import model_info
 from services.reward_api.core.config import Settings
 from services.reward_api.engine import EngineError
 
-router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=responses(*TRANSPORT_ERRORS),
+)
 Name = Annotated[str, Path(pattern=MODEL_NAME_PATTERN)]
 
 

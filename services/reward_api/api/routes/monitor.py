@@ -9,9 +9,11 @@ from fastapi import APIRouter, Depends
 
 from karma.protocol import MonitorResponse
 from services.reward_api.api.deps import MonitorDep, require_api_key
-from services.reward_api.api.errors import responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, responses
 
-router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["operations"], dependencies=[Depends(require_api_key)], responses=responses(*TRANSPORT_ERRORS)
+)
 
 
 @router.get(

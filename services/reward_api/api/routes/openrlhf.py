@@ -14,7 +14,7 @@ from karma import chat
 from karma.protocol import GetRewardRequest, GetRewardResponse, Metadata, sigmoid
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, check_text, require_api_key
-from services.reward_api.api.errors import ServiceError, responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, ServiceError, responses
 from services.reward_api.engine import Handle
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,11 @@ def read_queries(
 def make_router(model_dep: Callable) -> APIRouter:
     # No `from __future__ import annotations` here: the handler's annotations name the closure variable
     # `model_dep`, which FastAPI could not resolve from a string.
-    router = APIRouter(tags=["compatibility"], dependencies=[Depends(require_api_key)])
+    router = APIRouter(
+        tags=["compatibility"],
+        dependencies=[Depends(require_api_key)],
+        responses=responses(*TRANSPORT_ERRORS),
+    )
 
     @router.post(
         "/get_reward",

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from karma.protocol import ScoreRequest, ScoreResponse
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, check_text, require_api_key
-from services.reward_api.api.errors import responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, responses
 from services.reward_api.engine import Handle, group_zscore
 
 
@@ -45,7 +45,9 @@ def make_router(model_dep: Callable) -> APIRouter:
     # No `from __future__ import annotations` here: the handler's annotations name the closure variable
     # `model_dep`, which FastAPI could not resolve from a string.
     """The route bound to one way of choosing the model (default, or `/models/{name}`)."""
-    router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)])
+    router = APIRouter(
+        tags=["scoring"], dependencies=[Depends(require_api_key)], responses=responses(*TRANSPORT_ERRORS)
+    )
 
     @router.post(
         "/v1/score",

@@ -10,7 +10,7 @@ from karma import chat
 from karma.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, ClassifyUsage, sigmoid
 from karma.rm.model import RMInput
 from services.reward_api.api.deps import SettingsDep, check_items, check_text, require_api_key
-from services.reward_api.api.errors import ServiceError, responses
+from services.reward_api.api.errors import TRANSPORT_ERRORS, ServiceError, responses
 from services.reward_api.engine import Handle
 
 
@@ -39,7 +39,11 @@ def classify_items(body: ClassifyRequest, template: str | chat.ChatFormat = chat
 def make_router(model_dep: Callable) -> APIRouter:
     # No `from __future__ import annotations` here: the handler's annotations name the closure variable
     # `model_dep`, which FastAPI could not resolve from a string.
-    router = APIRouter(tags=["compatibility"], dependencies=[Depends(require_api_key)])
+    router = APIRouter(
+        tags=["compatibility"],
+        dependencies=[Depends(require_api_key)],
+        responses=responses(*TRANSPORT_ERRORS),
+    )
 
     @router.post(
         "/classify",
