@@ -112,9 +112,17 @@ def test_empty_not_zstd_and_empty_content_files(tmp_path):
     fake.write_text(json.dumps(rc(1)) + "\n")
     hollow = tmp_path / "RC_hollow.zst"
     hollow.write_bytes(zstandard.ZstdCompressor().compress(b"\n\n"))
-    for path, status in ((empty, "empty_file"), (fake, "not_zstd"), (hollow, "empty_file")):
+    for path, status in ((empty, "empty_file"), (fake, "not_zstd")):
         st = run(path)
         assert (st.status, st.lines_read, st.kept, st.skipped, st.out_paths) == (status, 0, 0, {}, [])
+    st = run(hollow)  # blank lines only: no records, but its lines are counted
+    assert (st.status, st.lines_read, st.kept, st.skipped, st.out_paths) == (
+        "empty_file",
+        2,
+        0,
+        {"blank_line": 2},
+        [],
+    )
 
 
 def test_plain_jsonl_gzip_and_blank_lines(tmp_path):
@@ -127,20 +135,66 @@ def test_plain_jsonl_gzip_and_blank_lines(tmp_path):
     gz.write_bytes(gzip.compress(body))
     for path, fmt in ((plain, "text"), (gz, "gzip")):
         st = run(path)
-        assert (st.format, st.lines_read, st.kept) == (fmt, 3, 3)
+        # issue 20: the two blank lines were not counted anywhere (lines_read was 3)
+        assert (st.format, st.lines_read, st.kept, st.skipped) == (fmt, 5, 3, {"blank_line": 2})
+        assert st.kept + sum(st.skipped.values()) == st.lines_read
     cut = tmp_path / "RC_cut.jsonl.gz"
     cut.write_bytes(gzip.compress(body * 2000)[:-40])
     st = run(cut)
     assert st.status == "truncated_frame" and st.skipped["truncated_frame"] == 1
 
 
-def test_lone_surrogate_is_replaced_not_fatal(tmp_path):
+def test_lone_surrogate_is_replaced_and_counted_not_fatal(tmp_path):
+    """The row is kept (a comment is a node of its thread: its replies need it), its text repaired, and the repair
+    counted per row in `cleaned` (issue 20: it was replaced silently)."""
     path = tmp_path / "RC.jsonl"
     path.write_text('{"id": "c1", "parent_id": "t3_p", "link_id": "t3_p", "subreddit": "s", "body": "smile \\ud83d",'
-                    ' "score": 1, "created_utc": 5}\n')  # fmt: skip
+                    ' "score": 1, "created_utc": 5}\n'
+                    '{"id": "c2", "parent_id": "t1_c1", "link_id": "t3_p", "subreddit": "s\\udc00x",'
+                    ' "body": "two \\ud800 in \\udfff one row", "score": 1, "created_utc": 6}\n'
+                    '{"id": "c3", "parent_id": "t1_c2", "link_id": "t3_p", "subreddit": "s", "body": "paired \\ud83d\\ude00",'
+                    ' "score": 1, "created_utc": 7}\n')  # fmt: skip
     st = run(path)
-    assert st.kept == 1
-    assert read_rows(st).column("body").to_pylist() == ["smile \ufffd"]
+    assert (st.lines_read, st.kept, st.skipped, st.cleaned) == (3, 3, {}, {"lone_surrogate": 2})
+    assert st.to_card()["cleaned"] == {"lone_surrogate": 2}
+    t = read_rows(st)
+    assert t.column("body").to_pylist() == [
+        "smile \ufffd",
+        "two \ufffd in \ufffd one row",
+        "paired \U0001f600",
+    ]
+    assert t.column("subreddit").to_pylist() == [
+        "s",
+        "s\ufffdx",
+        "s",
+    ]  # two columns of one row: one row cleaned
+
+
+def test_a_byte_order_mark_does_not_lose_the_first_record(tmp_path):
+    """Issue 20: a UTF-8 BOM before the first record made it `not_json`. Plain, gzip and zstd, a BOM at the start
+    of a second zstd frame (two dumps concatenated), and a file that is only a BOM and a newline."""
+    bom = b"\xef\xbb\xbf"
+    body = b"\n".join(lines_of([rc(1), rc(2), rc(3)])) + b"\n"
+    files = {
+        "RC_bom.jsonl": bom + body,
+        "RC_bom.jsonl.gz": gzip.compress(bom + body),
+        "RC_bom.zst": zstandard.ZstdCompressor().compress(bom + body),
+        "RC_bom2.zst": zstandard.ZstdCompressor().compress(bom + body)
+        + zstandard.ZstdCompressor().compress(bom + b"\n".join(lines_of([rc(4)])) + b"\n"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        st = run(tmp_path / name)
+        n = 4 if name == "RC_bom2.zst" else 3
+        assert (st.status, st.lines_read, st.kept, st.skipped) == ("ok", n, n, {}), name
+        assert read_rows(st).column("id").to_pylist() == [f"c{i}" for i in range(1, n + 1)], name
+    only = tmp_path / "RC_only_bom.jsonl"
+    only.write_bytes(bom + b"\n")
+    st = run(only)
+    assert (st.status, st.lines_read, st.kept, st.skipped) == ("empty_file", 1, 0, {"blank_line": 1})
+    bad = tmp_path / "RC_bom_bad.jsonl"  # a BOM before something that is not JSON is still not JSON
+    bad.write_bytes(bom + b"{broken\n")
+    assert run(bad).skipped == {"not_json": 1}
 
 
 def test_limit_counts_only_the_first_records(tmp_path):
@@ -163,6 +217,13 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
     """Block-parallel decode (forced on with tiny blocks) gives the same rows, counts and hashes."""
     records = [rc(i, body="[deleted]") if i % 17 == 0 else rc(i) for i in range(1, 3001)]
     records.insert(1500, b"{broken")
+    records.insert(0, b"\xef\xbb\xbf" + json.dumps(rc(0)).encode())  # a BOM before the first record
+    cut = b'{"id": "s1", "parent_id": "t3_p1", "link_id": "t3_p1", "subreddit": "College", "body": "cut \\ud83d", '
+    records[700:700] = [
+        b"",
+        b"  ",
+        cut + b'"score": 1, "created_utc": 1}',
+    ]  # blank lines and a lone surrogate
     comments = tmp_path / "RC.zst"
     write_zst(comments, records)
     posts = tmp_path / "RS.jsonl"
@@ -183,21 +244,24 @@ def test_parallel_blocks_equal_sequential(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "BLOCK_BYTES", 4096)
     par = decode_files(tasks("par"), workers=2)
     for s, p in zip(seq, par, strict=True):
-        assert (p.lines_read, p.kept, p.skipped, p.sha256, p.status) == (
+        assert (p.lines_read, p.kept, p.skipped, p.cleaned, p.sha256, p.status) == (
             s.lines_read,
             s.kept,
             s.skipped,
+            s.cleaned,
             s.sha256,
             s.status,
         )
-    assert seq[0].skipped == {"deleted_body": 176, "not_json": 1}
+    assert seq[0].skipped == {"deleted_body": 176, "not_json": 1, "blank_line": 2}
+    assert seq[0].cleaned == {"lone_surrogate": 1} and seq[0].lines_read == len(records)
     assert (par[2].lines_read, par[2].kept) == (10, 10)
     a = read_rows(seq[0]).sort_by("id").drop_columns(["row_no"])
     b = read_rows(par[0]).sort_by("id").drop_columns(["row_no"])
     assert a.equals(b)
     # row numbers keep the file order across blocks and workers
     t = read_rows(par[0]).sort_by("row_no")
-    assert t.column("id").to_pylist() == [r["id"] for r in records if isinstance(r, dict)]
+    ids = [r["id"] for r in records if isinstance(r, dict)]
+    assert t.column("id").to_pylist() == ["c0", *ids[:699], "s1", *ids[699:]]
     assert len({r >> 32 for r in t.column("row_no").to_pylist()}) > 50  # it really went block by block
 
 
@@ -359,3 +423,34 @@ def test_a_truncated_zstd_keeps_every_complete_block(tmp_path):
     st = run(path)
     assert (st.status, st.lines_read, st.kept, st.skipped) == CUT_AFTER_150
     assert ids_of(st) == [f"c{i}" for i in range(1, 151)]
+
+
+def test_the_card_reports_blank_lines_as_skipped_and_repaired_text_as_cleaned(tmp_path):
+    from karma.data import prepare
+
+    post = {"id": "p1", "title": "Which college?", "selftext": "", "subreddit": "College", "score": 5,
+            "created_utc": 1_600_000_000}  # fmt: skip
+    posts = tmp_path / "RS.jsonl"
+    posts.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(post).encode() + b"\n"
+    )  # BOM: the one post must not be lost
+    comments = [rc(1, body="great \ud83d"), rc(2), rc(3)]
+    text = b"".join(
+        json.dumps(r).encode() + b"\n" for r in comments
+    )  # json.dumps writes "\ud83d" as an escape
+    (tmp_path / "RC.jsonl").write_bytes(text + b"\n\n")
+    card = prepare(comments=[tmp_path / "RC.jsonl"], submissions=[posts], out=tmp_path / "out", workers=1)
+    rc_card, rs_card = card["inputs"]
+    assert (rs_card["lines_read"], rs_card["kept"], rs_card["skipped"]) == (1, 1, {})
+    assert (rc_card["lines_read"], rc_card["kept"], rc_card["skipped"], rc_card["cleaned"]) == (
+        5,
+        3,
+        {"blank_line": 2},
+        {"lone_surrogate": 1},
+    )
+    assert card["skipped"] == {"blank_line": 2} and card["cleaned"] == {"lone_surrogate": 1}
+    assert card["kept"] + sum(card["skipped"].values()) == card["lines_read"] == 6
+    repaired = "records with repaired text: lone_surrogate 1 (each lone surrogate replaced by U+FFFD)"
+    assert card["warnings"] == [f"{tmp_path / 'RC.jsonl'}: {repaired}"]
+    md = (tmp_path / "out" / "card.md").read_text()
+    assert "- blank_line: 2" in md and "- lone_surrogate: 1 (each lone surrogate replaced by U+FFFD)" in md

@@ -52,6 +52,7 @@ def build_card(
         entry["role"] = "examples" if (s.kind != "submissions" or posts_are_examples) else "context"
         inputs.append(entry)
     skipped = _merge(s.skipped for s in file_stats)
+    cleaned = _merge(s.cleaned for s in file_stats)
     skipped_files: dict[str, int] = {}
     for s in file_stats:
         if s.status in ("empty_file", "not_zstd"):
@@ -67,6 +68,12 @@ def build_card(
         if bad:
             warnings.append(
                 f"{s.path}: skipped bad records: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+            )
+        if s.cleaned:
+            warnings.append(
+                f"{s.path}: records with repaired text: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(s.cleaned.items()))
+                + " (each lone surrogate replaced by U+FFFD)"
             )
     filters = {
         "drop_deleted": cfg.drop_deleted,
@@ -87,6 +94,7 @@ def build_card(
         "lines_read": lines_read,
         "kept": kept,
         "skipped": skipped,
+        "cleaned": cleaned,  # rows written with their text repaired (karma.data.decode)
         "skipped_files": skipped_files,
         "filters": filters,
         **summary,
@@ -104,7 +112,7 @@ def card_markdown(card: dict) -> str:
         "",
         (
             f"{card['examples']:,} examples in {card['threads']:,} threads ({card['subreddits']} subreddits), "
-            f"{card['pairs']['total']:,} pairs; {card['lines_read']:,} records read, {card['kept']:,} kept; "
+            f"{card['pairs']['total']:,} pairs; {card['lines_read']:,} lines read, {card['kept']:,} kept; "
             f"{card['elapsed_seconds']} s."
         ),
         "",
@@ -128,6 +136,11 @@ def card_markdown(card: dict) -> str:
     lines += ["", "## Skipped", ""]
     lines += [f"- {k}: {v:,}" for k, v in card["skipped"].items()] or ["- none"]
     lines += [f"- file {k}: {v}" for k, v in card["skipped_files"].items()]
+    if card.get("cleaned"):
+        lines += ["", "## Cleaned (written, text repaired)", ""]
+        lines += [
+            f"- {k}: {v:,} (each lone surrogate replaced by U+FFFD)" for k, v in card["cleaned"].items()
+        ]
     sc = card["score"]
     lines += [
         "",

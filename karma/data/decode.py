@@ -9,7 +9,8 @@ does not grow with the file. With several workers, a process pool parses blocks 
 
 Bad input never stops the run: each problem is counted by reason —
 
-* per line: ``not_utf8``, ``not_json`` (also JSON nested deeper than the parser goes), ``missing_field:<name>``,
+* per line: ``blank_line`` (empty or only whitespace: not a record, but a line of the file),
+  ``not_utf8``, ``not_json`` (also JSON nested deeper than the parser goes), ``missing_field:<name>``,
   ``bad_field:<name>``, ``out_of_range:<name>`` (an integer its int64 column cannot hold), the filters
   (``deleted_body``, ``bot_author``, ``moderator``, ``stickied``, ``empty_body``), and ``truncated_frame`` for
   the unreadable rest of a zstd or gzip stream that is cut short or corrupt (counted once, as one line; every
@@ -18,8 +19,16 @@ Bad input never stops the run: each problem is counted by reason —
 
 A decode worker process that fails or dies stops the run at once with :class:`DecodeError`.
 
-Invariant per file: ``kept + sum(skipped.values()) == lines_read`` (blank lines are not records and are
-not counted).
+Invariant per file: ``kept + sum(skipped.values()) == lines_read``, where ``lines_read`` is every line of the
+decompressed text (a last line without its newline included, as ``wc -l`` would miss it).
+
+Repaired, not dropped, and counted in ``cleaned`` (beside ``skipped`` in the card): ``lone_surrogate`` — rows
+whose text held a lone UTF-16 surrogate (JSON ``"\ud83d"`` without its pair, usually an emoji cut in half),
+which UTF-8 (hence Arrow) cannot hold; each one becomes U+FFFD. The row is kept because it is a node of its
+thread: dropping a comment for one broken character would cut its replies off from their post.
+
+A UTF-8 byte order mark at the start of a line — the start of a file or of its decompressed stream, or a
+file concatenated after another — is not part of the record and is dropped.
 """
 
 from __future__ import annotations
@@ -81,10 +90,16 @@ class FileStats:
     kept: int = 0
     nodes: int = 0  # rows written (usable + context-only)
     skipped: dict[str, int] = field(default_factory=dict)
+    cleaned: dict[str, int] = field(default_factory=dict)  # rows written with repaired text, by repair
     status: str = "ok"  # ok | empty_file | not_zstd | truncated_frame
     error: str | None = None
     seconds: float = 0.0
     out_paths: list[str] = field(default_factory=list)  # Arrow IPC files holding this file's rows
+
+    @property
+    def records(self) -> int:
+        """Lines that are not blank (a file without any is an ``empty_file``)."""
+        return self.lines_read - self.skipped.get("blank_line", 0)
 
     def to_card(self) -> dict:
         return {
@@ -96,6 +111,7 @@ class FileStats:
             "lines_read": self.lines_read,
             "kept": self.kept,
             "skipped": dict(sorted(self.skipped.items())),
+            "cleaned": dict(sorted(self.cleaned.items())),
             "status": self.status,
             "error": self.error,
             "seconds": round(self.seconds, 3),
@@ -190,16 +206,19 @@ def _lines(chunks: Iterator[bytes]) -> Iterator:
 
 
 def _decode_block(block: bytes) -> list:
+    """The lines of a block (the empty string after its final newline is not a line)."""
     try:
-        return block.decode("utf-8").split("\n")
+        out = block.decode("utf-8").split("\n")
     except UnicodeDecodeError:
-        out: list = []
+        out = []
         for raw in block.split(b"\n"):
             try:
                 out.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 out.append(_BAD_UTF8)
-        return out
+    if block.endswith(b"\n"):
+        out.pop()
+    return out
 
 
 def _parquet_rows(path: Path, reader: _HashingReader) -> Iterator[dict]:
@@ -257,14 +276,21 @@ class _BatchWriter:
         self.file_idx = file_idx
         self.writer = None
         self.written = 0
+        self.cleaned = 0  # rows with a lone surrogate replaced
 
-    def _array(self, values, typ):
+    def _array(self, values, typ, cleaned: set[int]):
         pa = self.pa
         try:
             return pa.array(values, type=typ)
         except (UnicodeEncodeError, pa.ArrowException):
-            # lone surrogates (JSON "\\ud83d" without its pair) cannot be UTF-8: replace them
-            return pa.array([_clean(v) for v in values], type=typ)
+            # lone surrogates (JSON "\\ud83d" without its pair) cannot be UTF-8: replace them, noting the rows
+            out = []
+            for i, v in enumerate(values):
+                c = _clean(v)
+                if c is not v:
+                    cleaned.add(i)
+                out.append(c)
+            return pa.array(out, type=typ)
 
     def write(self, rows: list[tuple], row_base: int | None = None) -> None:
         """Append rows; their row_no is row_base + position (default: continue this file's count)."""
@@ -273,9 +299,12 @@ class _BatchWriter:
         pa = self.pa
         n = len(rows)
         start = self.written if row_base is None else row_base
+        cleaned: set[int] = set()
         arrays = [
-            self._array(col, f.type) for col, f in zip(zip(*rows, strict=True), self.schema, strict=False)
+            self._array(col, f.type, cleaned)
+            for col, f in zip(zip(*rows, strict=True), self.schema, strict=False)
         ]
+        self.cleaned += len(cleaned)
         arrays.append(pa.nulls(n, pa.int32()).fill_null(self.file_idx))
         arrays.append(pa.array(range(start, start + n), type=pa.int64()))
         if self.writer is None:
@@ -289,8 +318,12 @@ class _BatchWriter:
 
 
 def _clean(value):
+    """`value` itself when UTF-8 can hold it, else a copy with each lone surrogate replaced by U+FFFD."""
     if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogate -> U+FFFD
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return value
 
 
@@ -330,13 +363,14 @@ def decode_file(task: FileTask) -> FileStats:
             if stats.status == "truncated_frame":  # the unreadable rest counts as one skipped line
                 skipped["truncated_frame"] += 1
                 stats.lines_read += 1
-            if stats.lines_read == 0 and stats.status == "ok":
+            if stats.lines_read == skipped["blank_line"] and stats.status == "ok":
                 stats.status = "empty_file"
                 stats.error = "no records in file"
         reader.drain()
     writer.close()
     stats.sha256 = digest.hexdigest()
     stats.skipped = dict(skipped)
+    stats.cleaned = {"lone_surrogate": writer.cleaned} if writer.cleaned else {}
     stats.kept = stats.lines_read - sum(skipped.values())
     stats.nodes = writer.written
     stats.out_paths = [task.out_path] if writer.written else []
@@ -384,17 +418,24 @@ def _parse_lines(
                     break
                 n += 1
                 obj = line
-            elif not line or line.isspace():
-                continue
             elif n == limit:
                 break
+            elif not line or line.isspace():
+                n += 1
+                skipped["blank_line"] += 1
+                continue
             else:
                 n += 1
                 try:
                     obj, end = scan_once(line, 0)
                     if end != len(line) and not line[end:].isspace():
                         raise ValueError("extra data")
-                except StopIteration:  # leading whitespace, or not JSON at all
+                except StopIteration:  # leading whitespace, a byte order mark, or not JSON at all
+                    if line[0] == "\ufeff":
+                        line = line[1:]
+                        if not line or line.isspace():
+                            skipped["blank_line"] += 1
+                            continue
                     try:
                         obj = json.loads(line)
                     except (ValueError, RecursionError):
@@ -460,7 +501,7 @@ def decode_files(tasks: list[FileTask], workers: int = 1) -> list[FileStats]:
     finally:
         pool.close()
     for st in fed.values():
-        if st.lines_read == 0 and st.status == "ok":
+        if st.records == 0 and st.status == "ok":
             st.status, st.error = "empty_file", "no records in file"
         st.out_paths.sort()
         st.kept = st.lines_read - sum(st.skipped.values())
@@ -525,11 +566,13 @@ def _feed_blocks(task: FileTask, fmt: str, pool: _Pool) -> FileStats:
     path = Path(task.path)
     stats = FileStats(path=str(path), kind=task.kind, index=task.index, bytes=path.stat().st_size, format=fmt)
 
-    def add(result: tuple[int, dict[str, int], int, str | None]) -> None:
-        lines, skipped, nodes, out_path = result
+    def add(result: tuple[int, dict[str, int], int, str | None, int]) -> None:
+        lines, skipped, nodes, out_path, cleaned = result
         stats.lines_read += lines
         for k, v in skipped.items():
             stats.skipped[k] = stats.skipped.get(k, 0) + v
+        if cleaned:
+            stats.cleaned["lone_surrogate"] = stats.cleaned.get("lone_surrogate", 0) + cleaned
         stats.nodes += nodes
         if out_path:
             stats.out_paths.append(out_path)
@@ -572,8 +615,11 @@ def _feed_blocks(task: FileTask, fmt: str, pool: _Pool) -> FileStats:
     return stats
 
 
-def _parse_block(task: FileTask, block_idx: int, data: bytes) -> tuple[int, dict[str, int], int, str | None]:
-    """Pool worker: one block of whole lines → its own Arrow file. (lines, skipped, rows, Arrow path or None)."""
+def _parse_block(
+    task: FileTask, block_idx: int, data: bytes
+) -> tuple[int, dict[str, int], int, str | None, int]:
+    """Pool worker: one block of whole lines → its own Arrow file. (lines, skipped, rows, Arrow path or None,
+    rows cleaned)."""
     columns = {"comments": COMMENT_COLUMNS, "submissions": POST_COLUMNS, "shp": SHP_COLUMNS}[task.kind]
     writer = _BatchWriter(f"{task.out_path}.b{block_idx:06d}", columns, task.index)
     stats = FileStats(path=task.path, kind=task.kind, index=task.index)
@@ -582,4 +628,5 @@ def _parse_block(task: FileTask, block_idx: int, data: bytes) -> tuple[int, dict
         _parse_lines(iter(_decode_block(data)), task, writer, stats, skipped, row_base=block_idx << 32)
     finally:
         writer.close()
-    return stats.lines_read, dict(skipped), writer.written, writer.out_path if writer.written else None
+    out_path = writer.out_path if writer.written else None
+    return stats.lines_read, dict(skipped), writer.written, out_path, writer.cleaned
