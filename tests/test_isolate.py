@@ -41,7 +41,7 @@ def test_a_killed_stage_is_named():
 
 
 def test_stage_environment_defaults_and_the_users_setting_wins(monkeypatch):
-    assert STAGE_ENV == {"MALLOC_ARENA_MAX": "2"}
+    assert STAGE_ENV == {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144"}
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert run_isolated(_env, "MALLOC_ARENA_MAX") == "2"
     assert "MALLOC_ARENA_MAX" not in os.environ  # this process's environment is left as it was

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-# glibc gives every thread that allocates its own malloc arena (up to 8 per core) and keeps what is freed in it,
-# so a stage's resident memory stays at the sum of its threads' high-water marks: 2 arenas took 0.15-0.2 GB
-# off the PPO process here (benchmarks/README.md). A setting in the user's environment wins.
-STAGE_ENV = {"MALLOC_ARENA_MAX": "2"}
+# glibc's malloc keeps what a process frees for reuse instead of returning it, so a stage's resident memory
+# stays at its high-water marks: every thread that allocates gets an arena of its own (up to 8 per core), and
+# tensors up to 32 MB come from those arenas once the first large one is freed (the threshold adapts upward).
+# Two arenas, and every block from 256 KiB up mapped on its own (returned to the OS when the tensor is freed),
+# took the PPO process of the demo from 3.9 to 3.? GB here (benchmarks/README.md). A user's setting wins.
+STAGE_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144"}
 
 
 def stage_env() -> dict[str, str]:
