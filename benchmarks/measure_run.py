@@ -7,8 +7,10 @@ Every `--interval` seconds it sums the resident set size (RSS) of the command an
 reward service, vLLM workers, compile workers, eval processes) and keeps the peak of that sum, the peak of any
 one process, and a timeline. The RSS sum counts pages shared between processes (the torch libraries mapped
 by each) once per process: it is an upper bound of the tree's memory, i.e. what `/usr/bin/time -v` cannot
-show (its "Maximum resident set size" is that of the largest single process). The load average before and
-after is printed so a reader can tell an idle run from a loaded one.
+show (its "Maximum resident set size" is that of the largest single process). Beside it, the tree's
+proportional set size (PSS: a page shared by k processes counts 1/k in each, so the sum is the tree's
+physical memory; read from /proc/PID/smaps_rollup) is sampled every `--pss-every` samples. The load average
+before and after is printed so a reader can tell an idle run from a loaded one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,21 @@ import time
 from pathlib import Path
 
 import psutil
+
+
+def tree_pss(proc: psutil.Process) -> int:
+    """Sum of PSS over the process and its descendants (0 where the kernel does not report it)."""
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += getattr(p.memory_full_info(), "pss", 0)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
 
 
 def tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
@@ -43,6 +60,7 @@ def tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    ap.add_argument("--pss-every", type=int, default=2, help="sample the tree's PSS every N samples")
     ap.add_argument("--out", type=Path, help="write the figures and the timeline here (JSON)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
     args = ap.parse_args()
@@ -53,10 +71,13 @@ def main() -> int:
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd)
     proc = psutil.Process(child.pid)
-    peak_total, peak_single, timeline = 0, 0, []
+    peak_total, peak_single, peak_pss, timeline, samples = 0, 0, 0, [], 0
     while child.poll() is None:
         total, largest, n = tree_rss(proc)
         peak_total, peak_single = max(peak_total, total), max(peak_single, largest)
+        if samples % args.pss_every == 0:
+            peak_pss = max(peak_pss, tree_pss(proc))
+        samples += 1
         timeline.append((round(time.perf_counter() - t0, 1), round(total / 2**20), n))
         time.sleep(args.interval)
     wall = time.perf_counter() - t0
@@ -66,6 +87,7 @@ def main() -> int:
         "wall_s": round(wall, 1),
         "peak_tree_rss_mib": round(peak_total / 2**20),
         "peak_single_rss_mib": round(peak_single / 2**20),
+        "peak_tree_pss_mib": round(peak_pss / 2**20),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "cores": len(os.sched_getaffinity(0)),
