@@ -7,8 +7,8 @@ process, with torch threads = `karma.threads.worker_threads(--threads)` set befo
 
 Defaults are the `karma demo` settings (karma/configs/experiment_demo.yaml): SmolLM2-135M-Instruct (fp32),
 vLLM rollouts (transformers `generate` when vLLM is not importable: the script says so), 8 prompts x 32 new
-tokens a step, prompts cut to 96 tokens, LoRA, minibatch 8, micro-batch 4, 1 epoch, lr 1e-4, eager vLLM with
-a 0.25 GiB KV cache; the reward is a MiniLM
+tokens a step, prompts cut to 64 tokens, LoRA with gradient checkpointing, minibatch 8, micro-batch 4, 1 epoch,
+lr 1e-4, eager vLLM for 16 sequences with a 0.1 GiB KV cache; the reward is a MiniLM
 `context` RM with an untrained head (its cost is a trained one's) in this process (`LocalRewardSource`).
 Prompts: `--prompts reddit:DIR` (a `karma data prepare` folder) or, by default, 64 built-in r/college-style
 posts, so the script runs without prepared data.
@@ -450,8 +450,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: karma.threads.worker_threads)")
     ap.add_argument("--steps", type=int, default=3, help="timed PPO steps after one warm-up step")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-prompt-length", type=int, default=96)
+    ap.add_argument("--max-prompt-length", type=int, default=64)
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA (the demo's)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the demo's; its recomputed forward is not counted as work, so it shows in the update's ratio",
+    )
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--mini-batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -515,13 +521,18 @@ def main() -> None:
     }
     cfg = TrainConfig.from_dict(
         {
-            "model": {"policy": policy_path, "use_lora": args.lora},
+            "model": {
+                "policy": policy_path,
+                "use_lora": args.lora,
+                "gradient_checkpointing": args.gradient_checkpointing,
+            },
             "data": {"prompts": prompts, "max_prompt_length": args.max_prompt_length, "max_prompts": 128},
             "rollout": {
                 "engine": engine,
                 "max_new_tokens": args.max_new_tokens,
                 "vllm_enforce_eager": True,
-                "vllm_kv_cache_gib": 0.25,
+                "vllm_kv_cache_gib": 0.1,
+                "vllm_max_num_seqs": 16,
             },
             "reward": {"reward_model": str(rm_dir)},
             "ppo": {
