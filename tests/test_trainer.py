@@ -5,6 +5,7 @@ real uvicorn, the CLI. Slow tests with the real SmolLM2 and vLLM are in test_tra
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import re
@@ -587,6 +588,8 @@ def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
         trainer.fit()
         merged = dict(trainer.policy.lm_weights_for_inference())
         synced = sync_through_a_fake_vllm_worker(trainer.policy)
+        # PEFT's own merge of a copy: what the folder (written layer by layer, no copy) must hold exactly
+        peft_merged = copy.deepcopy(trainer.policy.lm).merge_and_unload().state_dict()
     finally:
         trainer.close()
     # the engine's sync sends every weight even though it holds none of them (vLLM reads one at a time): LoRA
@@ -600,6 +603,9 @@ def test_lora_trains_adapters_only_and_saves_a_merged_folder(assets, tmp_path):
     torch.testing.assert_close(state[q], merged[q])
     base = AutoModelForCausalLM.from_pretrained(assets.policy).state_dict()
     assert not torch.equal(state[q], base[q])  # the adapters were merged in
+    assert state.keys() == peft_merged.keys()
+    for name, tensor in state.items():  # the same additions in the same order: equal to the bit
+        assert torch.equal(tensor, peft_merged[name]), name
 
 
 def test_train_writes_a_loadable_policy_and_metrics(assets, tmp_path):

@@ -305,22 +305,7 @@ class VLLMEngine:
     def sync_weights(self, policy) -> None:
         """Load the trainer's current weights into the engine (see the module docstring)."""
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        seen: set[int] = set()
-        # Every yielded tensor stays referenced until the sync ends: LoRA layers yield freshly merged tensors,
-        # and once one is freed the next can reuse its memory, hence its data_ptr -- it was then taken for a
-        # tied weight and skipped, and vLLM's reload left that layer without weights (garbage replies).
-        kept: list = []
-
-        def weights():
-            for name, tensor in policy.lm_weights_for_inference():
-                if tensor.data_ptr() in seen:  # tied weights (the same storage): once
-                    continue
-                seen.add(tensor.data_ptr())
-                kept.append(tensor)
-                yield name, tensor
-
-        worker.reload_weights(weights_iterator=weights())
-        kept.clear()
+        worker.reload_weights(weights_iterator=policy.lm_weights_for_inference(untied=True))
         head = getattr(worker.model_runner.model, "lm_head", None)
         quant = getattr(head, "quant_method", None)
         if quant is not None and hasattr(quant, "process_weights_after_loading"):

@@ -9,11 +9,15 @@ attention mask so padding does not shift positions (the same positions vLLM uses
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -234,10 +238,28 @@ class Policy(nn.Module):
             for n, p in params.items():
                 p.copy_(state[n])
 
-    def lm_weights_for_inference(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of the bare causal LM as `from_pretrained` names them; LoRA merged in on the fly."""
+    def lm_weights_for_inference(self, *, untied: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the bare causal LM as `from_pretrained` names them; LoRA merged in on the fly, one
+        layer at a time (a consumer that keeps none holds one merged layer at most). `untied`: a weight tied to
+        one already yielded (the output head to the input embedding) is left out."""
+        if not untied:
+            yield from self._lm_weights()
+            return
+        # Only the model's own parameters can be tied. A merged LoRA weight is a fresh tensor: once the consumer
+        # frees it, the next one may take its memory and its data_ptr, so fresh tensors must not be compared.
+        params = {p.data_ptr() for p in self.lm.parameters()}
+        seen: set[int] = set()
+        for name, tensor in self._lm_weights():
+            ptr = tensor.data_ptr()
+            if ptr in params:
+                if ptr in seen:
+                    continue
+                seen.add(ptr)
+            yield name, tensor
+
+    def _lm_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         if not self.use_lora:
-            for n, p in self.lm.named_parameters():
+            for n, p in self.lm.named_parameters(remove_duplicate=False):
                 yield n, p.detach()
             return
         lora_layers: list[str] = []
@@ -260,10 +282,48 @@ class Policy(nn.Module):
     def save_pretrained(self, path: Path, tokenizer) -> Path:
         """The policy as a standard HF causal-LM folder (LoRA merged), loadable by AutoModelForCausalLM."""
         path.mkdir(parents=True, exist_ok=True)
-        if self.use_lora:
-            merged = copy.deepcopy(self.lm).merge_and_unload()
-            merged.save_pretrained(path)
+        if self.use_lora:  # merged layer by layer into the file: no merged copy of the model in memory
+            model = self.lm.get_base_model()
+            model.config.save_pretrained(path)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(path)
+            write_safetensors(path / "model.safetensors", lambda: self.lm_weights_for_inference(untied=True))
         else:
             self.lm.save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+}
+
+
+def write_safetensors(path: Path, tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+    """A safetensors file written one tensor at a time: `tensors()` is iterated twice (the header needs every
+    shape and offset first, then the bytes follow in the same order), so only one tensor is held at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, t in tensors():
+            data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
+            if data.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise RuntimeError(f"{name} changed size between the two passes")
+            f.write(data.tobytes())
+    os.replace(tmp, path)
