@@ -26,12 +26,16 @@ from pathlib import Path
 import psutil
 
 
-def tree_pss(proc: psutil.Process) -> int:
-    """Sum of PSS over the process and its descendants (0 where the kernel does not report it)."""
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """The process and its descendants (empty once it has exited)."""
     try:
-        procs = [proc, *proc.children(recursive=True)]
+        return [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def tree_pss(procs: list[psutil.Process]) -> int:
+    """Sum of PSS over `procs` (0 for one where the kernel does not report it)."""
     total = 0
     for p in procs:
         try:
@@ -41,13 +45,9 @@ def tree_pss(proc: psutil.Process) -> int:
     return total
 
 
-def tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
-    """(sum of RSS over the process and its descendants, largest single RSS, number of processes)."""
+def tree_rss(procs: list[psutil.Process]) -> tuple[int, int, int]:
+    """(sum of RSS over `procs`, largest single RSS, number of processes)."""
     total, largest, n = 0, 0, 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0, 0
     for p in procs:
         try:
             rss = p.memory_info().rss
@@ -73,10 +73,11 @@ def main() -> int:
     proc = psutil.Process(child.pid)
     peak_total, peak_single, peak_pss, timeline, samples = 0, 0, 0, [], 0
     while child.poll() is None:
-        total, largest, n = tree_rss(proc)
+        procs = _tree(proc)  # one walk of the tree per sample
+        total, largest, n = tree_rss(procs)
         peak_total, peak_single = max(peak_total, total), max(peak_single, largest)
         if samples % args.pss_every == 0:
-            peak_pss = max(peak_pss, tree_pss(proc))
+            peak_pss = max(peak_pss, tree_pss(procs))
         samples += 1
         timeline.append((round(time.perf_counter() - t0, 1), round(total / 2**20), n))
         time.sleep(args.interval)
